@@ -1,0 +1,358 @@
+"""Typed configuration: YAML presets -> frozen dataclasses, strictly validated, with a stable content hash.
+
+Every stage reads the same file, so one YAML describes a whole experiment: data, teacher, student, the
+teacher cache, distillation and evaluation. Unknown keys and wrong types are errors that name the key and
+the file, because a silently ignored typo in an ablation sweep wastes GPU hours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "demo"  # "demo" (bundled generator), a .jsonl/.json path, or a datasets name/path
+    split: str = "train"  # split passed to datasets.load_dataset
+    num_demo_records: int = 3000
+    max_records: int | None = None  # cap after loading (quick experiments)
+    max_length: int = 128  # tokens; longer examples are dropped and counted, never silently truncated
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    seed: int = 0
+    strict: bool = False  # malformed records: error (strict) or skip and count
+    prompt_template: str = "dolly"
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    path: str | None = None  # HF id or local dir; None: train the demo tokenizer on the demo data
+    vocab_size: int = 1024  # only for the demo tokenizer
+
+
+@dataclass(frozen=True)
+class ArchitectureConfig:
+    """A tiny Qwen3-MoE built from scratch (demo and tests)."""
+
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_experts: int = 4
+    top_k: int = 2
+    moe_intermediate_size: int = 256
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    max_position_embeddings: int = 256
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where a model comes from: exactly one of `path`, `upcycle_from`, `build`."""
+
+    path: str | None = None  # an MoE causal LM: HF hub id or local directory
+    upcycle_from: str | None = None  # a dense causal LM (Qwen3 / Llama) turned into its MoE counterpart
+    num_experts: int = 4  # for upcycling
+    top_k: int = 2  # for upcycling
+    upcycle_noise_std: float = 0.0
+    build: ArchitectureConfig | None = None
+    seed: int = 0
+    torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # e.g. {"student_node": 0.01}
+    batch_size: int = 16  # per worker, per micro-step
+    grad_accum_steps: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs when set
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 50  # optimizer steps
+    keep_checkpoints: int = 2
+    max_failures: int = 1  # FailureConfig: worker failures retried from the last checkpoint
+    log_every: int = 10
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    root: str = "runs/caches"  # local path or fsspec URL (s3://bucket/caches)
+    layers: Literal["paired", "all"] | list[int] = "paired"  # teacher MoE layers to cache
+    width: int | None = None  # cached expert width W; None = the teacher's expert count
+    logits_mode: Literal["topk", "sampled"] = "topk"
+    logits_k: int = 64  # top-k entries, or number of importance samples
+    states_dtype: Literal["float16", "bfloat16"] = "float16"
+    store_expert_states: bool = True
+    teacher_responses: Literal["none", "greedy", "sample"] = "none"  # for SeqKD
+    max_new_tokens: int = 64
+    num_actors: int = 1
+    batch_size: int = 8  # sequences per teacher forward
+    rows_per_shard: int = 64  # sequences per shard
+    num_gpus_per_actor: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)  # e.g. {"teacher_node": 1}
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    method: str = "b-distill"
+    k: int = 3  # MC exploration length
+    alpha: float = 0.2  # MC damping
+    beta: float = 0.1  # ERD entropy weight
+    lambda_mc: float = 1.0
+    lambda_erd: float = 1.0
+    temperature: float = 1.0
+    token_loss_kwargs: dict[str, float] = field(default_factory=dict)
+    run_name: str | None = None  # default: "<method>-k<k>-a<alpha>-b<beta>-e<E_S>-s<seed>"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    num_seeds: int = 3
+    greedy: bool = False  # protocol of the public KD papers: sampling, temperature 1, top_p 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    max_examples: int | None = None
+    num_actors: int = 1
+    num_gpus_per_actor: float = 0.0
+    test_sets: list[str] = field(default_factory=list)  # extra Dolly-format JSONL / datasets names
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    output_dir: str = ""  # default: runs/<name>
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    finetune: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML preset into a validated Config; `overrides` uses dotted keys ("distill.k": 2)."""
+    path = Path(path)
+    if not path.is_file():
+        presets = sorted(p.name for p in (Path(__file__).parent.parent / "jobs" / "configs").glob("*.yaml"))
+        raise ConfigError(f"config file {path} does not exist; presets in jobs/configs/: {', '.join(presets)}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    config = config_from_dict(raw, source=str(path))
+    validate_config(config, source=str(path))
+    return config
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    return _build(Config, raw, source, prefix="")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """A new validated Config with dotted-key overrides applied (used by ablation sweeps)."""
+    raw = config_to_dict(config)
+    for dotted, value in overrides.items():
+        _set_dotted(raw, dotted, value)
+    new = config_from_dict(raw, source="override")
+    validate_config(new, source="override")
+    return new
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix or 'top level'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"section {prefix.rstrip('.')!r}" if prefix else "the top level"
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(prefix + k for k in unknown)} in {where}; "
+            f"valid keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _coerce(hints[name], raw[name], source, prefix + name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: missing required key {prefix + name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(option, value, source, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{source}: {key}={value!r} fits none of {_type_name(tp)}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{source}: {key}={value!r}; allowed values: {', '.join(map(repr, get_args(tp)))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, source, prefix=key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        (item_tp,) = get_args(tp)
+        return [_coerce(item_tp, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+        key_tp, val_tp = get_args(tp)
+        return {_coerce(key_tp, k, source, key): _coerce(val_tp, v, source, f"{key}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML reads 1e-3 as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (type(value) is tp):
+        return value
+    if tp is typing.Any:
+        return value
+    raise ConfigError(f"{source}: {key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def validate_config(config: Config, source: str) -> None:
+    """Cross-field checks that types alone cannot express."""
+    for role in ("teacher", "student"):
+        model: ModelConfig = getattr(config, role)
+        chosen = [k for k in ("path", "upcycle_from", "build") if getattr(model, k) is not None]
+        if len(chosen) != 1:
+            raise ConfigError(
+                f"{source}: {role} needs exactly one of {role}.path (an MoE model), {role}.upcycle_from "
+                f"(a dense model to upcycle) or {role}.build (a tiny architecture); got {chosen or 'none'}"
+            )
+        local = model.path or model.upcycle_from
+        if local and _looks_local(local) and not Path(local).exists():
+            raise ConfigError(f"{source}: {role} model path {local} does not exist (a hub id looks like org/name)")
+    if config.tokenizer.path and _looks_local(config.tokenizer.path) and not Path(config.tokenizer.path).exists():
+        raise ConfigError(f"{source}: tokenizer.path {config.tokenizer.path} does not exist")
+    src = config.data.source
+    if src != "demo" and Path(src).suffix in (".json", ".jsonl") and not Path(src).exists():
+        raise ConfigError(f"{source}: data.source file {src} does not exist")
+    if config.data.source == "demo" and config.tokenizer.path is None:
+        pass  # the demo tokenizer is trained on the demo data
+    elif config.tokenizer.path is None and config.teacher.path is None:
+        raise ConfigError(f"{source}: tokenizer.path is required unless data.source is 'demo'")
+    if not 0 <= config.data.val_fraction < 1 or not 0 <= config.data.test_fraction < 1:
+        raise ConfigError(f"{source}: data.val_fraction and data.test_fraction must lie in [0, 1)")
+    d = config.distill
+    if d.k < 1:
+        raise ConfigError(f"{source}: distill.k must be >= 1 (MC exploration length), got {d.k}")
+    if not 0 < d.alpha <= 1:
+        raise ConfigError(f"{source}: distill.alpha must lie in (0, 1], got {d.alpha}")
+    for section in (config.finetune, config.distill.train):
+        if section.num_workers < 1 or section.batch_size < 1 or section.grad_accum_steps < 1:
+            raise ConfigError(f"{source}: num_workers, batch_size and grad_accum_steps must be >= 1")
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.startswith("runs/") or Path(name).suffix != ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Content hashing
+
+
+def stable_hash(payload: Any, length: int = 16) -> str:
+    """sha256 of canonical JSON: the same content gives the same hash on every machine and Python."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def teacher_cache_fields(config: Config) -> dict[str, Any]:
+    """Exactly the config fields that determine the teacher cache's content (DESIGN.md, "The teacher cache").
+
+    Student-side choices (method, K, alpha, beta, lambdas, student experts, training) are deliberately absent
+    so that every ablation reuses one cache. The cache key itself also hashes the teacher weights and
+    tokenizer files, which a config cannot see.
+    """
+    data = config.data
+    cache = config.cache
+    return {
+        "teacher": dataclasses.asdict(config.teacher),
+        "finetune": dataclasses.asdict(config.finetune) if config.teacher.build is not None else None,
+        "tokenizer": dataclasses.asdict(config.tokenizer),
+        "data": {
+            k: getattr(data, k)
+            for k in ("source", "split", "num_demo_records", "max_records", "seed", "val_fraction",
+                      "test_fraction", "prompt_template", "max_length")
+        },
+        "cache": {
+            k: getattr(cache, k)
+            for k in ("layers", "width", "logits_mode", "logits_k", "states_dtype", "store_expert_states",
+                      "teacher_responses", "max_new_tokens")
+        },
+        # "paired" layers depend on the student's depth, so it is part of the key only through them.
+        "student_layers": _student_depth(config) if cache.layers == "paired" else None,
+    }
+
+
+def teacher_cache_hash(config: Config) -> str:
+    return stable_hash(teacher_cache_fields(config))
+
+
+def _student_depth(config: Config) -> int | None:
+    return config.student.build.num_layers if config.student.build is not None else None

@@ -1,0 +1,37 @@
+"""Turn a `ModelConfig` into a model: load an MoE checkpoint, upcycle a dense one, or build a tiny one."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from transformers import PreTrainedModel
+
+from pipeline.config import ModelConfig
+
+
+def materialize_model(model_cfg: ModelConfig, tokenizer) -> PreTrainedModel:
+    """Deterministic for a given config: every Ray worker that calls it gets identical weights."""
+    from pipeline.models.build import TinyMoEConfig, build_tiny_moe, load_causal_lm
+
+    if model_cfg.path is not None:
+        return load_causal_lm(model_cfg.path, torch_dtype=model_cfg.torch_dtype)
+    if model_cfg.upcycle_from is not None:
+        from pipeline.models.upcycle import upcycle_dense_to_moe
+
+        return upcycle_dense_to_moe(
+            model_cfg.upcycle_from,
+            num_experts=model_cfg.num_experts,
+            top_k=model_cfg.top_k,
+            noise_std=model_cfg.upcycle_noise_std,
+            seed=model_cfg.seed,
+        )
+    assert model_cfg.build is not None  # validate_config guarantees exactly one source
+    arch = TinyMoEConfig(**dataclasses.asdict(model_cfg.build))
+    return build_tiny_moe(
+        arch,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        seed=model_cfg.seed,
+    )

@@ -1,0 +1,173 @@
+"""Stage 0: supervised fine-tuning of the MoE teacher with Ray Train, with before/after figures."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import Config, ModelConfig, config_to_dict
+from pipeline.data.collate import pad_batch
+from pipeline.data.tokenize import tokenize_records
+from pipeline.evaluate.generate import generate_responses, validation_loss
+from pipeline.evaluate.rouge import mean_rouge_l
+from pipeline.models.factory import materialize_model
+from pipeline.training.loop import LoopSpec, plan_total_steps
+from pipeline.training.runner import fit
+from pipeline.workspace import load_tokenizer, paths_for, prepare_data
+
+EXPORT_MARKER = "moedistill_export.json"  # written last: an export without it is incomplete
+
+
+class SupervisedTask:
+    """Plain next-token cross-entropy on response tokens (the teacher's SFT; also the `sft` baseline)."""
+
+    def __init__(self, model_cfg: ModelConfig, tokenizer_path: str) -> None:
+        self.model_cfg = model_cfg
+        self.tokenizer_path = tokenizer_path
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    def build_model(self) -> torch.nn.Module:
+        return materialize_model(self.model_cfg, self.tokenizer).float()
+
+    def collate(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        padded = pad_batch(batch, self.tokenizer.pad_token_id)
+        return {k: padded[k] for k in ("input_ids", "attention_mask", "labels")}
+
+    def compute_loss(self, model, batch, step):
+        loss = model(**batch).loss
+        return loss, {"loss": float(loss.detach())}
+
+    def export(self, model: torch.nn.Module, export_dir: str) -> None:
+        export_hf_checkpoint(model, self.tokenizer, export_dir, info={"stage": "finetune-teacher"})
+
+
+def export_hf_checkpoint(model, tokenizer, export_dir: str | Path, info: dict) -> None:
+    """save_pretrained + tokenizer into a temporary folder, then rename: never a half-written export."""
+    export_dir = Path(export_dir)
+    tmp = export_dir.with_name(export_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / EXPORT_MARKER).write_text(json.dumps({**info, "time": time.time()}, indent=2))
+    shutil.rmtree(export_dir, ignore_errors=True)
+    tmp.rename(export_dir)
+
+
+def export_is_complete(export_dir: str | Path) -> bool:
+    return (Path(export_dir) / EXPORT_MARKER).exists()
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    export_dir: str
+    skipped: bool
+    train_examples: int
+    train_tokens: int
+    wall_s: float
+    tokens_per_s: float
+    num_parameters: int
+    before: dict[str, float]
+    after: dict[str, float]
+
+
+def run_finetune(config: Config, *, force: bool = False, eval_examples: int = 128) -> FinetuneResult:
+    """Fine-tune the teacher (or reuse a finished export) and report validation loss and Rouge-L."""
+    import ray
+
+    paths = paths_for(config)
+    prepared = prepare_data(config)
+    tokenizer = load_tokenizer(prepared.tokenizer_path)
+    train_examples, stats = tokenize_records(tokenizer, prepared.splits.train, config.data.max_length)
+    val_examples, _ = tokenize_records(tokenizer, prepared.splits.validation, config.data.max_length)
+    print(
+        f"[finetune] data: {len(train_examples)} train / {len(val_examples)} validation examples "
+        f"({stats.num_too_long} longer than {config.data.max_length} tokens dropped)",
+        flush=True,
+    )
+    export_dir = paths.teacher_final
+    test_records = prepared.splits.test[:eval_examples]
+    initial = materialize_model(config.teacher, tokenizer).float()
+    num_parameters = sum(p.numel() for p in initial.parameters())
+    if export_is_complete(export_dir) and not force:
+        print(f"[finetune] teacher already fine-tuned at {export_dir}; reusing it (--force retrains)", flush=True)
+        skipped, wall = True, 0.0
+    else:
+        skipped = False
+        train_tokens = sum(len(e["input_ids"]) for e in train_examples)
+        spec = LoopSpec(
+            train=config.finetune,
+            total_steps=plan_total_steps(config.finetune, len(train_examples)),
+            rows_per_epoch=len(train_examples),
+            export_dir=str(export_dir),
+            metrics_dir=str(paths.root / "teacher" / "metrics"),
+        )
+        task_cfg = config.teacher
+        tok_path = prepared.tokenizer_path
+        started = time.perf_counter()
+        fit(
+            lambda: SupervisedTask(task_cfg, tok_path),
+            spec,
+            run_name=f"{config.name}-finetune-teacher",
+            storage_path=str(paths.ray_storage),
+            datasets={"train": ray.data.from_items(train_examples)},
+        )
+        wall = time.perf_counter() - started
+    train_tokens = sum(len(e["input_ids"]) for e in train_examples)
+    epochs_tokens = train_tokens * config.finetune.epochs if config.finetune.max_steps is None else (
+        config.finetune.max_steps * config.finetune.batch_size * config.finetune.grad_accum_steps
+        * config.finetune.num_workers * train_tokens / max(1, len(train_examples))
+    )
+    before = _figures(initial, tokenizer, val_examples, test_records)
+    after = _figures(
+        materialize_model(ModelConfig(path=str(export_dir)), tokenizer).float(), tokenizer, val_examples,
+        test_records,
+    )
+    result = FinetuneResult(
+        export_dir=str(export_dir),
+        skipped=skipped,
+        train_examples=len(train_examples),
+        train_tokens=train_tokens,
+        wall_s=wall,
+        tokens_per_s=epochs_tokens / wall if wall > 0 else 0.0,
+        num_parameters=num_parameters,
+        before=before,
+        after=after,
+    )
+    (paths.root / "teacher").mkdir(parents=True, exist_ok=True)
+    (paths.root / "teacher" / "finetune_summary.json").write_text(
+        json.dumps({**dataclasses.asdict(result), "config": config_to_dict(config)}, indent=2, default=str)
+    )
+    return result
+
+
+def _figures(model, tokenizer, val_examples, test_records) -> dict[str, float]:
+    predictions = generate_responses(model, tokenizer, test_records, greedy=True, max_new_tokens=48)
+    return {
+        "val_loss": validation_loss(model, val_examples, tokenizer.pad_token_id),
+        "rouge_l": mean_rouge_l(predictions, [r.response for r in test_records]),
+    }
+
+
+def format_finetune_result(result: FinetuneResult) -> str:
+    lines = [
+        f"teacher: {result.num_parameters / 1e6:.2f}M parameters, export {result.export_dir}",
+        f"training: {result.train_examples} examples, {result.wall_s:.0f} s, {result.tokens_per_s:.0f} tokens/s"
+        + (" (reused finished export)" if result.skipped else ""),
+        "               before    after",
+        f"val loss     {result.before['val_loss']:8.3f} {result.after['val_loss']:8.3f}",
+        f"Rouge-L      {result.before['rouge_l']:8.3f} {result.after['rouge_l']:8.3f}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,275 @@
+"""The Ray Train worker loop shared by teacher fine-tuning and student distillation.
+
+A `TrainingTask` says what is trained (model, loss, collation, export); this module owns everything
+else: DDP/FSDP wrapping, gradient accumulation, AdamW + cosine, checkpoints through `ray.train.report`
+(model, optimiser, scheduler, RNG, data position), resume from `ray.train.get_checkpoint()`, metrics on
+rank 0 and the Hugging Face export at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.training.metrics import MetricsLogger
+from pipeline.training.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "training_state.pt"
+FAIL_AT_STEP_ENV = "MOEDISTILL_FAIL_AT_STEP"  # failure injection for resume tests: the worker dies once
+
+
+class TrainingTask(Protocol):
+    """What a concrete stage plugs into the shared loop (built inside each worker)."""
+
+    def build_model(self) -> torch.nn.Module: ...
+
+    def collate(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]: ...
+
+    def compute_loss(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int
+    ) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def export(self, model: torch.nn.Module, export_dir: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    train: TrainConfig
+    total_steps: int
+    rows_per_epoch: int  # rows of the training dataset (all workers together)
+    export_dir: str
+    metrics_dir: str
+    fail_at_step: int | None = None
+
+
+def plan_total_steps(cfg: TrainConfig, num_rows: int) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    per_step = cfg.num_workers * cfg.batch_size * cfg.grad_accum_steps
+    return max(1, math.ceil(cfg.epochs * num_rows / per_step))
+
+
+def run_training_loop(task: TrainingTask, spec: LoopSpec) -> None:
+    """Body of `train_loop_per_worker`: every worker runs it; rank 0 writes metrics and the export."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = spec.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _seed_everything(cfg.seed + rank)
+    device = ray.train.torch.get_device()
+
+    model = task.build_model()
+    model = ray.train.torch.prepare_model(
+        model,
+        parallel_strategy=cfg.strategy,
+        # MoE layers leave unchosen experts without gradient in a step; DDP must tolerate that.
+        parallel_strategy_kwargs={"find_unused_parameters": True} if cfg.strategy == "ddp" else None,
+    )
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg.warmup_steps, spec.total_steps)
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        start_step = int(state["step"])
+        if rank == 0:
+            print(f"[train] resumed from checkpoint at step {start_step}/{spec.total_steps}", flush=True)
+
+    metrics_log = MetricsLogger(spec.metrics_dir, enabled=rank == 0)
+    micro_per_epoch = max(1, spec.rows_per_epoch // world // cfg.batch_size)
+    batches = _micro_batches(task, cfg, start_step * cfg.grad_accum_steps, micro_per_epoch)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    )
+    progress = _progress_bar(rank, start_step, spec.total_steps)
+    model.train()
+    window: dict[str, float] = {}
+    window_steps, data_wait, step_time = 0, 0.0, 0.0
+    for step in range(start_step, spec.total_steps):
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        step_metrics: dict[str, float] = {}
+        for micro in range(cfg.grad_accum_steps):
+            t_data = time.perf_counter()
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            data_wait += time.perf_counter() - t_data
+            sync = micro == cfg.grad_accum_steps - 1 or not hasattr(model, "no_sync")
+            with autocast, (contextlib.nullcontext() if sync else model.no_sync()):
+                loss, parts = task.compute_loss(model, batch, step)
+                (loss / cfg.grad_accum_steps).backward()
+            for k, v in parts.items():
+                step_metrics[k] = step_metrics.get(k, 0.0) + v / cfg.grad_accum_steps
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        step_time += time.perf_counter() - t0
+        step_metrics["grad_norm"] = float(grad_norm)
+        step_metrics["lr"] = scheduler.get_last_lr()[0]
+        for k, v in step_metrics.items():
+            window[k] = window.get(k, 0.0) + v
+        window_steps += 1
+        done = step + 1
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_metrics.get('loss', float('nan')):.3f}")
+        if done % cfg.log_every == 0 or done == spec.total_steps:
+            averaged = {k: v / window_steps for k, v in window.items()}
+            averaged["step_time_s"] = step_time / window_steps
+            averaged["data_wait_frac"] = data_wait / max(step_time, 1e-9)
+            metrics_log.log(done, averaged)
+            window, window_steps, data_wait, step_time = {}, 0, 0.0, 0.0
+        if spec.fail_at_step is not None and done == spec.fail_at_step and rank == 0:
+            _die_once(spec.metrics_dir, done)
+        if done % cfg.checkpoint_every == 0 or done == spec.total_steps:
+            _report_checkpoint(model, optimizer, scheduler, done, step_metrics, rank, world)
+    if progress is not None:
+        progress.close()
+    metrics_log.close()
+    if rank == 0:
+        task.export(_unwrap(model), spec.export_dir)
+        print(f"[train] exported Hugging Face checkpoint to {spec.export_dir}", flush=True)
+
+
+def _micro_batches(
+    task: TrainingTask, cfg: TrainConfig, start_micro: int, micro_per_epoch: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless stream of collated micro-batches; resumes at the recorded position of its epoch."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    epoch, skip = divmod(start_micro, micro_per_epoch)
+    while True:
+        emitted = 0
+        iterator = shard.iter_batches(
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=max(4 * cfg.batch_size, 64),
+            local_shuffle_seed=cfg.seed + epoch,
+        )
+        for index, batch in enumerate(iterator):
+            if index < skip:
+                continue
+            emitted += 1
+            yield task.collate(batch)
+        if emitted == 0 and skip == 0:
+            raise RuntimeError(
+                "a training worker received no complete batch: the dataset has fewer rows than "
+                "num_workers x batch_size. Fix: lower train.batch_size or train.num_workers."
+            )
+        epoch, skip = epoch + 1, 0
+
+
+def _report_checkpoint(model, optimizer, scheduler, step: int, metrics: dict[str, float], rank: int, world: int):
+    import ray.train
+
+    rng_states = _gather_rng_states(world)
+    state_dict = _full_state_dict(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            torch.save(
+                {
+                    "model": state_dict,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "step": step,
+                    "rng": rng_states,
+                },
+                Path(tmp) / STATE_FILE,
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
+
+
+def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if isinstance(model, FSDP):
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+
+        policy = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, policy):
+            return model.state_dict()
+    return {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside a DDP/FSDP wrapper (hooks and exports need it)."""
+    return _unwrap(model)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_rng_states(world: int) -> list[dict[str, Any]]:
+    own = _rng_state()
+    if world == 1 or not torch.distributed.is_initialized():
+        return [own]
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, own)
+    return gathered
+
+
+def _die_once(metrics_dir: str, step: int) -> None:
+    """Simulate a killed worker exactly once per run directory (the marker survives the restart)."""
+    marker = Path(metrics_dir) / f".injected-failure-{step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("failure injected\n")
+    print(f"[train] injected failure at step {step} (worker process exits)", flush=True)
+    os._exit(1)
+
+
+def _progress_bar(rank: int, start: int, total: int):
+    if rank != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train steps", unit="step", mininterval=2.0)

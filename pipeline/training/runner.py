@@ -1,0 +1,98 @@
+"""Driver side of a Ray Train run: TorchTrainer with placement, storage, retries and readable errors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.config import TrainConfig
+from pipeline.errors import MoeDistillError
+from pipeline.training.loop import FAIL_AT_STEP_ENV, LoopSpec, TrainingTask, run_training_loop
+
+
+def _worker_entry(loop_config: dict[str, Any]) -> None:
+    task: TrainingTask = loop_config["task_factory"]()
+    run_training_loop(task, loop_config["spec"])
+
+
+def fit(
+    task_factory: Callable[[], TrainingTask],
+    spec: LoopSpec,
+    run_name: str,
+    storage_path: str,
+    datasets: dict[str, Any],
+) -> Any:
+    """Run (or resume: same run_name + storage_path) a training job; returns Ray's Result.
+
+    Resuming is Ray Train's own mechanism: the rerun finds the run's checkpoints under
+    storage_path/run_name and the workers restore from `ray.train.get_checkpoint()`.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg: TrainConfig = spec.train
+    if spec.fail_at_step is None and os.environ.get(FAIL_AT_STEP_ENV):
+        spec = LoopSpec(**{**spec.__dict__, "fail_at_step": int(os.environ[FAIL_AT_STEP_ENV])})
+    check_resources_exist(cfg.resources_per_worker, what="training workers (train.resources_per_worker)")
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={"task_factory": task_factory, "spec": spec},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=dict(cfg.resources_per_worker) or None,
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+        datasets=datasets,
+    )
+    try:
+        return trainer.fit()
+    except Exception as exc:  # translate Ray's wrapper into the user's own error where there is one
+        user_error = find_user_error(exc)
+        if user_error is not None:
+            raise user_error from None
+        raise
+
+
+def find_user_error(exc: BaseException) -> MoeDistillError | None:
+    """Dig a MoeDistillError out of Ray Train's WorkerGroupError / TrainingFailedError wrappers."""
+    seen: set[int] = set()
+    stack: list[Any] = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, MoeDistillError):
+            return current
+        stack.extend([getattr(current, "_base_exc", None), current.__cause__, current.__context__])
+        for attr in ("worker_failures",):
+            failures = getattr(current, attr, None)
+            if isinstance(failures, dict):
+                stack.extend(failures.values())
+        stack.append(getattr(current, "controller_failure", None))
+    return None
+
+
+def check_resources_exist(resources: dict[str, float], what: str) -> None:
+    """Fail before scheduling when a custom resource is absent: otherwise Ray waits forever, silently."""
+    import ray
+
+    if not resources or not ray.is_initialized():
+        return
+    available = ray.cluster_resources()
+    missing = [name for name in resources if name not in available]
+    if missing:
+        raise MoeDistillError(
+            f"{what} ask for resource(s) {missing}, which no node of this Ray cluster offers "
+            f"(cluster resources: {sorted(k for k in available if not k.startswith('node:'))}). Fix: start "
+            "nodes with them (`ray start --resources '{\"" + missing[0] + "\": 1}'`, or the node type's "
+            "`resources` in cluster.yaml), or remove them from the config."
+        )
