@@ -1,4 +1,4 @@
-"""Ray job entry point: `ray job submit --working-dir . -- python jobs/cache_teacher.py ...` = `moedistill cache ...`."""
+"""`ray job submit --working-dir . -- python jobs/cache_teacher.py ...` runs `moedistill cache ...`."""
 
 import sys
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 # Importable without installation: `ray job submit --working-dir .` ships the repo, not the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.cli import main  # noqa: E402
+from pipeline.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["cache", *sys.argv[1:]]))

@@ -91,9 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft = stage("finetune-teacher", cmd_finetune_teacher, "SFT of the MoE teacher with Ray Train")
     ft.add_argument("--force", action="store_true", help="retrain even if a finished export exists")
 
-    cache = sub.add_parser("cache", help="build, verify or list teacher caches",
-                           description="`cache --config C` builds (or resumes) the teacher cache; "
-                           "`cache verify PATH` re-checks a store; `cache ls ROOT` lists caches.")
+    cache = sub.add_parser(
+        "cache",
+        help="build, verify or list teacher caches",
+        description="`cache --config C` builds (or resumes) the teacher cache; "
+        "`cache verify PATH` re-checks a store; `cache ls ROOT` lists caches.",
+    )
     cache.add_argument("action", nargs="?", default="build", choices=["build", "verify", "ls"])
     cache.add_argument("target", nargs="?", help="cache path (verify) or cache root (ls)")
     cache.add_argument("--config", help="YAML preset (build)")
@@ -102,8 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     stage("distill", cmd_distill, "distil a student from the teacher cache with Ray Train")
     ev = stage("evaluate", cmd_evaluate, "generate + Rouge-L for the teacher and/or students")
-    ev.add_argument("--model", action="append", metavar="NAME=PATH",
-                    help="checkpoint(s) to evaluate; default: the config's teacher and every exported student")
+    ev.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME=PATH",
+        help="checkpoint(s) to evaluate; default: the config's teacher and every exported student",
+    )
 
     ab = sub.add_parser("ablate", help="sweep student runs over one teacher cache")
     ab.add_argument("--config", required=True, help="sweep YAML (see jobs/configs/demo-sweep.yaml)")
@@ -111,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="storage cost, gate heat maps, results tables")
     rep.add_argument("kind", choices=["storage", "gates", "results"])
-    rep.add_argument("target", nargs="?", help="cache path (storage), run dir (gates), sweep file/dir (results)")
+    rep.add_argument(
+        "target", nargs="?", help="cache path (storage), run dir (gates), sweep file/dir (results)"
+    )
     rep.add_argument("--config", help="project storage from a config alone (storage)")
     rep.add_argument("--tokens", type=float, default=None, help="projected token count (storage)")
     rep.add_argument("--usd-per-gb-month", type=float, default=0.023, help="storage price (storage)")
@@ -135,7 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"moedistill: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("moedistill: interrupted; rerun the same command to resume from committed work", file=sys.stderr)
+        print(
+            "moedistill: interrupted; rerun the same command to resume from committed work", file=sys.stderr
+        )
         return 130
     return 0
 

@@ -164,7 +164,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     path = Path(path)
     if not path.is_file():
         presets = sorted(p.name for p in (Path(__file__).parent.parent / "jobs" / "configs").glob("*.yaml"))
-        raise ConfigError(f"config file {path} does not exist; presets in jobs/configs/: {', '.join(presets)}")
+        raise ConfigError(
+            f"config file {path} does not exist; presets in jobs/configs/: {', '.join(presets)}"
+        )
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -242,7 +244,9 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
         raise ConfigError(f"{source}: {key}={value!r} fits none of {_type_name(tp)}")
     if origin is Literal:
         if value not in get_args(tp):
-            raise ConfigError(f"{source}: {key}={value!r}; allowed values: {', '.join(map(repr, get_args(tp)))}")
+            raise ConfigError(
+                f"{source}: {key}={value!r}; allowed values: {', '.join(map(repr, get_args(tp)))}"
+            )
         return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, source, prefix=key + ".")
@@ -255,7 +259,10 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
         key_tp, val_tp = get_args(tp)
-        return {_coerce(key_tp, k, source, key): _coerce(val_tp, v, source, f"{key}.{k}") for k, v in value.items()}
+        return {
+            _coerce(key_tp, k, source, key): _coerce(val_tp, v, source, f"{key}.{k}")
+            for k, v in value.items()
+        }
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -286,8 +293,14 @@ def validate_config(config: Config, source: str) -> None:
             )
         local = model.path or model.upcycle_from
         if local and _looks_local(local) and not Path(local).exists():
-            raise ConfigError(f"{source}: {role} model path {local} does not exist (a hub id looks like org/name)")
-    if config.tokenizer.path and _looks_local(config.tokenizer.path) and not Path(config.tokenizer.path).exists():
+            raise ConfigError(
+                f"{source}: {role} model path {local} does not exist (a hub id looks like org/name)"
+            )
+    if (
+        config.tokenizer.path
+        and _looks_local(config.tokenizer.path)
+        and not Path(config.tokenizer.path).exists()
+    ):
         raise ConfigError(f"{source}: tokenizer.path {config.tokenizer.path} does not exist")
     src = config.data.source
     if src != "demo" and Path(src).suffix in (".json", ".jsonl") and not Path(src).exists():
@@ -337,13 +350,30 @@ def teacher_cache_fields(config: Config) -> dict[str, Any]:
         "tokenizer": dataclasses.asdict(config.tokenizer),
         "data": {
             k: getattr(data, k)
-            for k in ("source", "split", "num_demo_records", "max_records", "seed", "val_fraction",
-                      "test_fraction", "prompt_template", "max_length")
+            for k in (
+                "source",
+                "split",
+                "num_demo_records",
+                "max_records",
+                "seed",
+                "val_fraction",
+                "test_fraction",
+                "prompt_template",
+                "max_length",
+            )
         },
         "cache": {
             k: getattr(cache, k)
-            for k in ("layers", "width", "logits_mode", "logits_k", "states_dtype", "store_expert_states",
-                      "teacher_responses", "max_new_tokens")
+            for k in (
+                "layers",
+                "width",
+                "logits_mode",
+                "logits_k",
+                "states_dtype",
+                "store_expert_states",
+                "teacher_responses",
+                "max_new_tokens",
+            )
         },
         # "paired" layers depend on the student's depth, so it is part of the key only through them.
         "student_layers": _student_depth(config) if cache.layers == "paired" else None,

@@ -85,7 +85,9 @@ def prepare_data(config: Config) -> PreparedData:
     if not records:
         raise DataError(f"data source {data_cfg.source!r} yielded no usable records; check data.source")
     splits = split_records(records, data_cfg.val_fraction, data_cfg.test_fraction, seed=data_cfg.seed)
-    return PreparedData(splits=splits, tokenizer_path=_ensure_tokenizer(config, splits, paths), load_stats=stats)
+    return PreparedData(
+        splits=splits, tokenizer_path=_ensure_tokenizer(config, splits, paths), load_stats=stats
+    )
 
 
 def _ensure_tokenizer(config: Config, splits: Splits[Record], paths: Paths) -> str:
@@ -109,6 +111,6 @@ def load_tokenizer(path: str):  # -> PreTrainedTokenizerBase
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise DataError(
-            f"cannot load tokenizer from {path!r}: {exc}. Fix: point tokenizer.path at a local directory with "
-            "tokenizer files (this machine may be offline, so hub ids only work when cached)."
+            f"cannot load tokenizer from {path!r}: {exc}. Fix: point tokenizer.path at a local directory "
+            "with tokenizer files (this machine may be offline, so hub ids only work when cached)."
         ) from exc

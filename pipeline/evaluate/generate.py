@@ -50,7 +50,6 @@ def generate_responses(
             do_sample=not greedy,
             temperature=temperature if not greedy else None,
             top_p=top_p if not greedy else None,
-            top_k=None if not greedy else None,
             pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,
         )
@@ -72,7 +71,10 @@ def validation_loss(model, examples: Sequence[dict], pad_id: int, batch_size: in
         ).logits.float()
         labels = batch["labels"][:, 1:].to(device)
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum", ignore_index=-100
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            reduction="sum",
+            ignore_index=-100,
         )
         total += float(loss)
         count += int((labels != -100).sum())

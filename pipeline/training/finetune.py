@@ -102,7 +102,10 @@ def run_finetune(config: Config, *, force: bool = False, eval_examples: int = 12
     initial = materialize_model(config.teacher, tokenizer).float()
     num_parameters = sum(p.numel() for p in initial.parameters())
     if export_is_complete(export_dir) and not force:
-        print(f"[finetune] teacher already fine-tuned at {export_dir}; reusing it (--force retrains)", flush=True)
+        print(
+            f"[finetune] teacher already fine-tuned at {export_dir}; reusing it (--force retrains)",
+            flush=True,
+        )
         skipped, wall = True, 0.0
     else:
         skipped = False
@@ -126,13 +129,23 @@ def run_finetune(config: Config, *, force: bool = False, eval_examples: int = 12
         )
         wall = time.perf_counter() - started
     train_tokens = sum(len(e["input_ids"]) for e in train_examples)
-    epochs_tokens = train_tokens * config.finetune.epochs if config.finetune.max_steps is None else (
-        config.finetune.max_steps * config.finetune.batch_size * config.finetune.grad_accum_steps
-        * config.finetune.num_workers * train_tokens / max(1, len(train_examples))
+    epochs_tokens = (
+        train_tokens * config.finetune.epochs
+        if config.finetune.max_steps is None
+        else (
+            config.finetune.max_steps
+            * config.finetune.batch_size
+            * config.finetune.grad_accum_steps
+            * config.finetune.num_workers
+            * train_tokens
+            / max(1, len(train_examples))
+        )
     )
     before = _figures(initial, tokenizer, val_examples, test_records)
     after = _figures(
-        materialize_model(ModelConfig(path=str(export_dir)), tokenizer).float(), tokenizer, val_examples,
+        materialize_model(ModelConfig(path=str(export_dir)), tokenizer).float(),
+        tokenizer,
+        val_examples,
         test_records,
     )
     result = FinetuneResult(
@@ -164,7 +177,8 @@ def _figures(model, tokenizer, val_examples, test_records) -> dict[str, float]:
 def format_finetune_result(result: FinetuneResult) -> str:
     lines = [
         f"teacher: {result.num_parameters / 1e6:.2f}M parameters, export {result.export_dir}",
-        f"training: {result.train_examples} examples, {result.wall_s:.0f} s, {result.tokens_per_s:.0f} tokens/s"
+        f"training: {result.train_examples} examples, {result.wall_s:.0f} s, "
+        f"{result.tokens_per_s:.0f} tokens/s"
         + (" (reused finished export)" if result.skipped else ""),
         "               before    after",
         f"val loss     {result.before['val_loss']:8.3f} {result.after['val_loss']:8.3f}",

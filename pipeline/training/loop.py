@@ -97,6 +97,9 @@ def run_training_loop(task: TrainingTask, spec: LoopSpec) -> None:
         start_step = int(state["step"])
         if rank == 0:
             print(f"[train] resumed from checkpoint at step {start_step}/{spec.total_steps}", flush=True)
+            Path(spec.metrics_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(spec.metrics_dir) / "resumes.log", "a") as fh:
+                fh.write(f"resumed at step {start_step}\n")
 
     metrics_log = MetricsLogger(spec.metrics_dir, enabled=rank == 0)
     micro_per_epoch = max(1, spec.rows_per_epoch // world // cfg.batch_size)
@@ -117,7 +120,7 @@ def run_training_loop(task: TrainingTask, spec: LoopSpec) -> None:
             batch = {k: v.to(device) for k, v in next(batches).items()}
             data_wait += time.perf_counter() - t_data
             sync = micro == cfg.grad_accum_steps - 1 or not hasattr(model, "no_sync")
-            with autocast, (contextlib.nullcontext() if sync else model.no_sync()):
+            with autocast, contextlib.nullcontext() if sync else model.no_sync():
                 loss, parts = task.compute_loss(model, batch, step)
                 (loss / cfg.grad_accum_steps).backward()
             for k, v in parts.items():
@@ -183,7 +186,9 @@ def _micro_batches(
         epoch, skip = epoch + 1, 0
 
 
-def _report_checkpoint(model, optimizer, scheduler, step: int, metrics: dict[str, float], rank: int, world: int):
+def _report_checkpoint(
+    model, optimizer, scheduler, step: int, metrics: dict[str, float], rank: int, world: int
+):
     import ray.train
 
     rng_states = _gather_rng_states(world)
@@ -264,6 +269,9 @@ def _die_once(metrics_dir: str, step: int) -> None:
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("failure injected\n")
     print(f"[train] injected failure at step {step} (worker process exits)", flush=True)
+    # Give the controller time to register the checkpoint already reported, so a test knows which one is
+    # "the last"; a real crash may lose an unregistered checkpoint and then resumes from the one before.
+    time.sleep(3.0)
     os._exit(1)
 
 

@@ -1,0 +1,64 @@
+"""The student as one trainable module: the HF MoE model plus per-layer projections to the teacher's size.
+
+Wrapping both in one `nn.Module` lets DDP/FSDP synchronise the projections with the student, and keeps the
+export trivial: only `.student` is saved (the projections P of DESIGN.md are training-only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.models.adapter import MoEAdapter
+
+
+@dataclass
+class StudentForward:
+    logits: Tensor  # [B, T, V]
+    router_probs: list[Tensor]  # per layer pair: [N, E_S]
+    projected_states: list[Tensor]  # per layer pair: [N, E_S, D_teacher]
+
+
+class DistillStudent(nn.Module):
+    def __init__(self, student: nn.Module, student_layers: Sequence[int], teacher_hidden_size: int) -> None:
+        super().__init__()
+        self.student = student
+        self.student_layers = list(student_layers)
+        hidden = MoEAdapter(student).hidden_size
+        # Identity when sizes match (DESIGN.md): nothing to learn there.
+        self.projections = nn.ModuleList(
+            nn.Identity()
+            if hidden == teacher_hidden_size
+            else nn.Linear(hidden, teacher_hidden_size, bias=False)
+            for _ in self.student_layers
+        )
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, token_mask: Tensor, with_experts: bool = True
+    ) -> StudentForward:
+        if not with_experts:
+            # Baselines need no expert outputs; router logits alone still give the gate metrics cheaply.
+            out = self.student(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
+            flat_mask = token_mask.reshape(-1)
+            probs = [
+                torch.softmax(out.router_logits[layer].float(), dim=-1)[flat_mask]
+                for layer in self.student_layers
+            ]
+            return StudentForward(logits=out.logits, router_probs=probs, projected_states=[])
+        out = MoEAdapter(self.student).forward_with_experts(
+            input_ids, attention_mask, layers=self.student_layers, token_mask=token_mask
+        )
+        probs = [out.router_probs[layer] for layer in self.student_layers]
+        states = [
+            proj(out.expert_outputs[layer].float())
+            for proj, layer in zip(self.projections, self.student_layers, strict=True)
+        ]
+        return StudentForward(logits=out.logits, router_probs=probs, projected_states=states)
+
+
+def gate_entropy(probs: Tensor) -> Tensor:
+    """Mean entropy (nats) of per-token router distributions [N, E]."""
+    return -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()

@@ -1,0 +1,160 @@
+"""Build small Qwen3-MoE students from a config, load any causal LM, count parameters."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen3MoeConfig
+
+from pipeline.errors import ConfigError, ModelError
+
+
+@dataclass
+class TinyMoEConfig:
+    """Architecture of a from-scratch Qwen3-MoE student; every decoder layer is MoE."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_experts: int = 4
+    top_k: int = 2
+    moe_intermediate_size: int = 64
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    max_position_embeddings: int = 256
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    # Renormalised top-k weights (sum 1) keep the MoE output on the scale of one expert, as Mixtral does.
+    norm_topk_prob: bool = True
+    # Tied by default: a small student's vocab embedding dominates its size (151k x H for a Qwen tokenizer).
+    tie_word_embeddings: bool = True
+    # 0 = off: B-Distill's router loss replaces the load-balancing loss; >0 turns on transformers' aux loss.
+    router_aux_loss_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        positive = (
+            "hidden_size",
+            "num_layers",
+            "num_experts",
+            "top_k",
+            "moe_intermediate_size",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        )
+        bad = [f"{name}={getattr(self, name)}" for name in positive if int(getattr(self, name)) <= 0]
+        if bad:
+            raise ConfigError(f"TinyMoEConfig: {', '.join(bad)} must be positive integers.")
+        if self.top_k > self.num_experts:
+            raise ConfigError(
+                f"TinyMoEConfig: top_k={self.top_k} > num_experts={self.num_experts}; "
+                "set top_k <= num_experts."
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"TinyMoEConfig: num_heads={self.num_heads} must be a multiple of "
+                f"num_kv_heads={self.num_kv_heads} (grouped-query attention)."
+            )
+        if self.router_aux_loss_coef < 0:
+            raise ConfigError(
+                f"TinyMoEConfig: router_aux_loss_coef={self.router_aux_loss_coef} must be >= 0."
+            )
+
+
+def tiny_moe_hf_config(
+    cfg: TinyMoEConfig, vocab_size: int, pad_token_id: int, bos_token_id: int, eos_token_id: int
+) -> Qwen3MoeConfig:
+    """The transformers config `build_tiny_moe` instantiates."""
+    return Qwen3MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.moe_intermediate_size,  # unused: no dense MLP layers
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        rms_norm_eps=cfg.rms_norm_eps,
+        initializer_range=cfg.initializer_range,
+        num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.top_k,
+        norm_topk_prob=cfg.norm_topk_prob,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        output_router_logits=cfg.router_aux_loss_coef > 0,
+        router_aux_loss_coef=cfg.router_aux_loss_coef,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+    )
+
+
+def build_tiny_moe(
+    cfg: TinyMoEConfig, vocab_size: int, pad_token_id: int, bos_token_id: int, eos_token_id: int, seed: int
+) -> PreTrainedModel:
+    """A randomly initialised fp32 Qwen3MoeForCausalLM (eval mode), identical for identical arguments."""
+    for name, token_id in (("pad", pad_token_id), ("bos", bos_token_id), ("eos", eos_token_id)):
+        if not 0 <= token_id < vocab_size:
+            raise ConfigError(
+                f"{name}_token_id={token_id} is outside the vocabulary [0, {vocab_size}); pass the "
+                "tokenizer's ids and len(tokenizer) as vocab_size."
+            )
+    hf_config = tiny_moe_hf_config(cfg, vocab_size, pad_token_id, bos_token_id, eos_token_id)
+    # A private RNG scope: deterministic weights without disturbing the caller's global torch RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    return model.eval()
+
+
+def load_causal_lm(name_or_path: str, torch_dtype: torch.dtype | str | None = None) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained` (eval mode) with an actionable ModelError when it cannot load.
+
+    torch_dtype: a torch.dtype, its name ("bfloat16") or "auto"; None = the checkpoint's dtype
+    (transformers 5's default, "auto").
+    """
+    kwargs = {} if torch_dtype is None else {"dtype": _as_dtype(torch_dtype)}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        if os.path.isdir(name_or_path):
+            where = (
+                f"directory {name_or_path!r} exists but is not a loadable checkpoint (it needs the "
+                "config.json and *.safetensors files that save_pretrained writes)"
+            )
+        elif (
+            os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or os.path.exists(name_or_path)
+        ):
+            where = f"no checkpoint directory at {name_or_path!r}: check the path"
+        else:
+            where = (
+                f"{name_or_path!r} is not a local directory, so it was treated as a Hugging Face Hub id: "
+                "is this machine offline (HF_HUB_OFFLINE=1)? Check the path, or download the model where "
+                "there is internet and pass its local directory"
+            )
+        raise ModelError(f"cannot load causal LM {name_or_path!r}: {where}. Cause: {exc}") from exc
+    return model.eval()
+
+
+def _as_dtype(torch_dtype: torch.dtype | str) -> torch.dtype | str:
+    if isinstance(torch_dtype, torch.dtype) or torch_dtype == "auto":
+        return torch_dtype
+    dtype = getattr(torch, str(torch_dtype), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ModelError(
+            f"unknown torch_dtype {torch_dtype!r}; use 'auto', 'float32', 'bfloat16' or 'float16'."
+        )
+    return dtype
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
