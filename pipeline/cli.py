@@ -39,7 +39,7 @@ def cmd_finetune_teacher(args: argparse.Namespace) -> None:
 def cmd_cache(args: argparse.Namespace) -> None:
     from pipeline.cache import cli as cache_cli
 
-    cache_cli.run(args)
+    cache_cli.run(args, _load)
 
 
 def cmd_distill(args: argparse.Namespace) -> None:

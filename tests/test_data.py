@@ -244,6 +244,9 @@ def test_pad_batch_labels_and_padding() -> None:
     columnar["seq_id"] = np.array([7, 9])
     for k, v in pad_batch(columnar, pad_id=0).items():
         assert torch.equal(v, batch[k]), k
+    # equal-length rows arrive from Ray Data as one 2-D array per column
+    dense = pad_batch({"input_ids": np.array([[1, 8, 2], [1, 9, 2]]), "response_mask": np.ones((2, 3))}, 0)
+    assert dense["labels"].tolist() == [[1, 8, 2], [1, 9, 2]] and "seq_id" not in dense
     with pytest.raises(DataError, match="response_mask"):
         pad_batch([{"input_ids": [1, 2], "response_mask": [0]}], pad_id=0)
 

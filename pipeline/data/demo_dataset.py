@@ -326,7 +326,7 @@ def _poem(rng: random.Random) -> Record:
     verb = _pick(rng, ANIMALS[animal][4])
     stem = verb[:-3] + "y" if verb.endswith("ies") else verb[:-2] if verb.endswith("ches") else verb[:-1]
     return _rec(
-        f"Write a two line poem about a {color} {animal}.",
+        f"Write a two line poem about {_article(color)} {color} {animal}.",
         a.format(c=color, x=animal, v=verb, p=place, s=stem),
         "creative_writing",
     )
@@ -436,7 +436,7 @@ def _creature(rng: random.Random) -> dict[str, str | int]:
         "kind": _pick(rng, list(ANIMALS)),
         "home": _pick(rng, HABITATS),
         "food": _pick(rng, FOODS),
-        "age": rng.randrange(2, 16),
+        "age": rng.randrange(3, 16),
     }
 
 
@@ -482,10 +482,10 @@ def _creature_transform(rng: random.Random) -> Record:
     n, age, kind = c["name"], int(c["age"]), str(c["kind"])
     op = _pick(rng, ("older", "younger", "upper", "plural", "class", "fly"))
     if op == "older":
-        k = rng.randrange(1, 10)
+        k = rng.randrange(2, 10)  # from 2: keeps "years" grammatical
         q, a = f"How old will {n} be in {k} years?", f"{n} is {age}, so in {k} years {n} will be {age + k}."
     elif op == "younger":
-        k = rng.randrange(1, age)
+        k = rng.randrange(2, age)
         q, a = f"How old was {n} {k} years ago?", f"{n} is {age}, so {k} years ago {n} was {age - k}."
     elif op == "upper":
         q, a = f"What does {n} eat? Answer in capital letters.", str(c["food"]).upper()

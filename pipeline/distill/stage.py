@@ -126,7 +126,7 @@ def _with_teacher_responses(batch: dict[str, np.ndarray]) -> dict[str, list]:
     """SeqKD: the prompt followed by the teacher's cached response instead of the dataset's."""
     ids, masks = [], []
     for input_ids, mask, response in zip(
-        batch["input_ids"], batch["response_mask"], batch["teacher_response_ids"], strict=True
+        batch["input_ids"], batch["response_mask"], batch["teacher_response"], strict=True
     ):
         mask = np.asarray(mask)
         prompt_len = int(np.argmax(mask == 1)) if mask.any() else len(mask)
@@ -151,7 +151,7 @@ class DistillResult:
 
 def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
 
-    from pipeline.cache.locate import locate_cache
+    from pipeline.cache.stage import locate_cache
     from pipeline.cache.reader import open_cache, read_cache_dataset
 
     method = get_method(config.distill.method)
@@ -167,7 +167,7 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
         if hasattr(student_probe.config, "num_experts")
         else (student_probe.config.num_local_experts)
     )
-    pairs = layer_pairs(cache.teacher_num_layers, student_layers)
+    pairs = layer_pairs(int(cache.manifest["teacher"]["num_layers"]), student_layers)
     fields = cache_fields_for(method)
     cache.check_student(
         vocab_size=len(tokenizer),
@@ -206,7 +206,7 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
             method,
             weights,
             pairs,
-            cache.teacher_hidden_size,
+            cache.hidden_size,
             d.train.seed,
         )
         print(

@@ -1,0 +1,156 @@
+"""Student distillation from a real teacher cache on a local Ray cluster (2 workers, gloo)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.cache.stage import run_cache
+from pipeline.config import Config, load_config, with_overrides
+from pipeline.distill.losses import aggregate_expert_states, aggregate_gates, layer_pairs
+from pipeline.distill.methods import get_method
+from pipeline.distill.objective import ObjectiveWeights, distill_objective
+from pipeline.distill.stage import DistillTask, run_distill
+from pipeline.distill.student import DistillStudent
+from pipeline.errors import CacheError
+from pipeline.models.adapter import MoEAdapter
+from pipeline.training.finetune import run_finetune
+from pipeline.training.loop import FAIL_AT_STEP_ENV
+
+TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def cached_config(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Config]:
+    """A fine-tuned tiny teacher and its cache; then the teacher checkpoint is hidden from everyone."""
+    root = tmp_path_factory.mktemp("distill")
+    config = with_overrides(
+        load_config(TINY), {"output_dir": str(root / "run"), "cache.root": str(root / "caches")}
+    )
+    run_finetune(config, eval_examples=2)
+    run_cache(config)
+    teacher = root / "run" / "teacher" / "final"
+    # The student side must never open the teacher checkpoint: make it unreachable for the rest of the module.
+    shutil.move(teacher, root / "teacher-moved-away")
+    yield config
+
+
+def test_two_worker_b_distill_from_cache_exports_a_working_student(cached_config: Config) -> None:
+    config = with_overrides(cached_config, {"distill.train.num_workers": 2, "distill.train.max_steps": 4})
+    result = run_distill(config)
+    assert not result.skipped
+    metrics = [json.loads(x) for x in (Path(result.export_dir).parent / "metrics" / "metrics.jsonl").open()]
+    last = metrics[-1]
+    for key in ("loss_sft", "loss_forward_kl", "loss_mc", "loss_erd", "gate_entropy/pair0", "load/pair0/e0"):
+        assert key in last, key
+    assert abs(last["load/pair0/e0"] + last["load/pair0/e1"] - 1.0) < 1e-4  # load shares sum to 1
+    student = AutoModelForCausalLM.from_pretrained(result.export_dir)
+    assert not any("projection" in name for name, _ in student.named_parameters())
+    tokenizer = AutoTokenizer.from_pretrained(result.export_dir)
+    prompt = tokenizer("### Instruction:\nName a color.\n\n### Response:\n", return_tensors="pt")
+    generated = student.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    # Asking again is a no-op: the finished run is reused, not retrained.
+    assert run_distill(config).skipped
+
+
+def test_killed_distillation_resumes_from_its_checkpoint(
+    cached_config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = with_overrides(cached_config, {"distill.method": "kd", "distill.train.max_steps": 6})
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "3")
+    with pytest.raises(Exception, match=r"(?i)fail|error|died"):
+        run_distill(config)
+    monkeypatch.delenv(FAIL_AT_STEP_ENV)
+    result = run_distill(config)
+    metrics_dir = Path(result.export_dir).parent / "metrics"
+    assert (metrics_dir / "resumes.log").read_text().strip() == "resumed at step 2"
+    assert [json.loads(x)["step"] for x in (metrics_dir / "metrics.jsonl").open()] == [2, 4, 6]
+
+
+def test_student_that_does_not_fit_the_cache_gets_a_clear_error(cached_config: Config) -> None:
+    config = with_overrides(cached_config, {"student.build.num_experts": 3})
+    with pytest.raises(CacheError, match=r"divide"):
+        run_distill(config)
+
+
+def test_missing_cache_names_the_command_to_run(cached_config: Config, tmp_path: Path) -> None:
+    config = with_overrides(cached_config, {"cache.root": str(tmp_path / "empty")})
+    with pytest.raises(CacheError, match=r"moedistill cache --config"):
+        run_distill(config)
+
+
+def test_one_b_distill_step_sends_gradient_to_every_paired_student_part() -> None:
+    """Experts (all of them, not only the top-k), routers and projections all receive gradient."""
+    torch.manual_seed(0)
+    from pipeline.models.build import TinyMoEConfig, build_tiny_moe
+
+    teacher = build_tiny_moe(TinyMoEConfig(hidden_size=48, num_layers=4, num_experts=4), 64, 0, 1, 2, seed=0)
+    student = build_tiny_moe(TinyMoEConfig(hidden_size=32, num_layers=2, num_experts=2, top_k=1), 64, 0, 1, 2, 1)
+    pairs = layer_pairs(4, 2)
+    input_ids = torch.randint(3, 64, (2, 12))
+    attention = torch.ones_like(input_ids)
+    response_mask = torch.zeros_like(input_ids)
+    response_mask[:, 6:] = 1
+    from pipeline.data.collate import distill_positions
+
+    token_mask = distill_positions(response_mask)
+    with torch.no_grad():
+        t_out = MoEAdapter(teacher).forward_with_experts(input_ids, attention, [t for _, t in pairs], token_mask)
+    gates = torch.stack([aggregate_gates(t_out.router_probs[t], 2) for _, t in pairs], dim=1)
+    states = torch.stack(
+        [aggregate_expert_states(t_out.router_probs[t], t_out.expert_outputs[t], 2) for _, t in pairs], dim=1
+    )
+    logits = t_out.logits[token_mask]
+    top = torch.log_softmax(logits, -1).topk(8, dim=-1)
+    batch = {
+        "input_ids": input_ids,
+        "logit_indices": top.indices,
+        "logit_values": top.values,
+        "logit_tail_logmass": torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-6)),
+        "gates": gates,
+        "expert_states": states,
+    }
+    model = DistillStudent(student.train(), [s for s, _ in pairs], teacher_hidden_size=48)
+    forward = model(input_ids, attention, token_mask)
+    loss, parts = distill_objective(get_method("b-distill"), ObjectiveWeights(), forward, batch, token_mask)
+    loss.backward()
+    assert parts["loss_mc"] > 0 and "loss_erd" in parts
+    for s, _ in pairs:
+        block = student.model.layers[s].mlp
+        for name, param in [("router", block.gate.weight), ("gate_up", block.experts.gate_up_proj),
+                            ("down", block.experts.down_proj)]:
+            assert param.grad is not None, (s, name)
+            per_expert = param.grad.abs().flatten(1).sum(1) if param.grad.ndim == 3 else param.grad.abs().sum(1)
+            assert (per_expert > 0).all(), (s, name, per_expert)
+    for projection in model.projections:
+        assert projection.weight.grad is not None and projection.weight.grad.abs().sum() > 0
+
+
+def test_distill_task_collate_rejects_targets_of_other_tokenisation() -> None:
+    import numpy as np
+
+    from pipeline.distill.objective import ObjectiveWeights as Weights
+
+    task = DistillTask.__new__(DistillTask)
+    task.method = get_method("kd")
+    task.weights = Weights()
+
+    class _Tok:
+        pad_token_id = 0
+
+    task._tokenizer = _Tok()
+    batch = {
+        "seq_id": np.array([0]),
+        "input_ids": np.array([np.array([5, 6, 7, 8])], dtype=object),
+        "response_mask": np.array([np.array([0, 0, 1, 1])], dtype=object),  # 2 distillation positions
+        "logit_indices": np.array([np.zeros((3, 4), dtype=np.int32)], dtype=object),  # 3 cached rows
+    }
+    with pytest.raises(CacheError, match=r"different tokenisation"):
+        task.collate(batch)
