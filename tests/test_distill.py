@@ -92,7 +92,9 @@ def test_one_b_distill_step_sends_gradient_to_every_paired_student_part() -> Non
     from pipeline.models.build import TinyMoEConfig, build_tiny_moe
 
     teacher = build_tiny_moe(TinyMoEConfig(hidden_size=48, num_layers=4, num_experts=4), 64, 0, 1, 2, seed=0)
-    student = build_tiny_moe(TinyMoEConfig(hidden_size=32, num_layers=2, num_experts=2, top_k=1), 64, 0, 1, 2, 1)
+    student = build_tiny_moe(
+        TinyMoEConfig(hidden_size=32, num_layers=2, num_experts=2, top_k=1), 64, 0, 1, 2, 1
+    )
     pairs = layer_pairs(4, 2)
     input_ids = torch.randint(3, 64, (2, 12))
     attention = torch.ones_like(input_ids)
@@ -102,7 +104,9 @@ def test_one_b_distill_step_sends_gradient_to_every_paired_student_part() -> Non
 
     token_mask = distill_positions(response_mask)
     with torch.no_grad():
-        t_out = MoEAdapter(teacher).forward_with_experts(input_ids, attention, [t for _, t in pairs], token_mask)
+        t_out = MoEAdapter(teacher).forward_with_experts(
+            input_ids, attention, [t for _, t in pairs], token_mask
+        )
     gates = torch.stack([aggregate_gates(t_out.router_probs[t], 2) for _, t in pairs], dim=1)
     states = torch.stack(
         [aggregate_expert_states(t_out.router_probs[t], t_out.expert_outputs[t], 2) for _, t in pairs], dim=1
@@ -124,10 +128,15 @@ def test_one_b_distill_step_sends_gradient_to_every_paired_student_part() -> Non
     assert parts["loss_mc"] > 0 and "loss_erd" in parts
     for s, _ in pairs:
         block = student.model.layers[s].mlp
-        for name, param in [("router", block.gate.weight), ("gate_up", block.experts.gate_up_proj),
-                            ("down", block.experts.down_proj)]:
+        for name, param in [
+            ("router", block.gate.weight),
+            ("gate_up", block.experts.gate_up_proj),
+            ("down", block.experts.down_proj),
+        ]:
             assert param.grad is not None, (s, name)
-            per_expert = param.grad.abs().flatten(1).sum(1) if param.grad.ndim == 3 else param.grad.abs().sum(1)
+            per_expert = (
+                param.grad.abs().flatten(1).sum(1) if param.grad.ndim == 3 else param.grad.abs().sum(1)
+            )
             assert (per_expert > 0).all(), (s, name, per_expert)
     for projection in model.projections:
         assert projection.weight.grad is not None and projection.weight.grad.abs().sum() > 0
@@ -146,11 +155,17 @@ def test_distill_task_collate_rejects_targets_of_other_tokenisation() -> None:
         pad_token_id = 0
 
     task._tokenizer = _Tok()
+
+    def column(*rows: np.ndarray) -> np.ndarray:  # Ray Data's ragged numpy column: an object array of arrays
+        out = np.empty(len(rows), dtype=object)
+        out[:] = list(rows)
+        return out
+
     batch = {
         "seq_id": np.array([0]),
-        "input_ids": np.array([np.array([5, 6, 7, 8])], dtype=object),
-        "response_mask": np.array([np.array([0, 0, 1, 1])], dtype=object),  # 2 distillation positions
-        "logit_indices": np.array([np.zeros((3, 4), dtype=np.int32)], dtype=object),  # 3 cached rows
+        "input_ids": column(np.array([5, 6, 7, 8])),
+        "response_mask": column(np.array([0, 0, 1, 1])),  # 2 distillation positions
+        "logit_indices": column(np.zeros((3, 4), dtype=np.int32)),  # but 3 cached rows
     }
     with pytest.raises(CacheError, match=r"different tokenisation"):
         task.collate(batch)

@@ -42,7 +42,7 @@ def fit(
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
-            resources_per_worker=dict(cfg.resources_per_worker) or None,
+            resources_per_worker=worker_resources(cfg),
         ),
         run_config=RunConfig(
             name=run_name,
@@ -59,6 +59,19 @@ def fit(
         if user_error is not None:
             raise user_error from None
         raise
+
+
+def worker_resources(cfg: TrainConfig) -> dict[str, float] | None:
+    """Leave one CPU to Ray Data: workers that hold every CPU starve the dataset feeding them (a hang)."""
+    import ray
+
+    resources = dict(cfg.resources_per_worker)
+    if "CPU" in resources or not ray.is_initialized():
+        return resources or None
+    total_cpus = ray.cluster_resources().get("CPU", 0.0)
+    if total_cpus - cfg.num_workers < 1:
+        resources["CPU"] = max(0.1, round((total_cpus - 1) / cfg.num_workers, 2))
+    return resources or None
 
 
 def find_user_error(exc: BaseException) -> MoeDistillError | None:
