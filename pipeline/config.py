@@ -177,7 +177,35 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         _set_dotted(raw, dotted, value)
     config = config_from_dict(raw, source=str(path))
     validate_config(config, source=str(path))
-    return config
+    return absolute_paths(config)
+
+
+def absolute_paths(config: Config) -> Config:
+    """Local relative paths made absolute against the current directory: Ray workers run elsewhere.
+
+    URLs (s3://...) and hub ids (org/name) are left alone.
+    """
+
+    def fix(value: str | None) -> str | None:
+        if value is None or "://" in value or not _looks_local(value):
+            return value
+        return str(Path(value).expanduser().resolve())
+
+    def fix_model(model: ModelConfig) -> ModelConfig:
+        return dataclasses.replace(model, path=fix(model.path), upcycle_from=fix(model.upcycle_from))
+
+    data_source = config.data.source
+    if data_source != "demo" and Path(data_source).exists():
+        data_source = str(Path(data_source).resolve())
+    return dataclasses.replace(
+        config,
+        output_dir=str(config.out.expanduser().resolve()),
+        data=dataclasses.replace(config.data, source=data_source),
+        tokenizer=dataclasses.replace(config.tokenizer, path=fix(config.tokenizer.path)),
+        teacher=fix_model(config.teacher),
+        student=fix_model(config.student),
+        cache=dataclasses.replace(config.cache, root=fix(config.cache.root) or config.cache.root),
+    )
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
@@ -322,7 +350,8 @@ def validate_config(config: Config, source: str) -> None:
 
 
 def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.startswith("runs/") or Path(name).suffix != ""
+    """A filesystem path rather than a hub id ("org/name", "gpt2"): explicit prefixes, deeper paths, or on disk."""
+    return name.startswith((".", "/", "~")) or name.count("/") >= 2 or Path(name).exists()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,485 @@
+"""Stage 3: generate responses for every (test example x sampling seed) with a Ray Data actor pool per model
+and score them with Rouge-L.
+
+    rows = test examples x seeds  --ray.data.from_items-->  map_batches(GeneratorActor,
+        ActorPoolStrategy(size=num_actors), num_gpus, batch_size)  -->  driver: tqdm over finished rows
+
+Protocol (MiniLLM / DistiLLM / B-Distill): sampling at temperature 1, top-p 1, `evaluate.num_seeds` seeds,
+Rouge-L of each generation against its reference(s) (max over references), mean over examples per seed,
+then mean ± std (ddof=1) over seeds; `evaluate.greedy` decodes greedily with one seed. Empty generations
+score 0 and are never dropped.
+
+Outputs under runs/<name>/eval/:
+  <model>/predictions.jsonl  one line per (test set, example, seed): prompt, references, prediction, rouge_l
+  <model>/results.csv|md     that model's rows; <model>/protocol.json (written last) makes a rerun with the
+                             same checkpoint, protocol and test sets reuse them instead of regenerating
+  results.csv|md|png         the models of this call, plus earlier evaluated models under eval/ whose results
+                             used the same protocol and test sets (CSV schema: pipeline/reports/results.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import re
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, stable_hash
+from pipeline.errors import ConfigError, DataError, ModelError
+from pipeline.evaluate.test_sets import EvalSet, examples_from_records, load_test_set
+from pipeline.reports.results import format_results_markdown, write_results_csv, write_results_table
+from pipeline.workspace import PreparedData, paths_for, prepare_data
+
+log = logging.getLogger(__name__)
+
+EXPORT_MARKER = "moedistill_export.json"  # pipeline.training.finetune.EXPORT_MARKER (no torch import here)
+# pipeline.distill.stage.default_run_name: "<method>-k<k>-a<alpha>-b<beta>-e<E_S>-s<seed>"
+_RUN_NAME = re.compile(
+    r"^(?P<method>.+)-k(?P<k>\d+)-a(?P<alpha>[0-9.e+-]+)-b(?P<beta>[0-9.e+-]+)-e(?P<e>\d+)-s(?P<seed>\d+)$"
+)
+
+
+@dataclass
+class EvalResults:
+    out_dir: Path
+    # pipeline.reports.results schema, one per (model, test set): this call's models, then earlier ones
+    # evaluated under the same protocol and test sets
+    rows: list[dict[str, Any]]
+    seed_scores: dict[tuple[str, str], list[float]]  # this call's (model, test set) -> per-seed means (%)
+    csv_path: Path
+    md_path: Path
+    png_path: Path
+    model_dirs: dict[str, Path] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)  # models whose earlier results were reused
+
+    def score(self, model: str, test_set: str) -> tuple[float, float]:
+        """(mean, std) Rouge-L in percent."""
+        for row in self.rows:
+            if row["model"] == model and row["test_set"] == test_set:
+                return row["rouge_l_mean"], row["rouge_l_std"]
+        raise KeyError((model, test_set))
+
+    def markdown(self) -> str:
+        return format_results_markdown(self.rows)
+
+
+# --- which models ------------------------------------------------------------------------------------------
+def default_models(config: Config) -> dict[str, str]:
+    """The fine-tuned teacher plus every finished student export (one with an export marker) of `config`."""
+    paths = paths_for(config)
+    models: dict[str, str] = {}
+    if (paths.teacher_final / EXPORT_MARKER).is_file():
+        models["teacher"] = str(paths.teacher_final)
+    else:
+        log.warning(
+            "no fine-tuned teacher at %s (run `moedistill finetune-teacher`); skipping it",
+            paths.teacher_final,
+        )
+    if paths.students.is_dir():
+        for run_dir in sorted(p for p in paths.students.iterdir() if p.is_dir()):
+            if (run_dir / "final" / EXPORT_MARKER).is_file():
+                models[run_dir.name] = str(run_dir / "final")
+    return models
+
+
+def parse_model_args(specs: list[str]) -> dict[str, str]:
+    """`--model NAME=PATH` (or just PATH: named after its directory) -> {name: path}."""
+    models: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = _dir_name(spec), spec
+        name, path = name.strip(), path.strip()
+        if not name or not path:
+            raise ConfigError(
+                f"--model expects NAME=PATH (e.g. teacher=runs/demo/teacher/final), got {spec!r}"
+            )
+        if name in models:
+            raise ConfigError(f"--model name {name!r} is given twice; give each checkpoint its own name")
+        models[name] = path
+    return models
+
+
+def _dir_name(path: str) -> str:
+    p = Path(path.rstrip("/"))
+    return p.parent.name if p.name == "final" and p.parent.name else p.name
+
+
+def check_models(config: Config, models: dict[str, str]) -> dict[str, str]:
+    if not models:
+        raise ModelError(
+            f"nothing to evaluate: no finished teacher or student exports under {paths_for(config).root}. "
+            "Fix: run `moedistill finetune-teacher` / `moedistill distill` first, or pass --model NAME=PATH."
+        )
+    for name, path in models.items():
+        if not Path(path).is_dir():
+            raise ModelError(
+                f"checkpoint {path!r} of model {name!r} is not a directory. Fix: check the path (checkpoints "
+                "must be on storage every Ray node can read)."
+            )
+    return models
+
+
+# --- test sets ---------------------------------------------------------------------------------------------
+def held_out_name(config: Config) -> str:
+    src = config.data.source
+    stem = (
+        "demo"
+        if src == "demo"
+        else (Path(src).stem if Path(src).suffix else src.rstrip("/").rsplit("/", 1)[-1])
+    )
+    return f"{stem}-test"
+
+
+def load_test_sets(config: Config, prepared: PreparedData | None = None) -> list[EvalSet]:
+    ev = config.evaluate
+    test = (prepared or prepare_data(config)).splits.test
+    if ev.max_examples is not None:
+        test = test[: ev.max_examples]
+    sets = [EvalSet(held_out_name(config), "config test split", examples_from_records(test))]
+    sets += [load_test_set(spec, ev.max_examples) for spec in ev.test_sets]
+    names = [s.name for s in sets]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(
+            f"test set name(s) {dupes} appear twice; name them with NAME=SOURCE in evaluate.test_sets"
+        )
+    empty = [s.name for s in sets if not s.examples]
+    if empty:
+        raise DataError(
+            f"test set(s) {empty} have no examples. Fix: raise data.test_fraction or check "
+            "evaluate.test_sets."
+        )
+    return sets
+
+
+def sampling_seeds(config: Config) -> list[int]:
+    ev = config.evaluate
+    if ev.greedy:
+        return [0]  # greedy decoding is deterministic: one pass
+    if ev.num_seeds < 1:
+        raise ConfigError(f"evaluate.num_seeds must be >= 1, got {ev.num_seeds}")
+    return list(range(ev.num_seeds))
+
+
+def build_items(test_sets: list[EvalSet], seeds: list[int]) -> list[dict[str, Any]]:
+    """Seed-major rows, so an actor batch usually shares one seed (one generate call)."""
+    items = []
+    for seed in seeds:
+        for ts_index, ts in enumerate(test_sets):
+            for ex_index, ex in enumerate(ts.examples):
+                items.append(
+                    {
+                        "row_id": len(items),
+                        "seed": seed,
+                        "test_set": ts_index,
+                        "example": ex_index,
+                        "instruction": ex.instruction,
+                        "context": ex.context,
+                        "references": json.dumps(list(ex.references)),
+                    }
+                )
+    return items
+
+
+# --- the stage ---------------------------------------------------------------------------------------------
+def run_evaluate(config: Config, models: dict[str, str] | None = None, progress: bool = True) -> EvalResults:
+    """Evaluate `models` ({name: checkpoint dir}; None: `default_models(config)`) on the test sets."""
+    models = check_models(config, default_models(config) if models is None else models)
+    prepared = prepare_data(config)
+    test_sets = load_test_sets(config, prepared)
+    seeds = sampling_seeds(config)
+    items = build_items(test_sets, seeds)
+    eval_dir = paths_for(config).eval
+    protocol = _protocol(config, test_sets, seeds)
+    protocol_hash = stable_hash(protocol)
+    finished: dict[str, tuple[list[dict[str, Any]], dict[str, list[float]]]] = {}
+    pending: dict[str, tuple[str, str, str]] = {}  # name -> (checkpoint, tokenizer, fingerprint)
+    model_dirs = {name: eval_dir / _safe(name) for name in models}
+    for name, checkpoint in models.items():
+        fingerprint = stable_hash({**protocol, "checkpoint": _checkpoint_identity(checkpoint)})
+        previous = _reusable(model_dirs[name], fingerprint)
+        if previous is not None:
+            print(f"[evaluate] {name}: reusing {model_dirs[name]} (same checkpoint, protocol and test sets)")
+            finished[name] = previous
+        else:
+            tokenizer_path = checkpoint if _has_tokenizer(checkpoint) else prepared.tokenizer_path
+            pending[name] = (checkpoint, tokenizer_path, fingerprint)
+    if pending:
+        outputs = _generate(config, {n: (c, t) for n, (c, t, _) in pending.items()}, items, progress)
+        for name, (checkpoint, _, fingerprint) in pending.items():
+            finished[name] = _score_and_write(
+                name, checkpoint, test_sets, seeds, items, outputs[name], model_dirs[name]
+            )
+            _write_protocol(model_dirs[name], fingerprint, protocol_hash, finished[name][1])
+    rows = [row for name in models for row in finished[name][0]]
+    rows += _earlier_results(eval_dir, protocol_hash, exclude={model_dirs[n].name for n in models})
+    seed_scores = {(name, ts): s for name in models for ts, s in finished[name][1].items()}
+    reused = [name for name in models if name not in pending]
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = write_results_csv(rows, eval_dir / "results.csv")
+    md_path, png_path = write_results_table(rows, eval_dir, title=f"{config.name}: Rouge-L")
+    return EvalResults(eval_dir, rows, seed_scores, csv_path, md_path, png_path, model_dirs, reused)
+
+
+def _generate(
+    config: Config,
+    checkpoints: dict[str, tuple[str, str]],
+    items: list[dict[str, Any]],
+    progress: bool,
+) -> dict[str, dict[int, tuple[str, float]]]:
+    """name -> row_id -> (prediction, rouge_l in [0, 1]) for every (model, item), from one actor pool.
+
+    Rows are model-major, so each actor switches checkpoints about once per model instead of the pool being
+    torn down and started again for every model.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+    from tqdm import tqdm
+
+    from pipeline.evaluate.actor import GeneratorActor
+
+    ev = config.evaluate
+    names = list(checkpoints)
+    # Actors may run in another working directory (a cluster node): absolute paths for local checkpoints.
+    resolved = [
+        tuple(str(Path(p).resolve()) if Path(p).exists() else p for p in checkpoints[n]) for n in names
+    ]
+    rows = [
+        {**item, "model": m, "item": item["row_id"], "row_id": m * len(items) + item["row_id"]}
+        for m in range(len(names))
+        for item in items
+    ]
+    ctx = DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.enable_operator_progress_bars)
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False  # ours counts finished rows
+    blocks = max(1, min(-(-len(rows) // ev.batch_size), 32 * max(1, ev.num_actors)))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = ds.map_batches(
+        GeneratorActor,
+        fn_constructor_kwargs={
+            "checkpoints": resolved,
+            "max_new_tokens": ev.max_new_tokens,
+            "greedy": ev.greedy,
+            "temperature": ev.temperature,
+            "top_p": ev.top_p,
+        },
+        compute=ActorPoolStrategy(size=max(1, ev.num_actors)),
+        num_gpus=ev.num_gpus_per_actor,
+        batch_size=ev.batch_size,
+    )
+    outputs: dict[str, dict[int, tuple[str, float]]] = {n: {} for n in names}
+    try:
+        desc = f"evaluate {len(names)} model(s)"
+        with tqdm(total=len(rows), desc=desc, unit="gen", disable=not progress) as bar:
+            for row in ds.iter_rows():
+                model, row_id = divmod(int(row["row_id"]), len(items))
+                outputs[names[model]][row_id] = (str(row["prediction"]), float(row["rouge_l"]))
+                bar.update(1)
+    finally:
+        ctx.enable_progress_bars, ctx.enable_operator_progress_bars = saved
+    for name in names:
+        if len(outputs[name]) != len(items):
+            raise ModelError(
+                f"evaluation of {name!r} returned {len(outputs[name])} of {len(items)} rows; rerun it"
+            )
+    return outputs
+
+
+def _score_and_write(
+    name: str,
+    checkpoint: str,
+    test_sets: list[EvalSet],
+    seeds: list[int],
+    items: list[dict[str, Any]],
+    outputs: dict[int, tuple[str, float]],
+    model_dir: Path,
+) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "protocol.json").unlink(missing_ok=True)  # invalid until everything below is written
+    per_seed: dict[tuple[int, int], list[float]] = {}
+    empty: dict[int, int] = {}
+    tmp = model_dir / "predictions.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for item in items:
+            prediction, score = outputs[item["row_id"]]
+            ts = test_sets[item["test_set"]]
+            per_seed.setdefault((item["test_set"], item["seed"]), []).append(score)
+            empty[item["test_set"]] = empty.get(item["test_set"], 0) + (not prediction.strip())
+            ex = ts.examples[item["example"]]
+            line = {
+                "model": name,
+                "test_set": ts.name,
+                "example_id": item["example"],
+                "seed": item["seed"],
+                "instruction": ex.instruction,
+                "context": ex.context,
+                "references": list(ex.references),
+                "prediction": prediction,
+                "rouge_l": score,
+            }
+            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+    tmp.replace(model_dir / "predictions.jsonl")
+    info = describe_checkpoint(name, checkpoint)
+    rows, seed_scores = [], {}
+    for ts_index, ts in enumerate(test_sets):
+        means = [100.0 * statistics.fmean(per_seed[ts_index, s]) for s in seeds]
+        seed_scores[ts.name] = means
+        rows.append(
+            {
+                **info,
+                "test_set": ts.name,
+                "num_examples": len(ts.examples),
+                "num_seeds": len(seeds),
+                "rouge_l_mean": statistics.fmean(means),
+                "rouge_l_std": statistics.stdev(means) if len(means) > 1 else 0.0,
+                "empty_rate": empty.get(ts_index, 0) / (len(ts.examples) * len(seeds)),
+            }
+        )
+    write_results_csv(rows, model_dir / "results.csv")
+    (model_dir / "results.md").write_text(format_results_markdown(rows, title=f"{name}: Rouge-L"))
+    return rows, seed_scores
+
+
+def _write_protocol(
+    model_dir: Path, fingerprint: str, protocol_hash: str, seed_scores: dict[str, list[float]]
+) -> None:
+    """Written last: its presence marks the model's results as complete and reusable."""
+    payload = {"fingerprint": fingerprint, "protocol": protocol_hash, "seed_scores": seed_scores}
+    (model_dir / "protocol.json").write_text(json.dumps(payload, indent=2))
+
+
+def describe_checkpoint(name: str, checkpoint: str) -> dict[str, Any]:
+    """Schema columns known from the checkpoint's run: method and hyper-parameters, validation loss."""
+    ckpt = Path(checkpoint)
+    info: dict[str, Any] = {"model": name, "checkpoint": str(checkpoint)}
+    marker = _read_json(ckpt / EXPORT_MARKER) or {}
+    summary = _read_json(ckpt.parent / "summary.json") or {}
+    if marker.get("stage") == "finetune-teacher" or name == "teacher":
+        info["method"] = "teacher"
+        finetune = _read_json(ckpt.parent / "finetune_summary.json") or {}  # runs/<name>/teacher/
+        info["val_loss"] = (finetune.get("after") or {}).get("val_loss")
+    else:
+        match = _RUN_NAME.match(summary.get("run_name") or ckpt.parent.name)
+        info["method"] = summary.get("method") or marker.get("method") or (match["method"] if match else None)
+        if match:
+            info.update(
+                k=int(match["k"]),
+                alpha=float(match["alpha"]),
+                beta=float(match["beta"]),
+                student_experts=int(match["e"]),
+                seed=int(match["seed"]),
+            )
+            info["setting"] = _setting(info)
+        info["val_loss"] = summary.get("val_loss")
+    return info
+
+
+def _setting(info: dict[str, Any]) -> str:
+    """The hyper-parameters that matter for the method (K/alpha only with MC, beta only with ERD)."""
+    try:
+        from pipeline.distill.methods import get_method
+
+        method = get_method(str(info["method"]))
+        uses_mc, uses_erd = method.uses_mc, method.uses_erd
+    except Exception:  # unknown method name: show everything
+        uses_mc = uses_erd = True
+    parts = []
+    if uses_mc:
+        parts += [f"K={info['k']}", f"α={info['alpha']:g}"]
+    if uses_erd:
+        parts.append(f"β={info['beta']:g}")
+    parts.append(f"E={info['student_experts']}")
+    return ", ".join(parts)
+
+
+# --- reuse -------------------------------------------------------------------------------------------------
+def _protocol(config: Config, test_sets: list[EvalSet], seeds: list[int]) -> dict[str, Any]:
+    ev = config.evaluate
+    return {
+        "version": 1,
+        "greedy": ev.greedy,
+        "temperature": ev.temperature,
+        "top_p": ev.top_p,
+        "max_new_tokens": ev.max_new_tokens,
+        "seeds": seeds,
+        # batch composition changes sampled outputs, so it is part of what makes results reproducible
+        "batch_size": ev.batch_size,
+        "test_sets": {
+            ts.name: hashlib.sha256(json.dumps([asdict(e) for e in ts.examples]).encode()).hexdigest()
+            for ts in test_sets
+        },
+    }
+
+
+def _checkpoint_identity(checkpoint: str) -> dict[str, Any]:
+    ckpt = Path(checkpoint).resolve()
+    marker = ckpt / EXPORT_MARKER
+    if marker.is_file():  # rewritten (with a new time) by every export
+        return {"path": str(ckpt), "export": marker.read_text()}
+    return {
+        "path": str(ckpt),
+        "files": sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in ckpt.iterdir()),
+    }
+
+
+def _reusable(
+    model_dir: Path, fingerprint: str
+) -> tuple[list[dict[str, Any]], dict[str, list[float]]] | None:
+    from pipeline.reports.results import read_results_csv
+
+    protocol = _read_json(model_dir / "protocol.json")
+    if not protocol or protocol.get("fingerprint") != fingerprint:
+        return None
+    if not (model_dir / "results.csv").is_file() or not (model_dir / "predictions.jsonl").is_file():
+        return None
+    return read_results_csv(model_dir / "results.csv"), protocol["seed_scores"]
+
+
+def _earlier_results(eval_dir: Path, protocol_hash: str, exclude: set[str]) -> list[dict[str, Any]]:
+    """Rows of models evaluated by earlier calls with the same protocol and test sets (comparable numbers)."""
+    from pipeline.reports.results import read_results_csv
+
+    rows: list[dict[str, Any]] = []
+    for protocol_file in sorted(eval_dir.glob("*/protocol.json")):
+        model_dir = protocol_file.parent
+        info = _read_json(protocol_file) or {}
+        comparable = model_dir.name not in exclude and info.get("protocol") == protocol_hash
+        if comparable and (model_dir / "results.csv").is_file():
+            rows += read_results_csv(model_dir / "results.csv")
+    return rows
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _has_tokenizer(checkpoint: str) -> bool:
+    return any((Path(checkpoint) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", name) or "model"
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------
+def run_evaluate_cli(args: argparse.Namespace, config: Config) -> EvalResults:
+    from pipeline.ray_session import connect
+
+    models = parse_model_args(args.model) if getattr(args, "model", None) else default_models(config)
+    check_models(config, models)  # fail before starting Ray
+    connect()
+    results = run_evaluate(config, models)
+    print(results.markdown())
+    print(f"wrote {results.csv_path}, {results.md_path}, {results.png_path}")
+    for name, d in results.model_dirs.items():
+        print(f"  {name}: {d / 'predictions.jsonl'}")
+    return results

@@ -1,0 +1,192 @@
+"""Evaluation test sets: the config's held-out split, local JSONL files, `datasets` sources and the paper's
+benchmark presets, all turned into `EvalExample`s (an instruction plus one or more reference responses).
+
+A test-set spec (an entry of `evaluate.test_sets`) is one of
+  * a preset name: dolly, selfinst, vicuna, sni, unni (the B-Distill / MiniLLM benchmarks);
+  * a .jsonl / .json file: one object per line with `instruction`, optional `context` (or `input`) and the
+    reference(s) as `response` / `output` (a string) or `references` / `outputs` (a list of strings: Rouge-L
+    takes the max over them);
+  * anything `pipeline.data.records.load_records` reads (a local dataset directory, a hub name already in the
+    local Hugging Face cache), in Dolly format, split "test";
+  * `NAME=SOURCE` for any of the above, to choose the column name in the results table.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.records import Record
+from pipeline.errors import DataError
+
+
+@dataclass(frozen=True)
+class EvalExample:
+    instruction: str
+    context: str
+    references: tuple[str, ...]
+    category: str = ""
+
+    def to_record(self) -> Record:
+        """The generation input (the prompt template only reads instruction and context)."""
+        return Record(self.instruction, self.context, self.references[0], self.category)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    name: str
+    source: str
+    examples: list[EvalExample]
+
+
+@dataclass(frozen=True)
+class Preset:
+    display: str  # column name in results tables, as the paper writes it
+    hub_id: str | None  # public source; None where no public copy with references exists
+    config: str | None = None
+    split: str = "test"
+    note: str = ""
+
+
+# The paper's general-field benchmarks (Table 1). Hub ids are the public originals; most need conversion
+# (MiniLLM's processed test splits are distributed as files, not on the hub), hence the local-JSONL route.
+PRESETS: dict[str, Preset] = {
+    "dolly": Preset(
+        "Dolly",
+        "databricks/databricks-dolly-15k",
+        split="train",
+        note="the paper evaluates on a held-out 500-example Dolly test split (MiniLLM's)",
+    ),
+    "selfinst": Preset("SelfInst", "yizhongw/self_instruct", config="human_eval", split="train"),
+    "vicuna": Preset(
+        "Vicuna",
+        None,
+        note="the 80 Vicuna questions have no public reference answers on the hub (MiniLLM used GPT-4's)",
+    ),
+    "sni": Preset("S-NI", "Muennighoff/natural-instructions", split="test"),
+    "unni": Preset("UnNI", "mrm8488/unnatural-instructions-core", split="train"),
+}
+
+_INSTRUCTION_KEYS = ("instruction", "prompt", "question")
+_CONTEXT_KEYS = ("context", "input")
+_SINGLE_REF_KEYS = ("response", "output", "answer")
+_MULTI_REF_KEYS = ("references", "outputs", "responses", "targets")
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """(display name, source) of a test-set spec."""
+    name, sep, source = spec.partition("=")
+    if sep and name.strip() and source.strip():
+        return name.strip(), source.strip()
+    if spec.lower() in PRESETS:
+        return PRESETS[spec.lower()].display, spec.lower()
+    return Path(spec).stem if Path(spec).suffix else spec.rstrip("/").rsplit("/", 1)[-1], spec
+
+
+def load_test_set(spec: str, max_examples: int | None = None) -> EvalSet:
+    name, source = parse_spec(spec)
+    if source.lower() in PRESETS:
+        examples = _load_preset(source.lower())
+    elif Path(source).suffix.lower() in (".jsonl", ".json"):
+        examples = read_examples_jsonl(source)
+    else:
+        from pipeline.data.records import load_records
+
+        records, _ = load_records(source, split="test")
+        examples = examples_from_records(records)
+    if max_examples is not None:
+        examples = examples[:max_examples]
+    return EvalSet(name=name, source=source, examples=examples)
+
+
+def examples_from_records(records: Iterable[Record]) -> list[EvalExample]:
+    return [EvalExample(r.instruction, r.context, (r.response,), r.category) for r in records]
+
+
+def read_examples_jsonl(path: str | Path) -> list[EvalExample]:
+    """Examples from a JSONL (or JSON list) file; a malformed row is a DataError naming file:line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"test set file {path} does not exist. Fix: check the path in evaluate.test_sets.")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        rows = [(f"{path}: item {i}", row) for i, row in enumerate(json.loads(text))]
+    else:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON ({exc}). Fix or delete that line."
+                ) from None
+    examples = [_example_from_row(row, where) for where, row in rows]
+    if not examples:
+        raise DataError(
+            f"test set file {path} holds no examples. Fix: point evaluate.test_sets at a JSONL file."
+        )
+    return examples
+
+
+def _example_from_row(row: Any, where: str) -> EvalExample:
+    fix = (
+        "Fix: each line needs a string 'instruction', an optional 'context' (or 'input') and a reference: "
+        "'response' / 'output' (string) or 'references' / 'outputs' (list of strings)."
+    )
+    if not isinstance(row, Mapping):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}. {fix}")
+    instruction = _first(row, _INSTRUCTION_KEYS)
+    context = _first(row, _CONTEXT_KEYS) or ""
+    refs: list[str] = []
+    for key in _MULTI_REF_KEYS + _SINGLE_REF_KEYS:
+        value = row.get(key)
+        if isinstance(value, str):
+            refs = [value]
+        elif isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value):
+            refs = list(value)
+        if refs:
+            break
+    refs = [r for r in refs if r.strip()]
+    if (
+        not isinstance(instruction, str)
+        or not instruction.strip()
+        or not isinstance(context, str)
+        or not refs
+    ):
+        raise DataError(f"{where}: malformed test example (keys: {sorted(row)}). {fix}")
+    category = row.get("category") if isinstance(row.get("category"), str) else ""
+    return EvalExample(instruction, context, tuple(refs), category)
+
+
+def _first(row: Mapping[str, Any], keys: Sequence[str]) -> Any:
+    for key in keys:
+        if row.get(key) is not None:
+            return row[key]
+    return None
+
+
+def _load_preset(key: str) -> list[EvalExample]:
+    preset = PRESETS[key]
+    how = (
+        f"Fix: on a machine with internet, export the {preset.display} test set to a JSONL file "
+        "(instruction, context, response -- or references: [...]) and list it in evaluate.test_sets as "
+        f"'{key}=/path/to/{key}_test.jsonl'."
+    )
+    if preset.hub_id is None:
+        raise DataError(f"test set preset {key!r} ({preset.display}): {preset.note}. {how}")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(preset.hub_id, preset.config, split=preset.split)
+    except Exception as exc:  # offline, not in the local cache, or the hub layout changed
+        raise DataError(
+            f"test set preset {key!r} ({preset.display}, hub id {preset.hub_id}) cannot be loaded: "
+            f"{type(exc).__name__}: {str(exc)[:200]}. This machine may be offline (the pipeline never "
+            f"downloads during a job). {how}"
+        ) from None
+    return [_example_from_row(row, f"{preset.hub_id} row {i}") for i, row in enumerate(ds)]

@@ -1,0 +1,188 @@
+"""Evaluation: Rouge-L against rouge-score, test-set loading, and the Ray Data generation stage end to end on
+real tiny Qwen3-MoE checkpoints (one module-scoped local Ray cluster)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from rouge_score import rouge_scorer
+
+from pipeline.config import load_config, with_overrides
+from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
+from pipeline.errors import ConfigError, DataError
+from pipeline.evaluate.rouge import mean_rouge_l, rouge_l
+from pipeline.evaluate.stage import (
+    default_models,
+    describe_checkpoint,
+    parse_model_args,
+    run_evaluate,
+    run_evaluate_cli,
+)
+from pipeline.evaluate.test_sets import load_test_set, read_examples_jsonl
+from pipeline.models.build import TinyMoEConfig, build_tiny_moe
+from pipeline.reports.results import read_results_csv
+from pipeline.workspace import prepare_data
+
+TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+
+
+# --- Rouge-L ------------------------------------------------------------------------------------------------
+def test_rouge_l_matches_rouge_score_and_scores_empty_as_zero() -> None:
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    pred, ref = "The cats are running in the garden", "the cat runs in a garden today"
+    assert rouge_l(pred, ref) == pytest.approx(scorer.score(ref, pred)["rougeL"].fmeasure)
+    # stemmed LCS "the cat run in garden": 5 of 7 tokens each side
+    assert rouge_l(pred, ref) == pytest.approx(5 / 7)
+    refs = ["completely unrelated words", ref, "the cats are running in the garden"]
+    assert rouge_l(pred, refs) == pytest.approx(1.0)  # max over references
+    assert rouge_l(pred, refs[:2]) == pytest.approx(scorer.score(ref, pred)["rougeL"].fmeasure)
+    assert rouge_l("", ref) == 0.0 and rouge_l("   \n", refs) == 0.0
+    # An empty generation counts as 0 in the mean, it is never dropped.
+    assert mean_rouge_l([pred, ""], [refs, ref]) == pytest.approx(0.5)
+
+
+# --- test sets ----------------------------------------------------------------------------------------------
+def test_test_set_files_presets_and_errors(tmp_path: Path) -> None:
+    path = tmp_path / "mine.jsonl"
+    rows = [
+        {"instruction": "Add 2 and 3.", "context": "", "response": "5", "category": "math"},
+        {"instruction": "Name a colour.", "input": "", "references": ["red", "blue"]},
+        {"instruction": "Say hi.", "output": "hi"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ts = load_test_set(f"Mine={path}", max_examples=2)
+    assert ts.name == "Mine" and len(ts.examples) == 2
+    assert ts.examples[1].references == ("red", "blue")
+    assert load_test_set(str(path)).name == "mine"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"instruction": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: malformed"):
+        read_examples_jsonl(bad)
+    for preset in ("sni", "vicuna"):  # offline: a clear error naming the preset and the local-JSONL fix
+        with pytest.raises(DataError, match=rf"preset '{preset}'.*JSONL.*evaluate\.test_sets"):
+            load_test_set(preset)
+
+
+def test_model_args() -> None:
+    assert parse_model_args(["t=/a/teacher/final", "/b/students/kd-run/final"]) == {
+        "t": "/a/teacher/final",
+        "kd-run": "/b/students/kd-run/final",
+    }
+    with pytest.raises(ConfigError, match="twice"):
+        parse_model_args(["a=/x", "a=/y"])
+
+
+# --- the Ray Data stage -------------------------------------------------------------------------------------
+def _save_checkpoint(out: Path, tokenizer, info: dict, seed: int, always_empty: bool = False) -> Path:
+    cfg = TinyMoEConfig(hidden_size=32, num_layers=1, num_experts=2, top_k=1, moe_intermediate_size=32,
+                        num_heads=2, num_kv_heads=1, head_dim=16)  # fmt: skip
+    model = build_tiny_moe(
+        cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, seed
+    )
+    if always_empty:  # every token but eos suppressed: each generation decodes to ""
+        model.generation_config.suppress_tokens = [
+            i for i in range(len(tokenizer)) if i != tokenizer.eos_token_id
+        ]
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "moedistill_export.json").write_text(json.dumps(info))
+    return out
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("eval")
+    config = with_overrides(
+        load_config(TINY),
+        {
+            "output_dir": str(root / "run"),
+            "evaluate.max_examples": 6,
+            "evaluate.num_seeds": 2,
+            "evaluate.max_new_tokens": 6,
+            "evaluate.batch_size": 4,
+        },
+    )
+    prepared = prepare_data(config)
+    tokenizer = train_demo_tokenizer(record_texts(prepared.splits.train), root / "tok", vocab_size=300)
+    teacher = _save_checkpoint(
+        root / "run" / "teacher" / "final", tokenizer, {"stage": "finetune-teacher"}, 0
+    )
+    (teacher.parent / "finetune_summary.json").write_text(json.dumps({"after": {"val_loss": 3.5}}))
+    run = root / "run" / "students" / "kd-k3-a0.2-b0.1-e2-s0"
+    _save_checkpoint(run / "final", tokenizer, {"stage": "distill", "method": "kd"}, 1, always_empty=True)
+    (run / "summary.json").write_text(json.dumps({"run_name": run.name, "method": "kd", "val_loss": 4.25}))
+    (root / "run" / "students" / "unfinished" / "final").mkdir(parents=True)  # no export marker: skipped
+    return config, root
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_run_evaluate_through_the_actor_pool(workspace) -> None:
+    config, root = workspace
+    assert list(default_models(config)) == ["teacher", "kd-k3-a0.2-b0.1-e2-s0"]
+    results = run_evaluate(config, progress=False)
+    student = "kd-k3-a0.2-b0.1-e2-s0"
+    assert {(r["model"], r["test_set"]) for r in results.rows} == {
+        ("teacher", "demo-test"),
+        (student, "demo-test"),
+    }
+    teacher_row = next(r for r in results.rows if r["model"] == "teacher")
+    assert teacher_row["num_examples"] == 6 and teacher_row["num_seeds"] == 2
+    assert teacher_row["method"] == "teacher" and teacher_row["val_loss"] == 3.5
+    seeds = results.seed_scores["teacher", "demo-test"]
+    assert len(seeds) == 2
+    mean, std = results.score("teacher", "demo-test")
+    assert mean == pytest.approx(sum(seeds) / 2) and std == pytest.approx(abs(seeds[0] - seeds[1]) / 2**0.5)
+
+    # Every (example, seed) is in predictions.jsonl, scored against its reference with rouge_l.
+    lines = [json.loads(x) for x in (root / "run/eval/teacher/predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 * 2 and {x["seed"] for x in lines} == {0, 1}
+    for x in lines:
+        assert x["rouge_l"] == pytest.approx(rouge_l(x["prediction"], x["references"]))
+    per_seed = [100 * sum(x["rouge_l"] for x in lines if x["seed"] == s) / 6 for s in (0, 1)]
+    assert [x["prediction"] for x in lines if x["seed"] == 0] != [
+        x["prediction"] for x in lines if x["seed"] == 1
+    ]
+    assert per_seed == pytest.approx(seeds)
+
+    # The always-empty student: every generation is "", scored 0 and kept.
+    row = next(r for r in results.rows if r["model"] == student)
+    assert row["rouge_l_mean"] == 0.0 and row["empty_rate"] == 1.0 and row["num_examples"] == 6
+    assert (row["method"], row["k"], row["alpha"], row["beta"], row["student_experts"], row["seed"]) == (
+        "kd",
+        3,
+        0.2,
+        0.1,
+        2,
+        0,
+    )
+    assert row["val_loss"] == 4.25
+
+    # Files: per-model and combined CSV/markdown, PNG chart.
+    for path in (
+        results.csv_path,
+        results.md_path,
+        results.png_path,
+        root / "run/eval" / student / "results.md",
+    ):
+        assert path.is_file() and path.stat().st_size > 0
+    with open(results.csv_path) as fh:
+        assert len(list(csv.DictReader(fh))) == 2
+    assert read_results_csv(results.csv_path)[0]["rouge_l_mean"] == pytest.approx(mean)
+    assert f"{mean:.2f} ± {std:.2f}" in results.md_path.read_text()
+
+    # The same request again (through the CLI entry) reuses the finished results instead of regenerating.
+    args = argparse.Namespace(model=[f"teacher={root / 'run/teacher/final'}"])
+    again = run_evaluate_cli(args, config)
+    assert again.reused == ["teacher"] and again.score("teacher", "demo-test") == pytest.approx((mean, std))
+    # The combined table keeps the student evaluated earlier under the same protocol.
+    assert [r["model"] for r in again.rows] == ["teacher", student]
+
+
+def test_describe_checkpoint_without_run_metadata(tmp_path: Path) -> None:
+    (tmp_path / "some-run" / "final").mkdir(parents=True)
+    info = describe_checkpoint("x", str(tmp_path / "some-run" / "final"))
+    assert info["model"] == "x" and info.get("k") is None

@@ -1,0 +1,385 @@
+"""Reports: storage accounting against the bytes on disk of a real (small) cache store, config-only
+projection, gate heat maps from a metrics.jsonl, and the results table schema. No Ray needed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import config_from_dict, load_config
+from pipeline.errors import ConfigError, DataError
+from pipeline.reports.gates import format_gate_table, load_gate_metrics, write_gate_report
+from pipeline.reports.results import (
+    RESULT_COLUMNS,
+    collect_results,
+    format_results_markdown,
+    read_results_csv,
+    write_results_csv,
+    write_results_table,
+)
+from pipeline.reports.storage import (
+    GIB,
+    format_storage_report,
+    measure_store,
+    normalize_model_name,
+    project_from_config,
+    write_storage_report,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TEACHER = {"model_type": "qwen3_moe", "num_layers": 4, "num_experts": 8, "hidden_size": 16, "vocab_size": 300}
+
+
+# --- storage ------------------------------------------------------------------------------------------------
+def _make_store(root: Path) -> str:
+    """A complete store written by the cache's own shard writer and manifest code, from synthetic arrays."""
+    from pipeline.cache.manifest import finalize_manifest, new_manifest, write_manifest
+    from pipeline.cache.shard import ShardData, ShardMeta, commit_shard
+
+    k, layers, width = 8, (1, 3), 4
+    meta = ShardMeta(
+        layers, width, TEACHER["hidden_size"], TEACHER["vocab_size"], "topk", k, "float16", True, False
+    )
+    inputs = {
+        "schema_version": 1,
+        "teacher_weights_digest": "a" * 64,
+        "tokenizer_digest": "b" * 64,
+        "dataset_fingerprint": "c" * 64,
+        "prompt_template_digest": "d" * 64,
+        "max_length": 32,
+        "cached_layers": list(layers),
+        "width": width,
+        "logit_sparsification": {"mode": "topk", "k": k},
+        "dtypes": {
+            "compute": "float32",
+            "logit_values": "float16",
+            "logit_indices": "int32",
+            "logit_tail_logmass": "float32",
+            "gates": "float16",
+            "expert_states": "float16",
+        },
+        "stored_fields": {"expert_states": True, "teacher_responses": {"mode": "none"}},
+    }
+    key = "0123456789abcdef0123"
+    url = str(root / key)
+    manifest = new_manifest(
+        key, inputs, {"teacher_path": "fake/teacher"}, TEACHER, rows_per_shard=3, num_records=5
+    )
+    write_manifest(url, manifest)
+    rng = np.random.default_rng(0)
+    for shard_id, seq_ids in enumerate([[0, 1, 2], [3, 4]]):
+        ids, masks, counts = [], [], []
+        for _ in seq_ids:
+            length, resp = int(rng.integers(12, 24)), int(rng.integers(3, 8))
+            ids.append(rng.integers(4, 300, length).tolist())
+            masks.append([0] * (length - resp) + [1] * resp)
+            counts.append(resp)  # distillation positions: p with mask[p + 1] == 1
+        n = sum(counts)
+        arrays = {
+            "logit_indices": rng.integers(0, 300, (n, k)).astype(np.int32),
+            "logit_values": rng.normal(size=(n, k)).astype(np.float16),
+            "logit_tail_logmass": rng.normal(size=n).astype(np.float32),
+            "gates": rng.dirichlet(np.ones(width), (n, len(layers))).astype(np.float16),
+            "expert_states": rng.normal(size=(n, len(layers), width, 16)).astype(np.float16),
+        }
+        commit_shard(ShardData(shard_id, len(seq_ids), seq_ids, ids, masks, counts, arrays), meta, url)
+    finalize_manifest(url, manifest)
+    return url
+
+
+def _disk_bytes(url: str) -> dict[str, int]:
+    """Independent tally of the store directory with os.walk: field -> bytes."""
+    out = {"total": 0, "logits": 0, "gates": 0, "expert_states": 0, "index": 0, "metadata": 0, "other": 0}
+    fields = {"logit_indices": "logits", "logit_values": "logits", "logit_tail_logmass": "logits"}
+    for dirpath, _, files in os.walk(url):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            size = os.path.getsize(path)
+            rel = os.path.relpath(path, url).split(os.sep)
+            out["total"] += size
+            if ".tmp-" in path:
+                out["other"] += size
+            elif name in ("manifest.json", "_SHARD.json", "zarr.json"):
+                out["metadata"] += size
+            elif name == "index.parquet":
+                out["index"] += size
+            else:
+                out[fields.get(rel[3], rel[3])] += size
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _make_store(tmp_path_factory.mktemp("caches"))
+
+
+def test_storage_report_equals_bytes_on_disk(store: str, tmp_path: Path) -> None:
+    from pipeline.cache.verify import bytes_per_token_by_field
+
+    junk = Path(store) / "shards" / ".tmp-shard-00007-dead" / "partial.bin"  # a killed write's leftover
+    junk.parent.mkdir(parents=True)
+    junk.write_bytes(b"x" * 1234)
+    try:
+        report = measure_store(store, projected_tokens=2e9, usd_per_gb_month=0.02)
+        disk = _disk_bytes(store)
+    finally:
+        junk.unlink()
+        junk.parent.rmdir()
+    tokens = report.num_tokens
+    assert tokens == json.loads(Path(store, "manifest.json").read_text())["totals"]["num_tokens"]
+    assert report.total_disk_bytes == disk["total"]
+    assert sum(f.disk_bytes for f in report.fields) == disk["total"]
+    for name in ("logits", "gates", "expert_states", "index", "metadata", "other"):
+        f = report.field_bytes(name)
+        assert f.disk_bytes == disk[name], name
+        assert f.disk_per_token * tokens == pytest.approx(disk[name])
+    # The cache's own manifest-based accounting agrees for the data files.
+    theirs = bytes_per_token_by_field(store)
+    for name in ("logits", "gates", "expert_states", "index"):
+        assert report.field_bytes(name).disk_per_token == pytest.approx(theirs[name])
+    # Logical sizes and the dense fp32 baseline from the dimensions: k=8, P=2, W=4, D=16, V=300, L_T=4, E_T=8.
+    assert report.field_bytes("logits").logical_per_token == 8 * (4 + 2) + 4
+    assert report.field_bytes("gates").logical_per_token == 2 * 4 * 2
+    assert report.field_bytes("expert_states").logical_per_token == 2 * 4 * 16 * 2
+    assert report.field_bytes("logits").dense_fp32_per_token == 300 * 4
+    assert report.field_bytes("gates").dense_fp32_per_token == 4 * 8 * 4
+    assert report.field_bytes("expert_states").dense_fp32_per_token == 4 * 8 * 16 * 4
+    # Projection and cost.
+    assert report.projected_bytes(report.disk_per_token) == pytest.approx(disk["total"] / tokens * 2e9)
+    assert report.monthly_usd(report.disk_per_token) == pytest.approx(
+        disk["total"] / tokens * 2e9 / GIB * 0.02
+    )
+    text = format_storage_report(report)
+    assert f"{disk['total']} bytes on disk" in text and "| expert_states | 256.0 |" in text
+    assert any("not part of the cache layout" in n for n in report.notes)
+    md, png = write_storage_report(report, tmp_path)
+    assert md.read_text() == text and png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_storage_cli_on_a_store(store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", "storage", store, "--tokens", "1e6", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Projected for 1,000,000 distillation tokens" in out
+    assert (tmp_path / "storage.md").is_file() and (tmp_path / "storage.png").is_file()
+    assert main(["report", "storage", str(tmp_path)]) == 2  # not a cache: a clear error, no traceback
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def _hub_config(**teacher) -> dict:
+    return {
+        "name": "qwen3-4b-moe-to-0.6b-moe",
+        "data": {"source": "databricks/databricks-dolly-15k", "max_length": 512},
+        "tokenizer": {"path": "Qwen/Qwen3-4B"},
+        "teacher": teacher or {"upcycle_from": "Qwen/Qwen3-4B", "num_experts": 4, "top_k": 2},
+        "student": {"upcycle_from": "Qwen/Qwen3-0.6B", "num_experts": 4, "top_k": 2},
+        "cache": {"layers": "paired", "logits_k": 64, "states_dtype": "bfloat16"},
+    }
+
+
+def test_projection_from_a_config_alone() -> None:
+    report = project_from_config(config_from_dict(_hub_config()), projected_tokens=1e9)
+    d = report.dims
+    assert (d["hidden_size"], d["num_layers"], d["vocab_size"], d["num_experts"]) == (2560, 36, 151936, 4)
+    assert d["cached_layers"] == 28 and d["width"] == 4  # every Qwen3-0.6B layer is paired with a teacher one
+    states = report.field_bytes("expert_states")
+    assert states.logical_per_token == 28 * 4 * 2560 * 2 == 573_440  # DESIGN.md's ~573 KB/token
+    assert states.dense_fp32_per_token == 36 * 4 * 2560 * 4
+    assert report.field_bytes("gates").logical_per_token == 28 * 4 * 2
+    assert report.field_bytes("logits").logical_per_token == 64 * 6 + 4
+    assert report.field_bytes("logits").dense_fp32_per_token == 151936 * 4
+    assert report.disk_per_token == report.logical_per_token  # nothing measured: uncompressed sizes
+    assert report.projected_bytes(report.disk_per_token) == pytest.approx(report.disk_per_token * 1e9)
+
+    assert normalize_model_name("meta-llama/Meta-Llama-3.1-8B-Instruct") == "llama-3.1-8b"
+    llama = project_from_config(
+        config_from_dict(
+            {
+                **_hub_config(upcycle_from="meta-llama/Llama-3.1-8B", num_experts=4),
+                "student": {"upcycle_from": "meta-llama/Llama-3.2-1B", "num_experts": 4},
+            }
+        )
+    )
+    assert llama.dims["cached_layers"] == 16 and llama.field_bytes("expert_states").logical_per_token == (
+        16 * 4 * 4096 * 2
+    )
+    with pytest.raises(ConfigError, match=r"unknown teacher 'acme/mystery-7b'.*local path"):
+        project_from_config(config_from_dict(_hub_config(upcycle_from="acme/mystery-7b")))
+
+
+def test_projection_from_local_teacher_config_and_demo(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "qwen3_moe",
+                "hidden_size": 64,
+                "num_hidden_layers": 4,
+                "vocab_size": 500,
+                "num_experts": 8,
+            }
+        )
+    )
+    raw = _hub_config(path=str(tmp_path))
+    raw["student"] = {"build": {"num_layers": 2, "num_experts": 2}}
+    report = project_from_config(config_from_dict(raw))
+    assert report.dims["num_experts"] == 8 and report.dims["cached_layers"] == 2
+    assert report.field_bytes("expert_states").logical_per_token == 2 * 8 * 64 * 2
+
+    demo = project_from_config(load_config(REPO / "jobs/configs/demo.yaml"))
+    assert (
+        demo.dims["vocab_size"] == 1024
+        and demo.field_bytes("expert_states").logical_per_token == 2 * 4 * 256 * 2
+    )
+
+
+def test_projection_of_the_paper_presets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    preset = REPO / "jobs/configs/qwen3-4b-moe-to-0.6b-moe.yaml"
+    if preset.is_file():  # parsed without path validation: the hub ids are never resolved here
+        report = project_from_config(
+            config_from_dict(yaml.safe_load(preset.read_text())), projected_tokens=1e9
+        )
+        assert report.dims["cached_layers"] == 28
+        assert report.field_bytes("expert_states").logical_per_token == 573_440
+    args = ["report", "storage", "--config", str(REPO / "jobs/configs/demo.yaml"), "--tokens", "5e8"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    assert "projection" in capsys.readouterr().out
+    assert (tmp_path / "storage-projection.png").read_bytes()[:8] == PNG_MAGIC
+
+
+# --- gates --------------------------------------------------------------------------------------------------
+def _write_metrics(run_dir: Path, skew: float) -> Path:
+    path = run_dir / "metrics" / "metrics.jsonl"
+    path.parent.mkdir(parents=True)
+    rows = [{"step": 5, "loss": 3.0}]  # a row without router statistics is ignored
+    for step in (10, 20, 30):
+        row: dict = {"step": step, "loss": 2.0}
+        for pair in range(3):
+            shares = np.full(4, (1 - skew * step / 30) / 4)
+            shares[pair] += skew * step / 30
+            row.update({f"load/pair{pair}/e{e}": float(v) for e, v in enumerate(shares)})
+            row[f"gate_entropy/pair{pair}"] = 1.0 + 0.1 * pair + step / 100
+        rows.append(row)
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_gate_heat_map_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "students" / "kd-k3-a0.2-b0.1-e4-s0"
+    metrics = _write_metrics(run, skew=0.4)
+    g = load_gate_metrics(metrics, "kd", last_n=2)  # steps 20 and 30
+    assert g.steps == [20, 30] and g.load.shape == (3, 4)
+    # Layer 1, expert 1 holds the skew: mean over steps 20/30 of (1 - 0.4 s/30)/4 + 0.4 s/30.
+    expected = np.mean([(1 - 0.4 * s / 30) / 4 + 0.4 * s / 30 for s in (20, 30)])
+    assert g.load[1, 1] == pytest.approx(expected)
+    assert g.load[1, 0] == pytest.approx(np.mean([(1 - 0.4 * s / 30) / 4 for s in (20, 30)]))
+    assert g.entropy[2] == pytest.approx(1.2 + 0.25)
+    table = format_gate_table(g)
+    assert f"| 1 | {g.load[1, 0]:.3f} | {expected:.3f} |" in table and "uniform share = 0.250" in table
+    assert g.balance[0] < 1.0
+
+    # A final entry wins over averaging.
+    with open(metrics, "a") as fh:
+        row = {f"load/pair{p}/e{e}": 0.25 for p in range(3) for e in range(4)}
+        fh.write(json.dumps({"step": 31, "final": True, **row}) + "\n")
+    final = load_gate_metrics(metrics)
+    assert final.steps == [31] and np.allclose(final.load, 0.25) and np.allclose(final.balance, 1.0)
+
+    # CLI on a directory of runs: one panel per run, written beside them.
+    _write_metrics(tmp_path / "students" / "b-distill-k3-a0.2-b0.1-e4-s0", skew=0.05)
+    assert main(["report", "gates", str(tmp_path / "students")]) == 0
+    out = capsys.readouterr().out
+    assert "b-distill-k3-a0.2-b0.1-e4-s0: mean router probability" in out and "kd-k3" in out
+    png = tmp_path / "students" / "gates.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC and (tmp_path / "students" / "gates.md").is_file()
+    loads, _, single = write_gate_report(run)
+    assert single == run / "gates.png" and len(loads) == 1
+    with pytest.raises(DataError, match=r"no metrics\.jsonl"):
+        write_gate_report(tmp_path / "nowhere")
+
+
+# --- results ------------------------------------------------------------------------------------------------
+def _rows() -> list[dict]:
+    rows = [
+        {
+            "model": "teacher",
+            "method": "teacher",
+            "test_set": "Dolly",
+            "rouge_l_mean": 30.0,
+            "rouge_l_std": 0.5,
+        },
+        {
+            "model": "teacher",
+            "method": "teacher",
+            "test_set": "S-NI",
+            "rouge_l_mean": 20.0,
+            "rouge_l_std": 0.25,
+        },
+    ]
+    for seed, (dolly, sni) in enumerate([(25.0, 15.0), (27.0, 17.0)]):
+        for ts, score in (("Dolly", dolly), ("S-NI", sni)):
+            rows.append(
+                {"model": f"b-distill-k3-s{seed}", "method": "b-distill", "setting": "K=3", "k": 3,
+                 "alpha": 0.2, "beta": 0.1, "student_experts": 4, "seed": seed, "test_set": ts,
+                 "num_seeds": 3, "rouge_l_mean": score, "rouge_l_std": 1.0}
+            )  # fmt: skip
+    rows += [
+        {
+            "model": "kd-s0",
+            "method": "kd",
+            "seed": 0,
+            "test_set": "Dolly",
+            "rouge_l_mean": 24.0,
+            "rouge_l_std": 0.3,
+        },
+        {
+            "model": "kd-s0",
+            "method": "kd",
+            "seed": 0,
+            "test_set": "S-NI",
+            "rouge_l_mean": 18.5,
+            "rouge_l_std": 0.2,
+        },
+    ]
+    return rows
+
+
+def test_results_markdown_csv_and_chart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    md = format_results_markdown(_rows())
+    lines = md.splitlines()
+    assert lines[0] == "| Model | Dolly | S-NI | Avg. |"
+    assert lines[2] == "| teacher | 30.00 ± 0.50 | 20.00 ± 0.25 | 25.00 |"
+    # Two training seeds of one method+setting: mean ± std across runs; best non-teacher mean in bold.
+    assert lines[3] == "| b-distill (K=3) | **26.00 ± 1.41 (n=2)** | 16.00 ± 1.41 (n=2) | 21.00 |"
+    assert lines[4] == "| kd | 24.00 ± 0.30 | **18.50 ± 0.20** | **21.25** |"
+
+    path = write_results_csv(_rows(), tmp_path / "sweep" / "run-a" / "results.csv")
+    header = path.read_text().splitlines()[0].split(",")
+    assert tuple(header) == RESULT_COLUMNS
+    back = read_results_csv(path)
+    assert back[2]["k"] == 3 and back[2]["alpha"] == 0.2 and back[0]["k"] is None
+    write_results_csv(_rows()[:2], tmp_path / "sweep" / "run-b" / "results.csv")
+    assert len(collect_results(tmp_path / "sweep")) == len(_rows()) + 2  # a sweep dir: every run's CSV
+    md_path, png_path = write_results_table(_rows(), tmp_path / "out")
+    assert md_path.read_text() == md and png_path.read_bytes()[:8] == PNG_MAGIC
+
+    assert main(["report", "results", str(path)]) == 0
+    assert "b-distill (K=3)" in capsys.readouterr().out
+    assert (path.parent / "results.png").is_file()
+    with pytest.raises(DataError, match="missing required column"):
+        format_results_markdown([{"model": "x", "test_set": "Dolly"}])
+
+
+def test_results_labels_fall_back_to_model_names() -> None:
+    rows = [
+        {"model": "run-a", "method": "kd", "test_set": "Dolly", "rouge_l_mean": 10.0},
+        {"model": "run-b", "method": "kd", "test_set": "Dolly", "rouge_l_mean": 12.0},
+    ]  # same method, no setting, no seed: "kd" would merge two different models
+    md = format_results_markdown(rows)
+    assert "| run-a | 10.00 ± 0.00 |" in md and "| run-b | **12.00 ± 0.00** |" in md
