@@ -350,7 +350,7 @@ def validate_config(config: Config, source: str) -> None:
 
 
 def _looks_local(name: str) -> bool:
-    """A filesystem path rather than a hub id ("org/name", "gpt2"): explicit prefixes, deeper paths, or on disk."""
+    """A filesystem path, not a hub id ("org/name", "gpt2"): explicit prefix, deeper path, or on disk."""
     return name.startswith((".", "/", "~")) or name.count("/") >= 2 or Path(name).exists()
 
 

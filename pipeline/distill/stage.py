@@ -151,8 +151,8 @@ class DistillResult:
 
 def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
 
-    from pipeline.cache.stage import locate_cache
     from pipeline.cache.reader import open_cache, read_cache_dataset
+    from pipeline.cache.stage import locate_cache
 
     method = get_method(config.distill.method)
     paths = paths_for(config)
