@@ -89,6 +89,8 @@ class TrainConfig:
     log_every: int = 10
     strategy: Literal["ddp", "fsdp"] = "ddp"
     seed: int = 0
+    # CPU training: Ray pins a worker to OMP_NUM_THREADS = its CPUs (often 1); more threads help a lone worker.
+    torch_threads: int | None = None
 
 
 @dataclass(frozen=True)

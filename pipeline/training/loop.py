@@ -73,6 +73,8 @@ def run_training_loop(task: TrainingTask, spec: LoopSpec) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _seed_everything(cfg.seed + rank)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
     device = ray.train.torch.get_device()
 
     model = task.build_model()

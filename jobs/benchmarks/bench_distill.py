@@ -1,0 +1,172 @@
+"""Benchmark student distillation from the teacher cache, side by side in one run.
+
+    python jobs/benchmarks/bench_distill.py [--records 256] [--steps 20] [--batch-size 16]
+
+Builds the demo-sized teacher and student (jobs/configs/demo.yaml shapes) and a teacher cache in a temp dir,
+then times, on identical micro-batches and the same torch thread count:
+
+  sft           student forward + backward, cross-entropy only (plain SFT of the student)
+  from cache    B-Distill step: student with all-expert outputs on paired layers + SFT + KL + MC + ERD,
+                teacher targets read from the cache
+  online        the same B-Distill step, but the teacher runs every step (forward + all experts + top-k +
+                aggregation) as a pipeline without a cache must do
+
+and prints the ratios from-cache / sft and online / from-cache. Finally it runs a real Ray Train
+distillation from the cache (1 worker) and reports the fraction of step time spent waiting for data.
+Absolute times only mean something on the target hardware; the ratios are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runnable as a plain script from a checkout
+
+import torch
+
+from pipeline.cache import CacheRuntime, build_teacher_cache, open_cache
+from pipeline.cache.stage import cache_spec_from_config
+from pipeline.config import load_config, with_overrides
+from pipeline.data.collate import distill_positions, pad_batch
+from pipeline.distill.losses import aggregate_expert_states, aggregate_gates, layer_pairs
+from pipeline.distill.methods import get_method
+from pipeline.distill.objective import ObjectiveWeights, distill_objective
+from pipeline.distill.student import DistillStudent
+from pipeline.distill.token_losses import topk_sparsify
+from pipeline.models.adapter import MoEAdapter
+from pipeline.models.factory import materialize_model
+from pipeline.workspace import load_tokenizer, prepare_data
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=256, help="training sequences in the cache")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the in-process timings")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = with_overrides(
+            load_config(REPO / "jobs" / "configs" / "demo.yaml"),
+            {"output_dir": tmp, "cache.root": f"{tmp}/caches", "data.num_demo_records": args.records,
+             "data.val_fraction": 0.05, "data.test_fraction": 0.05},
+        )
+        prepared = prepare_data(config)
+        tokenizer = load_tokenizer(prepared.tokenizer_path)
+        teacher = materialize_model(config.teacher, tokenizer).float().eval()
+        teacher_dir = Path(tmp) / "teacher"
+        teacher.save_pretrained(teacher_dir)
+        tokenizer.save_pretrained(teacher_dir)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        spec = cache_spec_from_config(config, str(teacher_dir), prepared.tokenizer_path)
+        info = build_teacher_cache(spec, prepared.splits.train, config.cache.root,
+                                   CacheRuntime(rows_per_shard=64, batch_size=16, progress=False))
+        cache = open_cache(info.path)
+        pairs = layer_pairs(cache.manifest["teacher"]["num_layers"], config.student.build.num_layers)
+        teacher_layers = [t for _, t in pairs]
+        num_experts = config.student.build.num_experts
+
+        rows = []
+        for shard in cache.shards:
+            rows += cache.read_shard(
+                int(shard["shard_id"]), fields={"logits", "gates", "expert_states"},
+                num_student_experts=num_experts, teacher_layers=teacher_layers,
+            )
+        batches = [_collate(rows[i : i + args.batch_size], tokenizer.pad_token_id)
+                   for i in range(0, len(rows) - args.batch_size + 1, args.batch_size)]
+        student = DistillStudent(materialize_model(config.student, tokenizer).float(),
+                                 [s for s, _ in pairs], cache.hidden_size)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+        method, weights = get_method("b-distill"), ObjectiveWeights()
+        generator = torch.Generator().manual_seed(0)
+
+        def sft_step(batch):
+            mask = distill_positions(batch["response_mask"])
+            out = student(batch["input_ids"], batch["attention_mask"], mask, with_experts=False)
+            loss, _ = distill_objective(get_method("sft"), weights, out, batch, mask)
+            return loss
+
+        def cache_step(batch):
+            mask = distill_positions(batch["response_mask"])
+            out = student(batch["input_ids"], batch["attention_mask"], mask)
+            return distill_objective(method, weights, out, batch, mask, generator)[0]
+
+        def online_step(batch):
+            mask = distill_positions(batch["response_mask"])
+            with torch.no_grad():
+                t = MoEAdapter(teacher).forward_with_experts(
+                    batch["input_ids"], batch["attention_mask"], teacher_layers, mask
+                )
+                idx, logp, tail = topk_sparsify(t.logits[mask].float(), config.cache.logits_k)
+                online = dict(batch, logit_indices=idx, logit_values=logp, logit_tail_logmass=tail)
+                online["gates"] = torch.stack([aggregate_gates(t.router_probs[x], num_experts)
+                                               for x in teacher_layers], 1)
+                online["expert_states"] = torch.stack(
+                    [aggregate_expert_states(t.router_probs[x], t.expert_outputs[x], num_experts)
+                     for x in teacher_layers], 1)
+            return cache_step(online)
+
+        timings = {}
+        for name, step in (("sft", sft_step), ("from cache", cache_step), ("online teacher", online_step)):
+            timings[name] = _time_steps(step, batches, optimizer, args.steps)
+
+        data_wait = _ray_train_data_wait(config, info.path, args)
+        ray.shutdown()
+
+    tokens = statistics.mean(int(distill_positions(b["response_mask"]).sum()) for b in batches)
+    print(f"\nbench_distill: {len(rows)} cached sequences, batch {args.batch_size} (~{tokens:.0f} distillation "
+          f"tokens), {args.steps} timed steps each, torch threads {args.threads}")
+    print(f"{'variant':<16} {'median step (ms)':>17} {'tokens/s':>10}")
+    for name, seconds in timings.items():
+        print(f"{name:<16} {seconds * 1e3:17.1f} {tokens / seconds:10.0f}")
+    print(f"ratio from-cache / sft step:            {timings['from cache'] / timings['sft']:.2f}x  (target <= 1.1x)")
+    print(f"ratio online-teacher / from-cache step: {timings['online teacher'] / timings['from cache']:.2f}x")
+    print(f"Ray Train from cache: data wait = {data_wait:.1%} of step time  (target < 5%)")
+
+
+def _collate(rows, pad_id: int) -> dict[str, torch.Tensor]:
+    batch = pad_batch(rows, pad_id)
+    for name in ("logit_indices", "logit_values", "logit_tail_logmass", "gates", "expert_states"):
+        batch[name] = torch.cat([torch.as_tensor(r[name]) for r in rows], dim=0)
+    return batch
+
+
+def _time_steps(step, batches, optimizer, steps: int) -> float:
+    times = []
+    for i in range(steps + 3):  # 3 warm-up steps
+        batch = batches[i % len(batches)]
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        step(batch).backward()
+        optimizer.step()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _ray_train_data_wait(config, cache_path: str, args) -> float:
+    from pipeline.distill.stage import run_distill
+
+    run = with_overrides(config, {"distill.train.max_steps": args.steps, "distill.train.log_every": args.steps,
+                                  "distill.train.batch_size": args.batch_size,
+                                  "distill.train.checkpoint_every": 10_000})
+    result = run_distill(run, cache_path=cache_path)
+    metrics = Path(result.export_dir).parent / "metrics" / "metrics.jsonl"
+    last = json.loads(metrics.read_text().splitlines()[-1])
+    return float(last["data_wait_frac"])
+
+
+if __name__ == "__main__":
+    main()
