@@ -170,7 +170,7 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
     pairs = layer_pairs(int(cache.manifest["teacher"]["num_layers"]), student_layers)
     fields = cache_fields_for(method)
     cache.check_student(
-        vocab_size=len(tokenizer),
+        vocab_size=int(student_probe.config.vocab_size),  # logits width, not len(tokenizer)
         teacher_layers_needed=[t for _, t in pairs] if fields & {"gates", "expert_states"} else [],
         num_student_experts=num_experts,
         fields=fields,

@@ -1,0 +1,396 @@
+"""build_teacher_cache: the Ray Data teacher stage, from records to a complete, content-addressed store.
+
+    one row per pending shard (records)  --map_batches, CPU tasks-->  tokenised shard rows
+      --map_batches(TeacherShardStage, ActorPoolStrategy(size=n), num_gpus, resources)-->  one row per shard
+      --write_datasink(TeacherCacheDatasink)-->  shards committed one by one  --driver-->  manifest.json
+
+Resume is by construction: committed shards are filtered out of the input before the pipeline runs, and
+shards are deterministic, so a resumed store is byte-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.cache import fs as cfs
+from pipeline.cache.key import cache_key, key_inputs
+from pipeline.cache.manifest import finalize_manifest, new_manifest, read_manifest, write_manifest
+from pipeline.cache.shard import ShardMeta, committed_shards, remove_staging
+from pipeline.cache.sink import ProgressActor, ProgressBar, TeacherCacheDatasink
+from pipeline.cache.spec import CacheInfo, CacheRuntime, CacheSpec
+from pipeline.cache.teacher import TeacherShardStage, compute_shard, load_tokenizer, tokenize_shard
+from pipeline.errors import CacheError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Tokenise and write tasks are light next to the teacher; small CPU requests keep them schedulable while the
+# teacher actors hold whole CPUs (a 2-CPU test cluster with 2 CPU actors would otherwise starve them).
+_LIGHT_TASK_CPUS = 0.25
+
+
+def teacher_dims(teacher_path: str) -> dict[str, Any]:
+    """Model type, layer/expert counts and sizes from the teacher's config (the weights stay unloaded)."""
+    from transformers import AutoConfig
+
+    from pipeline.models.adapter import SUPPORTED_MODEL_TYPES
+
+    try:
+        cfg = AutoConfig.from_pretrained(teacher_path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"cannot read the teacher config at {teacher_path!r}: {e}. Fix: check teacher_path."
+        ) from None
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"teacher {teacher_path!r} is a {cfg.model_type!r} model; the cache stage supports "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+    num_experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    return {
+        "model_type": cfg.model_type,
+        "num_layers": int(cfg.num_hidden_layers),
+        "num_experts": int(num_experts),
+        "hidden_size": int(cfg.hidden_size),
+        "vocab_size": int(cfg.vocab_size),
+    }
+
+
+def resolve_width(spec: CacheSpec, teacher: dict[str, Any]) -> int:
+    e_t, l_t = teacher["num_experts"], teacher["num_layers"]
+    bad_layers = [i for i in spec.cached_layers if not 0 <= i < l_t]
+    if bad_layers:
+        raise ConfigError(
+            f"cached_layers {bad_layers} are out of range: the teacher has {l_t} MoE layers (0-based "
+            f"0..{l_t - 1})."
+        )
+    width = e_t if spec.width is None else spec.width
+    if not 1 <= width <= e_t:
+        raise ConfigError(
+            f"cache width={width} must be between 1 and the teacher's {e_t} experts (null = {e_t}, no "
+            "aggregation)."
+        )
+    if spec.logits_k > teacher["vocab_size"]:
+        raise ConfigError(
+            f"logits_k={spec.logits_k} exceeds the teacher vocabulary ({teacher['vocab_size']})."
+        )
+    return width
+
+
+def cache_path_for(
+    spec: CacheSpec, records: Sequence[Any], root: str
+) -> tuple[str, str, dict[str, Any], dict[str, Any], int]:
+    """(cache URL, key, key inputs, teacher dims, width) without building anything."""
+    teacher = teacher_dims(spec.teacher_path)
+    width = resolve_width(spec, teacher)
+    inputs = key_inputs(spec, records, width)
+    key = cache_key(inputs)
+    return cfs.join(root, key), key, inputs, teacher, width
+
+
+def build_teacher_cache(
+    spec: CacheSpec, records: Sequence[Any], root: str, runtime: CacheRuntime
+) -> CacheInfo:
+    """Build (or resume, or find complete) the teacher cache for `records` under ROOT/<key>."""
+    if not records:
+        raise ConfigError(
+            "build_teacher_cache got no records. Fix: point the data config at a non-empty dataset."
+        )
+    url, key, inputs, teacher, width = cache_path_for(spec, records, root)
+    manifest = read_manifest(url)
+    if manifest is not None and manifest["complete"]:
+        _check_same_key(manifest, key, url)
+        logger.info(
+            "teacher cache %s is complete at %s (%d sequences, %d tokens): nothing to do",
+            key,
+            url,
+            manifest["totals"]["num_sequences"],
+            manifest["totals"]["num_tokens"],
+        )
+        return _info(url, manifest, "exists")
+
+    if manifest is None:
+        sources = {
+            "teacher_path": spec.teacher_path,
+            "tokenizer_path": spec.tokenizer_path,
+            "prompt_template": spec.prompt_template[:200],
+        }
+        manifest = new_manifest(key, inputs, sources, teacher, runtime.rows_per_shard, len(records))
+        write_manifest(url, manifest)
+        status = "built"
+    else:
+        _check_same_key(manifest, key, url)
+        status = "resumed"
+        if manifest["layout"]["rows_per_shard"] != runtime.rows_per_shard:
+            logger.info(
+                "resuming %s with its original rows_per_shard=%d (runtime asked for %d)",
+                key,
+                manifest["layout"]["rows_per_shard"],
+                runtime.rows_per_shard,
+            )
+    rows_per_shard = manifest["layout"]["rows_per_shard"]
+    removed = remove_staging(url)
+    done = committed_shards(url)
+    pending = [i for i in range(manifest["layout"]["num_shards"]) if i not in done]
+    if status == "resumed":
+        logger.info(
+            "resuming teacher cache %s: %d of %d shards already committed (%d partial writes discarded)",
+            key,
+            len(done),
+            manifest["layout"]["num_shards"],
+            removed,
+        )
+    stats: dict[str, float] = {}
+    if pending:
+        meta = ShardMeta(
+            cached_layers=spec.cached_layers,
+            width=width,
+            hidden_size=teacher["hidden_size"],
+            vocab_size=teacher["vocab_size"],
+            logits_mode=spec.logits_mode,
+            logits_k=spec.logits_k,
+            states_dtype=spec.states_dtype,
+            store_expert_states=spec.store_expert_states,
+            teacher_responses=spec.teacher_responses != "none",
+        )
+        try:
+            run = _run_local if runtime.executor == "local" else _run_pipeline
+            stats = run(spec, records, url, runtime, meta, width, rows_per_shard, pending)
+        except Exception as e:
+            n_done = len(committed_shards(url))
+            raise CacheError(
+                f"teacher cache build of {url} failed with {n_done} of {manifest['layout']['num_shards']} "
+                f"shards committed: {_root_cause(e)}. Fix the cause, then rerun `moedistill cache "
+                "--config ...` to resume it (committed shards are kept)."
+            ) from e
+    final = finalize_manifest(url, manifest)
+    logger.info(
+        "teacher cache %s %s at %s: %d sequences, %d tokens, %.1f MB",
+        key,
+        status,
+        url,
+        final["totals"]["num_sequences"],
+        final["totals"]["num_tokens"],
+        final["totals"]["num_bytes"] / 1e6,
+    )
+    return _info(url, final, status, stats)
+
+
+def _root_cause(e: BaseException) -> str:
+    """One line for the user: a Ray task error's text ends with the remote exception ("RuntimeError: ...")."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else ""
+    return (last if ":" in last else f"{type(e).__name__}: {last}")[:500]
+
+
+def _check_same_key(manifest: dict[str, Any], key: str, url: str) -> None:
+    if manifest.get("key") != key:
+        raise CacheError(
+            f"{url} holds a cache with key {manifest.get('key')!r}, not {key!r}: the directory was renamed "
+            "or copied over. Fix: delete it, or point the cache root elsewhere."
+        )
+
+
+def _info(
+    url: str, manifest: dict[str, Any], status: str, stats: dict[str, float] | None = None
+) -> CacheInfo:
+    t = manifest["totals"]
+    totals = (t["num_sequences"], t["num_tokens"], t["num_bytes"])
+    return CacheInfo(url, manifest["key"], status, *totals, stats=stats or {})  # type: ignore[arg-type]
+
+
+def _tokenize_batch(batch: Any, tokenizer_path: str, max_length: int) -> Any:
+    """CPU task: rows {shard_id, first_seq_id, records_json} -> tokenised shard rows (Arrow, no pickling)."""
+    import pyarrow as pa
+
+    from pipeline.data.records import Record
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    cols: dict[str, list[Any]] = {
+        k: [] for k in ("shard_id", "num_records", "seq_id", "input_ids", "response_mask")
+    }
+    for row in batch.to_pylist():
+        records = [Record(**r) for r in json.loads(row["records_json"])]
+        examples = tokenize_shard(tokenizer, records, row["first_seq_id"], max_length)
+        cols["shard_id"].append(row["shard_id"])
+        cols["num_records"].append(len(records))
+        cols["seq_id"].append([e["seq_id"] for e in examples])
+        cols["input_ids"].append([e["input_ids"] for e in examples])
+        cols["response_mask"].append([e["response_mask"] for e in examples])
+    return pa.table(
+        {
+            "shard_id": pa.array(cols["shard_id"], pa.int64()),
+            "num_records": pa.array(cols["num_records"], pa.int64()),
+            "seq_id": pa.array(cols["seq_id"], pa.list_(pa.int64())),
+            "input_ids": pa.array(cols["input_ids"], pa.list_(pa.list_(pa.int32()))),
+            "response_mask": pa.array(cols["response_mask"], pa.list_(pa.list_(pa.int8()))),
+        }
+    )
+
+
+def _record_dict(r: Any) -> dict[str, Any]:
+    return r.to_dict() if hasattr(r, "to_dict") else dict(r)
+
+
+def _run_pipeline(
+    spec: CacheSpec,
+    records: Sequence[Any],
+    url: str,
+    runtime: CacheRuntime,
+    meta: ShardMeta,
+    width: int,
+    rows_per_shard: int,
+    pending: list[int],
+) -> dict[str, float]:
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+
+    items = [
+        {
+            "shard_id": i,
+            "first_seq_id": i * rows_per_shard,
+            "records_json": json.dumps(
+                [_record_dict(r) for r in records[i * rows_per_shard : (i + 1) * rows_per_shard]]
+            ),
+        }
+        for i in pending
+    ]
+    total_records = sum(len(json.loads(it["records_json"])) for it in items)
+    progress = ProgressActor.remote()
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # Few, long-lived tokenise/write workers: each new worker process pays the transformers (tokenise) or zarr
+    # (write) import. One tokeniser keeps up with ~4 GPU teachers; >= 2 writers overlap writing with compute.
+    tokenizers = max(1, -(-runtime.num_actors // 4))
+    writers = max(2, runtime.num_actors)
+    ds = ds.map_batches(
+        _tokenize_batch,
+        fn_kwargs={"tokenizer_path": spec.tokenizer_path, "max_length": spec.max_length},
+        compute=TaskPoolStrategy(size=tokenizers),
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=_LIGHT_TASK_CPUS,
+    )
+    actor_args: dict[str, Any] = {}
+    if runtime.resources:
+        actor_args["resources"] = dict(runtime.resources)
+    ds = ds.map_batches(
+        TeacherShardStage,
+        fn_constructor_kwargs={
+            "spec": spec,
+            "width": width,
+            "micro_batch": runtime.batch_size,
+            "num_gpus": runtime.num_gpus_per_actor,
+        },
+        compute=ActorPoolStrategy(size=min(runtime.num_actors, len(items))),
+        batch_size=1,  # one row = one whole shard
+        batch_format="pyarrow",
+        num_gpus=runtime.num_gpus_per_actor or None,
+        num_cpus=runtime.num_cpus_per_actor,
+        **actor_args,
+    )
+    sink = TeacherCacheDatasink(
+        url,
+        meta,
+        progress=progress,
+        fail_after_shards=runtime.fail_after_shards,
+        write_barrier=runtime.write_barrier,
+    )
+    ctx = DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.enable_operator_progress_bars)
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False  # our bar counts records and tokens
+    t0 = time.perf_counter()
+    try:
+        with ProgressBar(progress, total_records, enabled=runtime.progress):
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": _LIGHT_TASK_CPUS}, concurrency=writers)
+        c = ray.get(progress.get.remote())
+        dt = time.perf_counter() - t0
+        stats = stage_stats(dt, ray.get(progress.commits.remote()))
+        logger.info(
+            "cache stage: %d shards, %d sequences, %d tokens in %.1f s (%.1f seq/s, %.0f tokens/s)",
+            c["shards"],
+            c["sequences"],
+            c["tokens"],
+            dt,
+            c["sequences"] / dt,
+            c["tokens"] / dt,
+        )
+    finally:
+        ctx.enable_progress_bars, ctx.enable_operator_progress_bars = saved
+        ray.kill(progress)
+    return stats
+
+
+def stage_stats(wall_s: float, commits: list[tuple[float, int]]) -> dict[str, float]:
+    """wall_s, tokens, and the steady-state rate between the first and the last shard commit."""
+    commits = sorted(commits)
+    out = {"wall_s": wall_s, "tokens": float(sum(k for _, k in commits)), "shards": float(len(commits))}
+    if len(commits) >= 2 and commits[-1][0] > commits[0][0]:
+        out["steady_tokens_per_s"] = sum(k for _, k in commits[1:]) / (commits[-1][0] - commits[0][0])
+    return out
+
+
+def _run_local(
+    spec: CacheSpec,
+    records: Sequence[Any],
+    url: str,
+    runtime: CacheRuntime,
+    meta: ShardMeta,
+    width: int,
+    rows_per_shard: int,
+    pending: list[int],
+) -> dict[str, float]:
+    """The same per-shard steps as the Ray pipeline, sequentially in this process."""
+    import torch
+
+    tokenizer = load_tokenizer(spec.tokenizer_path)
+    stage = TeacherShardStage(spec, width, runtime.batch_size, runtime.num_gpus_per_actor)
+    # Behave like one Ray actor, which runs with OMP_NUM_THREADS = its CPUs: CPU float results depend on the
+    # thread count, and matching it keeps local and Ray shards byte-identical.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(runtime.num_cpus_per_actor)))
+    try:
+        return _local_shards(spec, records, url, runtime, meta, rows_per_shard, pending, tokenizer, stage)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _local_shards(
+    spec: CacheSpec,
+    records: Sequence[Any],
+    url: str,
+    runtime: CacheRuntime,
+    meta: ShardMeta,
+    rows_per_shard: int,
+    pending: list[int],
+    tokenizer: Any,
+    stage: TeacherShardStage,
+) -> dict[str, float]:
+    from tqdm.auto import tqdm
+
+    from pipeline.cache.shard import commit_shard
+
+    t0, tokens, commits = time.perf_counter(), 0, []
+    for n, shard_id in enumerate(
+        tqdm(pending, desc="teacher cache (local)", unit="shard", disable=not runtime.progress)
+    ):
+        first = shard_id * rows_per_shard
+        shard_records = records[first : first + rows_per_shard]
+        examples = tokenize_shard(tokenizer, shard_records, first, spec.max_length)
+        data = compute_shard(
+            stage.adapter, examples, shard_id, len(shard_records), stage.out, runtime.batch_size, stage.pad_id
+        )
+        fail = runtime.fail_after_shards is not None and n >= runtime.fail_after_shards
+        commit_shard(data, meta, url, fail_before_commit=fail)
+        tokens += data.total_tokens
+        commits.append((time.time(), data.total_tokens))
+        logger.info(
+            "committed shard %d: %d seqs, %d tokens (%.0f tokens/s so far)",
+            shard_id,
+            len(data.seq_ids),
+            data.total_tokens,
+            tokens / (time.perf_counter() - t0),
+        )
+    return stage_stats(time.perf_counter() - t0, commits)

@@ -1,0 +1,159 @@
+"""The versioned on-disk contract (storage_schemas/teacher_cache.v<N>.json), loaded and enforced in code.
+
+Writers take array dtypes, dimension names, chunk and shard shapes and codecs from the schema file, and
+verify/readers check stores against it, so the JSON file is the single source of truth for the layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pyarrow as pa
+
+from pipeline.errors import CacheError
+
+SCHEMA_NAME = "teacher_cache"
+SCHEMA_VERSION = 1
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "storage_schemas"
+
+MANIFEST = "manifest.json"
+SHARDS_DIR = "shards"
+COMMIT_MARKER = "_SHARD.json"
+INDEX_FILE = "index.parquet"
+ARRAYS_DIR = "arrays.zarr"
+STAGING_PREFIX = ".tmp-"
+
+_ARROW_TYPES = {
+    "int64": pa.int64(),
+    "int32": pa.int32(),
+    "int8": pa.int8(),
+    "list<int32>": pa.list_(pa.int32()),
+    "list<int8>": pa.list_(pa.int8()),
+}
+
+
+def shard_dir_name(shard_id: int) -> str:
+    return f"shard-{shard_id:05d}"
+
+
+def shard_rel_path(shard_id: int) -> str:
+    return f"{SHARDS_DIR}/{shard_dir_name(shard_id)}"
+
+
+@functools.cache
+def load_schema(version: int = SCHEMA_VERSION) -> dict[str, Any]:
+    path = SCHEMA_DIR / f"{SCHEMA_NAME}.v{version}.json"
+    if version != SCHEMA_VERSION or not path.is_file():
+        raise CacheError(
+            f"teacher cache schema version {version!r} is unknown to this moedistill (it reads version "
+            f"{SCHEMA_VERSION}). Fix: use the moedistill release that wrote the cache, or rebuild the cache "
+            "with this one (`moedistill cache --config ...` writes a new key)."
+        )
+    return json.loads(path.read_text())
+
+
+def check_version(manifest: Any, where: str) -> None:
+    """CacheError unless `manifest` is a teacher-cache manifest of the version this code reads."""
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA_NAME:
+        raise CacheError(
+            f'{where} is not a teacher cache manifest (no "schema": "{SCHEMA_NAME}"). Fix: point at a '
+            "directory written by `moedistill cache`."
+        )
+    load_schema(manifest.get("schema_version"))  # raises on an unknown version
+
+
+def validate_manifest(manifest: dict[str, Any], where: str) -> None:
+    check_version(manifest, where)
+    _validate(manifest, load_schema()["manifest"], where)
+
+
+def validate_shard_commit(commit: dict[str, Any], where: str) -> None:
+    schema = load_schema()["manifest"]
+    _validate(commit, {"$defs": schema["$defs"], "$ref": "#/$defs/shard"}, where)
+
+
+def validate_group_attributes(attrs: dict[str, Any], where: str) -> None:
+    _validate(attrs, load_schema()["arrays"]["group_attributes"], where)
+
+
+def _validate(obj: Any, schema: dict[str, Any], where: str) -> None:
+    try:
+        jsonschema.validate(obj, schema)
+    except jsonschema.ValidationError as e:
+        loc = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise CacheError(
+            f"{where} does not match the teacher cache schema v{SCHEMA_VERSION} at {loc}: {e.message}. Fix: "
+            "the store is damaged or was written by other software; rebuild it with `moedistill cache "
+            "--config ...`."
+        ) from None
+
+
+# --- the Parquet index --------------------------------------------------------------------------------------
+def index_schema(with_teacher_response: bool) -> pa.Schema:
+    fields = []
+    for col in load_schema()["index"]["columns"]:
+        if col["required"] is True or with_teacher_response:
+            fields.append(pa.field(col["name"], _ARROW_TYPES[col["arrow_type"]], nullable=False))
+    return pa.schema(fields)
+
+
+def check_index_schema(actual: pa.Schema, with_teacher_response: bool, where: str) -> None:
+    expected = index_schema(with_teacher_response)
+    for f in expected:
+        if f.name not in actual.names:
+            raise CacheError(
+                f"{where}: index column {f.name!r} is missing. Fix: rebuild the shard (delete it and rerun)."
+            )
+        if not actual.field(f.name).type.equals(f.type):
+            raise CacheError(
+                f"{where}: index column {f.name!r} has Arrow type {actual.field(f.name).type}, schema says "
+                f"{f.type}. Fix: rebuild the shard (delete it and rerun)."
+            )
+
+
+# --- the zarr arrays ----------------------------------------------------------------------------------------
+def array_fields() -> dict[str, dict[str, Any]]:
+    return load_schema()["arrays"]["fields"]
+
+
+def token_chunk() -> int:
+    return int(load_schema()["layout"]["token_chunk"])
+
+
+def array_names(store_expert_states: bool) -> list[str]:
+    return [n for n, d in array_fields().items() if d["required"] is True or store_expert_states]
+
+
+def arrays_for_field(field: str) -> list[str]:
+    return [n for n, d in array_fields().items() if d["field"] == field]
+
+
+def storage_dtype(name: str, states_dtype: str) -> str:
+    dtype = array_fields()[name]["dtype"]
+    return dtype[states_dtype] if isinstance(dtype, dict) else dtype
+
+
+def logical_dtype(name: str, states_dtype: str) -> str:
+    logical = array_fields()[name]["logical_dtype"]
+    return states_dtype if logical == "states_dtype" else logical
+
+
+def shapes(name: str, dims: dict[str, int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(shape, chunk shape, shard shape) of array `name` for dims {tokens, k, P, W, D}."""
+    tc = token_chunk()
+    env = dict(dims, token_chunk=tc, tokens_padded=max(tc, math.ceil(dims["tokens"] / tc) * tc))
+    d = array_fields()[name]
+
+    def ev(spec: list[Any]) -> tuple[int, ...]:
+        return tuple(int(x) if isinstance(x, int) else int(env[x]) for x in spec)
+
+    return ev(d["shape"]), ev(d["chunk_shape"]), ev(d["shard_shape"])
+
+
+def compressor_config() -> dict[str, Any]:
+    return dict(load_schema()["arrays"]["codecs"]["compressor"])

@@ -1,0 +1,124 @@
+"""What a teacher cache holds (CacheSpec: hashed into its key) and how it is built (CacheRuntime: not)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.errors import ConfigError
+
+LogitsMode = Literal["topk", "sampled"]
+StatesDtype = Literal["float16", "bfloat16"]
+ResponsesMode = Literal["none", "greedy", "sample"]
+ComputeDtype = Literal["float32", "bfloat16", "float16"]
+
+FIELDS = ("logits", "gates", "expert_states", "teacher_responses")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything that decides the cached bytes. Student-side knobs (K, alpha, beta, E_S, losses) are absent
+    on purpose: one cache serves every ablation over them."""
+
+    teacher_path: str
+    tokenizer_path: str
+    cached_layers: tuple[int, ...]
+    width: int | None  # cached expert width W; None = the teacher's E_T (no aggregation)
+    logits_mode: LogitsMode
+    logits_k: int
+    states_dtype: StatesDtype
+    max_length: int
+    prompt_template: str
+    store_expert_states: bool = True
+    teacher_responses: ResponsesMode = "none"
+    max_new_tokens: int = 64
+    # dtype the teacher runs in: changes the cached numbers, so it is part of the key.
+    compute_dtype: ComputeDtype = "float32"
+
+    def __post_init__(self) -> None:
+        # Normalise lists from YAML into a tuple so the spec stays hashable and its key canonical.
+        object.__setattr__(self, "cached_layers", tuple(int(i) for i in self.cached_layers))
+        problems = []
+        if not self.cached_layers:
+            problems.append("cached_layers is empty (list the teacher layers paired with student layers)")
+        if len(set(self.cached_layers)) != len(self.cached_layers):
+            problems.append(f"cached_layers {list(self.cached_layers)} has duplicates")
+        if any(i < 0 for i in self.cached_layers):
+            problems.append(f"cached_layers {list(self.cached_layers)} has negative indices (0-based layers)")
+        if self.width is not None and self.width < 1:
+            problems.append(f"width={self.width} must be >= 1 or null (= the teacher's expert count)")
+        if self.logits_mode not in ("topk", "sampled"):
+            problems.append(f"logits_mode={self.logits_mode!r} must be 'topk' or 'sampled'")
+        if self.logits_k < 1:
+            problems.append(f"logits_k={self.logits_k} must be >= 1")
+        if self.states_dtype not in ("float16", "bfloat16"):
+            problems.append(f"states_dtype={self.states_dtype!r} must be 'float16' or 'bfloat16'")
+        if self.max_length < 2:
+            problems.append(f"max_length={self.max_length} must be >= 2")
+        if self.teacher_responses not in ("none", "greedy", "sample"):
+            problems.append(
+                f"teacher_responses={self.teacher_responses!r} must be 'none', 'greedy' or 'sample'"
+            )
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
+            problems.append(
+                f"compute_dtype={self.compute_dtype!r} must be 'float32', 'bfloat16' or 'float16'"
+            )
+        if problems:
+            raise ConfigError(
+                "invalid teacher cache spec: "
+                + "; ".join(problems)
+                + ". Fix the cache section of the config."
+            )
+
+
+@dataclass
+class CacheRuntime:
+    """How the cache stage runs; changing these never changes the cache key (but see rows_per_shard)."""
+
+    num_actors: int = 1  # teacher actors (one model replica each)
+    batch_size: int = 8  # sequences per teacher forward (micro-batch inside a shard)
+    # Sequences per shard; fixed by the first build of a key (a resume reuses the stored value). Size shards
+    # to ~100 MB-1 GB: rows_per_shard * response tokens per sequence * bytes per token
+    # (see bytes_per_token_by_field).
+    rows_per_shard: int = 64
+    num_gpus_per_actor: float = 0.0
+    num_cpus_per_actor: float = 1.0  # CPU threads per teacher replica (on GPU nodes: the host-side work)
+    resources: dict[str, float] | None = None  # e.g. {"teacher_node": 1} pins actors to a node group
+    # Test hooks. fail_after_shards: failure injection, the write of every shard after this many commits
+    # fails (leaving a staged, uncommitted shard behind). write_barrier: every write task waits until this
+    # many write tasks have started (proves concurrent shard writes).
+    fail_after_shards: int | None = None
+    write_barrier: int | None = None
+    progress: bool = True  # driver-side tqdm bar
+    # "ray": the Ray Data pipeline. "local": the same per-shard code in this process, one shard after another
+    # (no Ray; small caches, debugging, reference builds) -- it writes byte-identical shards.
+    executor: Literal["ray", "local"] = "ray"
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("num_actors", "batch_size", "rows_per_shard"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        if self.executor not in ("ray", "local"):
+            problems.append(f"executor={self.executor!r} must be 'ray' or 'local'")
+        if self.num_cpus_per_actor <= 0:
+            problems.append(f"num_cpus_per_actor={self.num_cpus_per_actor} must be > 0")
+        if self.num_gpus_per_actor < 0:
+            problems.append(f"num_gpus_per_actor={self.num_gpus_per_actor} must be >= 0")
+        if problems:
+            raise ConfigError("invalid cache runtime: " + "; ".join(problems) + ".")
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    path: str
+    key: str
+    status: Literal["built", "resumed", "exists"]
+    num_sequences: int
+    num_tokens: int
+    num_bytes: int
+    # This invocation's stage measurements (empty for "exists"): wall_s, tokens, steady_tokens_per_s (tokens
+    # committed after the first commit / time from first to last commit: start-up excluded).
+    stats: dict[str, float] = field(default_factory=dict, compare=False)

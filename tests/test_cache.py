@@ -1,0 +1,494 @@
+"""pipeline.cache: the teacher cache built by the real Ray Data stage from a tiny real Qwen3-MoE teacher.
+
+Expensive parts are module-scoped: a build interrupted by an injected failure and resumed by the Ray
+pipeline (>= 2 concurrent write tasks), and an uninterrupted in-process build of the same key.
+Values are checked against an independent in-test computation straight from the teacher checkpoint (HF
+forward, router logits, per-expert loops).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache import (
+    CacheRuntime,
+    CacheSpec,
+    build_teacher_cache,
+    bytes_per_token_by_field,
+    cache_path_for,
+    format_cache_list,
+    format_verify_report,
+    list_caches,
+    open_cache,
+    read_cache_dataset,
+    verify_cache,
+)
+from pipeline.cache.fs import get_fs
+from pipeline.cache.shard import committed_shards
+from pipeline.cache.teacher import decode_states, encode_states
+from pipeline.data.demo_dataset import generate_demo_records
+from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
+from pipeline.data.template import TEMPLATE_SPEC
+from pipeline.errors import CacheError, ConfigError
+from pipeline.models.build import TinyMoEConfig, build_tiny_moe
+
+NUM_RECORDS = 36
+ROWS_PER_SHARD = 8  # -> 5 shards, the last one partial
+E_T, WIDTH, LAYERS, K = 8, 4, (1, 3), 8
+
+
+# --- fixtures -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("cache_assets")
+    records = generate_demo_records(NUM_RECORDS, seed=3)
+    tok = train_demo_tokenizer(record_texts(records), root / "tok", vocab_size=384)
+    cfg = TinyMoEConfig(
+        hidden_size=32,
+        num_layers=4,
+        num_experts=E_T,
+        top_k=2,
+        moe_intermediate_size=32,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+    )
+    model = build_tiny_moe(cfg, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, seed=0)
+    model.save_pretrained(root / "teacher")
+    # max_length=150 drops record 30 (152 tokens): a dropped record leaves a gap in seq_ids, never a shift.
+    spec = CacheSpec(
+        teacher_path=str(root / "teacher"),
+        tokenizer_path=str(root / "tok"),
+        cached_layers=LAYERS,
+        width=WIDTH,
+        logits_mode="topk",
+        logits_k=K,
+        states_dtype="bfloat16",
+        max_length=150,
+        prompt_template=TEMPLATE_SPEC,
+        teacher_responses="greedy",
+        max_new_tokens=4,
+    )
+    return {"root": root, "records": records, "tok": tok, "model": model, "spec": spec}
+
+
+@pytest.fixture(scope="module")
+def built(
+    ray_cluster: None, assets: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """A build killed mid-run (failure injected once 2 shards are committed; the 3rd is left half-written),
+    then resumed by the Ray pipeline: a teacher actor on a custom resource, write tasks held until 2 run at
+    once (each owns whole shards). The first attempt runs in-process (executor="local") to keep this module
+    to one Ray pipeline run; shards are byte-identical across executors, which
+    test_resume_after_failure_is_byte_identical checks."""
+    root = tmp_path_factory.mktemp("caches")
+    failing = CacheRuntime(
+        batch_size=3, rows_per_shard=ROWS_PER_SHARD, executor="local", fail_after_shards=2, progress=False
+    )
+    with pytest.raises(CacheError, match=re.escape("rerun `moedistill cache --config ...` to resume")) as err:
+        build_teacher_cache(assets["spec"], assets["records"], str(root), failing)
+    path, *_ = cache_path_for(assets["spec"], assets["records"], str(root))
+    after_failure = {
+        "error": str(err.value),
+        "committed": sorted(committed_shards(path)),
+        "staging": sorted(p.name for p in (Path(path) / "shards").iterdir() if p.name.startswith(".tmp-")),
+        "verify": verify_cache(path),
+    }
+    with pytest.raises(CacheError, match="incomplete") as incomplete:
+        open_cache(path)
+    after_failure["open_error"] = str(incomplete.value)
+    # Resume on Ray, asking for another rows_per_shard (the stored layout wins).
+    runtime = CacheRuntime(
+        num_actors=1,
+        batch_size=3,
+        rows_per_shard=999,
+        num_cpus_per_actor=0.5,
+        resources={"teacher_node": 0.5},
+        write_barrier=2,
+        progress=False,
+    )
+    info = build_teacher_cache(assets["spec"], assets["records"], str(root), runtime)
+    return {"root": root, "info": info, "runtime": runtime, "after_failure": after_failure}
+
+
+@pytest.fixture(scope="module")
+def reference(assets: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """An uninterrupted build of the same key, in-process (executor="local", no Ray)."""
+    root = tmp_path_factory.mktemp("caches_local")
+    runtime = CacheRuntime(batch_size=3, rows_per_shard=ROWS_PER_SHARD, executor="local", progress=False)
+    return {"root": root, "info": build_teacher_cache(assets["spec"], assets["records"], str(root), runtime)}
+
+
+# --- an independent reference computation ------------------------------------------------------------------
+@torch.no_grad()
+def _reference(
+    model: Any, input_ids: list[int], response_mask: list[int], width: int
+) -> dict[str, np.ndarray]:
+    """Straight from the checkpoint: HF forward with router logits, each expert's FFN in a Python loop."""
+    ids = torch.tensor([input_ids])
+    moe_inputs: dict[int, torch.Tensor] = {}
+    hooks = [
+        model.model.layers[i].mlp.register_forward_pre_hook(
+            lambda _m, args, i=i: moe_inputs.__setitem__(i, args[0][0].detach())
+        )
+        for i in LAYERS
+    ]
+    with torch.no_grad():
+        out = model(input_ids=ids, output_router_logits=True)
+    for h in hooks:
+        h.remove()
+    pos = [p for p in range(len(input_ids) - 1) if response_mask[p + 1] == 1]
+    logp = torch.log_softmax(out.logits[0, pos].double(), dim=-1)
+    gates, states, gates_e, states_e = [], [], {}, {}
+    for i in LAYERS:
+        # [n, E_T]: the full router softmax (B=1, so router_logits rows are positions)
+        probs = torch.softmax(out.router_logits[i].double(), dim=-1)[pos]
+        x = moe_inputs[i][pos].double()
+        ex = model.model.layers[i].mlp.experts
+        inter = ex.down_proj.shape[-1]
+        h = torch.stack(
+            [
+                ex.down_proj[j].double()
+                @ (
+                    ex.act_fn(ex.gate_up_proj[j, :inter].double() @ x.T)
+                    * (ex.gate_up_proj[j, inter:].double() @ x.T)
+                )
+                for j in range(E_T)
+            ]
+        ).permute(2, 0, 1)  # [n, E_T, D]
+        gates_e[i], states_e[i] = probs, h
+        g, s = _fold(probs, h, width)
+        gates.append(g)
+        states.append(s)
+    return {
+        "logp": logp.numpy(),
+        "gates": torch.stack(gates, 1).numpy(),
+        "states": torch.stack(states, 1).numpy(),
+        "probs": gates_e,
+        "h": states_e,
+    }
+
+
+def _fold(probs: torch.Tensor, h: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 6 by hand: group j -> floor(j * e / E_T); gate = group sum; state = gate-weighted group mean."""
+    g = torch.zeros(probs.shape[0], e, dtype=probs.dtype)
+    s = torch.zeros(probs.shape[0], e, h.shape[-1], dtype=h.dtype)
+    for j in range(probs.shape[1]):
+        g[:, (j * e) // probs.shape[1]] += probs[:, j]
+    for j in range(probs.shape[1]):
+        grp = (j * e) // probs.shape[1]
+        s[:, grp] += (probs[:, j] / g[:, grp])[:, None] * h[:, j]
+    return g, s
+
+
+@torch.no_grad()
+def _greedy(model: Any, prompt: list[int], n: int, eos: int) -> list[int]:
+    ids = list(prompt)
+    for _ in range(n):
+        nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        ids.append(nxt)
+        if nxt == eos:
+            break
+    return ids[len(prompt) :]
+
+
+# --- the build itself ---------------------------------------------------------------------------------------
+def test_build_layout_and_concurrent_writes(built: dict[str, Any], assets: dict[str, Any]) -> None:
+    info = built["info"]
+    assert info.status == "resumed"
+    # 3 shards were written by the Ray run, each by a write task that waited until 2 write tasks ran at once.
+    assert info.stats["shards"] == 3 and info.stats["tokens"] > 0
+    assert Path(info.path).parent == built["root"] and Path(info.path).name == info.key
+    m = open_cache(info.path).manifest
+    assert m["complete"] and m["layout"]["num_shards"] == math.ceil(NUM_RECORDS / ROWS_PER_SHARD)
+    assert [s["shard_id"] for s in m["shards"]] == list(range(m["layout"]["num_shards"]))
+    assert info.num_sequences == m["totals"]["num_sequences"] == NUM_RECORDS - m["totals"]["num_dropped"]
+    assert info.num_tokens == sum(s["num_tokens"] for s in m["shards"]) > 0
+    # Key inputs are readable and hold no student-side or runtime parameter.
+    ki = m["key_inputs"]
+    assert (
+        ki["cached_layers"] == list(LAYERS)
+        and ki["width"] == WIDTH
+        and ki["logit_sparsification"] == {"mode": "topk", "k": K}
+    )
+    assert not {"num_actors", "batch_size", "rows_per_shard", "num_student_experts", "alpha"} & set(ki)
+    # Every shard file is listed with its checksum; no staging leftovers.
+    assert all(len(f["sha256"]) == 64 for s in m["shards"] for f in s["files"].values())
+    assert not [p for p in (Path(info.path) / "shards").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_cached_values_match_independent_computation(built: dict[str, Any], assets: dict[str, Any]) -> None:
+    cache = open_cache(built["info"].path)
+    model, tok = assets["model"], assets["tok"]
+    seq_ids = [0, 9, 35]  # first shard, a middle shard, the partial last shard
+    fields = {"logits", "gates", "expert_states", "teacher_responses"}
+    for seq_id in seq_ids:
+        ex = cache.read_sequence(seq_id, fields)
+        ref = _reference(model, ex["input_ids"].tolist(), ex["response_mask"].tolist(), WIDTH)
+        n = ex["num_tokens"]
+        assert n == int(ex["response_mask"][1:].sum()) == ref["logp"].shape[0] > 0
+        # Top-k: the cached ids are a top-k set of the reference distribution, with matching log-probs.
+        idx = ex["logit_indices"].astype(np.int64)
+        ref_at = np.take_along_axis(ref["logp"], idx, axis=1)
+        np.testing.assert_allclose(ex["logit_values"], ref_at, atol=1e-2, rtol=2e-3)
+        rest = ref["logp"].copy()
+        np.put_along_axis(rest, idx, -np.inf, axis=1)
+        assert (ref_at.min(axis=1) >= rest.max(axis=1) - 1e-4).all()
+        tail = np.log1p(-np.exp(ref_at).sum(axis=1))
+        np.testing.assert_allclose(ex["logit_tail_logmass"], tail, atol=1e-3, rtol=1e-3)
+        # Gates (fp16) and expert states (bf16 bits) at width W.
+        assert ex["gates"].shape == (n, len(LAYERS), WIDTH)
+        assert ex["expert_states"].shape == (n, len(LAYERS), WIDTH, 32)
+        np.testing.assert_allclose(ex["gates"], ref["gates"], atol=1e-3)
+        np.testing.assert_allclose(
+            ex["expert_states"], ref["states"], rtol=1e-2, atol=2e-3 * np.abs(ref["states"]).max()
+        )
+        # Re-aggregation W=4 -> E_S=2 on read equals folding the full E_T=8 teacher directly to 2.
+        ex2 = cache.read_sequence(
+            seq_id, {"gates", "expert_states"}, num_student_experts=2, teacher_layers=[3]
+        )
+        g2, s2 = _fold(ref["probs"][3], ref["h"][3], 2)
+        np.testing.assert_allclose(ex2["gates"][:, 0], g2.numpy(), atol=2e-3)
+        np.testing.assert_allclose(
+            ex2["expert_states"][:, 0], s2.numpy(), rtol=1e-2, atol=2e-3 * s2.abs().max().item()
+        )
+        # SeqKD: greedy teacher response from the prompt.
+        prompt = ex["input_ids"][: int(np.argmax(ex["response_mask"]))].tolist()
+        assert ex["teacher_response"].tolist() == _greedy(model, prompt, 4, tok.eos_token_id)
+
+
+def test_dropped_records_keep_their_seq_ids(built: dict[str, Any], assets: dict[str, Any]) -> None:
+    cache = open_cache(built["info"].path)
+    rows = [r for s in cache.shards for r in cache.read_shard(s["shard_id"], set())]
+    assert [r["seq_id"] for r in rows] == [i for i in range(NUM_RECORDS) if i != 30]
+    assert cache.manifest["totals"]["num_dropped"] == 1
+    assert cache.shards[3]["num_records"] == 8 and cache.shards[3]["num_rows"] == 7
+    with pytest.raises(CacheError, match="sequence 30 is not in cache"):
+        cache.read_sequence(30)
+
+
+def test_second_run_is_a_noop(
+    built: dict[str, Any], assets: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    before = (Path(built["info"].path) / "manifest.json").read_bytes()
+    caplog.set_level(logging.INFO, logger="pipeline.cache.build")
+    info = build_teacher_cache(assets["spec"], assets["records"], str(built["root"]), built["runtime"])
+    assert info.status == "exists" and info.key == built["info"].key
+    assert "nothing to do" in caplog.text
+    assert (Path(built["info"].path) / "manifest.json").read_bytes() == before
+
+
+def test_resume_after_failure_is_byte_identical(built: dict[str, Any], reference: dict[str, Any]) -> None:
+    fail = built["after_failure"]
+    assert "injected failure" in fail["error"] and "2 of 5 shards committed" in fail["error"], fail["error"]
+    assert fail["committed"] == [0, 1] and fail["staging"]  # the killed write left only a staged copy
+    assert not fail["verify"].ok and "incomplete" in fail["verify"].problems[0]
+    assert "rerun `moedistill cache --config ...` to resume it" in fail["open_error"]
+    assert reference["info"].status == "built" and reference["info"].key == built["info"].key
+    a = json.loads((Path(built["info"].path) / "manifest.json").read_text())
+    b = json.loads((Path(reference["info"].path) / "manifest.json").read_text())
+    assert a["shards"] == b["shards"]  # every file's size and sha256
+    assert (Path(built["info"].path) / "manifest.json").read_bytes() == (
+        Path(reference["info"].path) / "manifest.json"
+    ).read_bytes()
+    assert verify_cache(built["info"].path).ok
+
+
+# --- verify / ls / storage ----------------------------------------------------------------------------------
+def test_verify_catches_corrupted_truncated_and_missing(built: dict[str, Any], tmp_path: Path) -> None:
+    path = tmp_path / "copy"
+    shutil.copytree(built["info"].path, path)
+    report = verify_cache(str(path))
+    assert report.ok, format_verify_report(report)
+    assert report.num_shards_ok == report.num_shards == 5
+    chunk = next((path / "shards/shard-00001/arrays.zarr/gates").rglob("c/*/*/*"))
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    index = path / "shards/shard-00002/index.parquet"
+    index.write_bytes(index.read_bytes()[:-10])
+    shutil.rmtree(path / "shards/shard-00003")
+    report = verify_cache(str(path))
+    text = format_verify_report(report)
+    assert not report.ok and report.num_shards_ok == 2, text
+    rel = chunk.relative_to(path / "shards/shard-00001").as_posix()
+    assert any(f"shard 1: file shards/shard-00001/{rel} is corrupted" in p for p in report.problems), text
+    assert any("shard 2: file shards/shard-00002/index.parquet is truncated" in p for p in report.problems), (
+        text
+    )
+    assert any("shard 3 is missing" in p for p in report.problems), text
+    assert text.startswith("FAILED")
+
+
+def test_list_caches_and_bytes_per_token(built: dict[str, Any]) -> None:
+    (built["root"] / "by-config").mkdir(exist_ok=True)  # other bookkeeping under the root is ignored
+    [summary] = list_caches(str(built["root"]))
+    assert summary.key == built["info"].key and summary.complete
+    assert (summary.num_tokens, summary.num_bytes) == (built["info"].num_tokens, built["info"].num_bytes)
+    text = format_cache_list([summary])
+    assert summary.key in text and "complete" in text and "layers=[1, 3]" in text
+    bpt = bytes_per_token_by_field(built["info"].path)
+    arrays = ("logit_indices", "logit_values", "logit_tail_logmass", "gates", "expert_states")
+    assert all(bpt[a] > 0 for a in arrays)
+    assert bpt["expert_states"] == max(bpt[a] for a in arrays)
+    assert bpt["total"] == pytest.approx(sum(v for k, v in bpt.items() if k not in ("total", "logits")))
+
+
+# --- readers ------------------------------------------------------------------------------------------------
+def test_ray_dataset_reader_projection_and_reaggregation(built: dict[str, Any]) -> None:
+    path = built["info"].path
+    ds = read_cache_dataset(path, {"logits", "gates"}, num_student_experts=2, teacher_layers=[3, 1])
+    assert "expert_states" not in ds.schema().names and "teacher_response" not in ds.schema().names
+    rows = {int(r["seq_id"]): r for r in ds.iter_rows()}
+    cache = open_cache(path)
+    assert len(rows) == cache.num_sequences
+    ref = cache.read_sequence(9, {"logits", "gates"}, num_student_experts=2, teacher_layers=[3, 1])
+    assert rows[9]["gates"].shape == (ref["num_tokens"], 2, 2)
+    np.testing.assert_array_equal(rows[9]["gates"], ref["gates"])
+    np.testing.assert_array_equal(rows[9]["logit_indices"], ref["logit_indices"])
+    np.testing.assert_array_equal(rows[9]["input_ids"], ref["input_ids"])
+
+
+def test_reader_never_touches_unrequested_arrays(built: dict[str, Any], tmp_path: Path) -> None:
+    path = tmp_path / "no_states"
+    shutil.copytree(built["info"].path, path)
+    for states in path.glob("shards/*/arrays.zarr/expert_states"):
+        shutil.rmtree(states)
+    cache = open_cache(str(path))
+    ex = cache.read_sequence(9, {"logits", "gates"}, num_student_experts=4)
+    assert ex["gates"].shape[1:] == (2, 4) and "expert_states" not in ex
+    with pytest.raises(Exception, match="expert_states"):
+        cache.read_sequence(9, {"expert_states"})
+
+
+# --- errors -------------------------------------------------------------------------------------------------
+def test_student_mismatches_give_clear_errors(built: dict[str, Any]) -> None:
+    cache = open_cache(built["info"].path)
+    with pytest.raises(CacheError, match="cannot be re-aggregated to 3 student experts"):
+        cache.check_student(num_student_experts=3)
+    with pytest.raises(CacheError, match=r"need teacher layers \[0, 2\].*cached: \[1, 3\]"):
+        cache.check_student(teacher_layers_needed=[0, 1, 2, 3])
+    with pytest.raises(CacheError, match=r"vocabulary has 500 entries.*384"):
+        cache.check_student(vocab_size=500)
+    with pytest.raises(CacheError, match="hidden size 48"):
+        cache.check_student(hidden_size=48, allow_projection=False)
+    cache.check_student(vocab_size=384, teacher_layers_needed=[3], num_student_experts=2, hidden_size=48)
+    with pytest.raises(CacheError, match="cannot be re-aggregated"):
+        read_cache_dataset(built["info"].path, {"gates"}, num_student_experts=3)
+
+
+def test_unknown_schema_version_and_missing_cache(built: dict[str, Any], tmp_path: Path) -> None:
+    path = tmp_path / "future"
+    shutil.copytree(built["info"].path, path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="schema version 99 is unknown"):
+        open_cache(str(path))
+    report = verify_cache(str(path))
+    assert not report.ok and "schema version 99" in report.problems[0]
+    with pytest.raises(CacheError, match="no teacher cache at"):
+        open_cache(str(tmp_path / "nothing"))
+
+
+# --- no Ray -------------------------------------------------------------------------------------------------
+def test_key_covers_teacher_side_inputs_only(assets: dict[str, Any], tmp_path: Path) -> None:
+    spec, records = assets["spec"], assets["records"]
+    key = cache_path_for(spec, records, "/r")[1]
+    assert cache_path_for(spec, records, "/elsewhere")[1] == key  # the root is not content
+    changed = [
+        CacheSpec(**{**spec.__dict__, "cached_layers": (3,)}),
+        CacheSpec(**{**spec.__dict__, "width": 2}),
+        CacheSpec(**{**spec.__dict__, "logits_k": 4}),
+        CacheSpec(**{**spec.__dict__, "states_dtype": "float16"}),
+        CacheSpec(**{**spec.__dict__, "max_length": 200}),
+        CacheSpec(**{**spec.__dict__, "prompt_template": "other"}),
+    ]
+    keys = {cache_path_for(s, records, "/r")[1] for s in changed}
+    assert len(keys) == len(changed) and key not in keys
+    assert cache_path_for(spec, records[:-1], "/r")[1] != key
+    # Retraining the teacher changes its weights digest.
+    teacher2 = tmp_path / "teacher2"
+    shutil.copytree(spec.teacher_path, teacher2)
+    assets["model"].lm_head.weight.data[0, 0] += 1.0
+    try:
+        assets["model"].save_pretrained(teacher2)
+    finally:
+        assets["model"].lm_head.weight.data[0, 0] -= 1.0
+    assert (
+        cache_path_for(CacheSpec(**{**spec.__dict__, "teacher_path": str(teacher2)}), records, "/r")[1] != key
+    )
+
+
+def test_spec_validation_errors(assets: dict[str, Any]) -> None:
+    spec = assets["spec"]
+    with pytest.raises(ConfigError, match="logits_mode"):
+        CacheSpec(**{**spec.__dict__, "logits_mode": "dense"})
+    with pytest.raises(ConfigError, match="out of range"):
+        cache_path_for(CacheSpec(**{**spec.__dict__, "cached_layers": (1, 7)}), assets["records"], "/r")
+    with pytest.raises(ConfigError, match="width=16"):
+        cache_path_for(CacheSpec(**{**spec.__dict__, "width": 16}), assets["records"], "/r")
+    with pytest.raises(ConfigError, match="rows_per_shard"):
+        CacheRuntime(rows_per_shard=0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_state_encoding_roundtrip(dtype: str) -> None:
+    x = torch.randn(5, 2, 4, 8) * 3
+    enc = encode_states(x, dtype)
+    assert enc.dtype == (np.uint16 if dtype == "bfloat16" else np.float16)
+    np.testing.assert_array_equal(
+        decode_states(enc, dtype).numpy(), x.to(getattr(torch, dtype)).float().numpy()
+    )
+
+
+def test_object_store_commit_markers_resume_and_sampled_logits(assets: dict[str, Any]) -> None:
+    """An fsspec URL (memory://, an object store without rename): shards commit by a marker written last.
+    Also: importance-sampled logits, no expert states, W = E_T (no aggregation at cache time)."""
+    spec = CacheSpec(
+        **{
+            **assets["spec"].__dict__,
+            "cached_layers": (3,),
+            "width": None,
+            "logits_mode": "sampled",
+            "store_expert_states": False,
+            "teacher_responses": "none",
+        }
+    )
+    records = assets["records"][:12]
+    root = f"memory://moedistill-test-{uuid.uuid4().hex}"
+    runtime = CacheRuntime(batch_size=4, rows_per_shard=4, executor="local", progress=False)
+    with pytest.raises(CacheError, match="1 of 3 shards committed"):
+        build_teacher_cache(spec, records, root, dataclasses.replace(runtime, fail_after_shards=1))
+    path = cache_path_for(spec, records, root)[0]
+    fs, base = get_fs(path)
+    assert sorted(committed_shards(path)) == [0]
+    # The failed shard's files were uploaded, but without its marker nobody sees them.
+    assert fs.exists(f"{base}/shards/shard-00001/index.parquet")
+    assert not fs.exists(f"{base}/shards/shard-00001/_SHARD.json")
+    info = build_teacher_cache(spec, records, root, runtime)
+    assert info.status == "resumed" and verify_cache(info.path).ok
+    assert [s.key for s in list_caches(root)] == [info.key]
+    cache = open_cache(info.path)
+    ex = cache.read_sequence(5, {"logits", "gates"}, num_student_experts=4)
+    assert ex["gates"].shape[1:] == (1, 4)
+    np.testing.assert_allclose(ex["gates"].sum(axis=-1), 1.0, atol=2e-3)
+    with pytest.raises(CacheError, match="built without them"):
+        cache.check_student(fields={"expert_states"})
+    # Importance-sampled entries: no tail, weights count/k summing to 1 per position.
+    assert np.isneginf(ex["logit_tail_logmass"]).all()
+    np.testing.assert_allclose(np.exp(ex["logit_values"]).sum(axis=1), 1.0, atol=1e-3)
