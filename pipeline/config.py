@@ -89,7 +89,7 @@ class TrainConfig:
     log_every: int = 10
     strategy: Literal["ddp", "fsdp"] = "ddp"
     seed: int = 0
-    # CPU training: Ray pins a worker to OMP_NUM_THREADS = its CPUs (often 1); more threads help a lone worker.
+    # CPU training: Ray sets OMP_NUM_THREADS to a worker's CPUs (often 1); a lone worker may use more.
     torch_threads: int | None = None
 
 

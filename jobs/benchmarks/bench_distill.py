@@ -47,7 +47,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--records", type=int, default=256, help="training sequences in the cache")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -60,8 +62,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = with_overrides(
             load_config(REPO / "jobs" / "configs" / "demo.yaml"),
-            {"output_dir": tmp, "cache.root": f"{tmp}/caches", "data.num_demo_records": args.records,
-             "data.val_fraction": 0.05, "data.test_fraction": 0.05},
+            {
+                "output_dir": tmp,
+                "cache.root": f"{tmp}/caches",
+                "data.num_demo_records": args.records,
+                "data.val_fraction": 0.05,
+                "data.test_fraction": 0.05,
+            },
         )
         prepared = prepare_data(config)
         tokenizer = load_tokenizer(prepared.tokenizer_path)
@@ -71,8 +78,12 @@ def main() -> None:
         tokenizer.save_pretrained(teacher_dir)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         spec = cache_spec_from_config(config, str(teacher_dir), prepared.tokenizer_path)
-        info = build_teacher_cache(spec, prepared.splits.train, config.cache.root,
-                                   CacheRuntime(rows_per_shard=64, batch_size=16, progress=False))
+        info = build_teacher_cache(
+            spec,
+            prepared.splits.train,
+            config.cache.root,
+            CacheRuntime(rows_per_shard=64, batch_size=16, progress=False),
+        )
         cache = open_cache(info.path)
         pairs = layer_pairs(cache.manifest["teacher"]["num_layers"], config.student.build.num_layers)
         teacher_layers = [t for _, t in pairs]
@@ -81,13 +92,18 @@ def main() -> None:
         rows = []
         for shard in cache.shards:
             rows += cache.read_shard(
-                int(shard["shard_id"]), fields={"logits", "gates", "expert_states"},
-                num_student_experts=num_experts, teacher_layers=teacher_layers,
+                int(shard["shard_id"]),
+                fields={"logits", "gates", "expert_states"},
+                num_student_experts=num_experts,
+                teacher_layers=teacher_layers,
             )
-        batches = [_collate(rows[i : i + args.batch_size], tokenizer.pad_token_id)
-                   for i in range(0, len(rows) - args.batch_size + 1, args.batch_size)]
-        student = DistillStudent(materialize_model(config.student, tokenizer).float(),
-                                 [s for s, _ in pairs], cache.hidden_size)
+        batches = [
+            _collate(rows[i : i + args.batch_size], tokenizer.pad_token_id)
+            for i in range(0, len(rows) - args.batch_size + 1, args.batch_size)
+        ]
+        student = DistillStudent(
+            materialize_model(config.student, tokenizer).float(), [s for s, _ in pairs], cache.hidden_size
+        )
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
         method, weights = get_method("b-distill"), ObjectiveWeights()
         generator = torch.Generator().manual_seed(0)
@@ -111,11 +127,16 @@ def main() -> None:
                 )
                 idx, logp, tail = topk_sparsify(t.logits[mask].float(), config.cache.logits_k)
                 online = dict(batch, logit_indices=idx, logit_values=logp, logit_tail_logmass=tail)
-                online["gates"] = torch.stack([aggregate_gates(t.router_probs[x], num_experts)
-                                               for x in teacher_layers], 1)
+                online["gates"] = torch.stack(
+                    [aggregate_gates(t.router_probs[x], num_experts) for x in teacher_layers], 1
+                )
                 online["expert_states"] = torch.stack(
-                    [aggregate_expert_states(t.router_probs[x], t.expert_outputs[x], num_experts)
-                     for x in teacher_layers], 1)
+                    [
+                        aggregate_expert_states(t.router_probs[x], t.expert_outputs[x], num_experts)
+                        for x in teacher_layers
+                    ],
+                    1,
+                )
             return cache_step(online)
 
         timings = {}
@@ -126,12 +147,15 @@ def main() -> None:
         ray.shutdown()
 
     tokens = statistics.mean(int(distill_positions(b["response_mask"]).sum()) for b in batches)
-    print(f"\nbench_distill: {len(rows)} cached sequences, batch {args.batch_size} (~{tokens:.0f} distillation "
-          f"tokens), {args.steps} timed steps each, torch threads {args.threads}")
+    print(
+        f"\nbench_distill: {len(rows)} cached sequences, batch {args.batch_size} (~{tokens:.0f} distillation "
+        f"tokens), {args.steps} timed steps each, torch threads {args.threads}"
+    )
     print(f"{'variant':<16} {'median step (ms)':>17} {'tokens/s':>10}")
     for name, seconds in timings.items():
         print(f"{name:<16} {seconds * 1e3:17.1f} {tokens / seconds:10.0f}")
-    print(f"ratio from-cache / sft step:            {timings['from cache'] / timings['sft']:.2f}x  (target <= 1.1x)")
+    cache_over_sft = timings["from cache"] / timings["sft"]
+    print(f"ratio from-cache / sft step:            {cache_over_sft:.2f}x  (target <= 1.1x)")
     print(f"ratio online-teacher / from-cache step: {timings['online teacher'] / timings['from cache']:.2f}x")
     print(f"Ray Train from cache: data wait = {data_wait:.1%} of step time  (target < 5%)")
 
@@ -159,9 +183,15 @@ def _time_steps(step, batches, optimizer, steps: int) -> float:
 def _ray_train_data_wait(config, cache_path: str, args) -> float:
     from pipeline.distill.stage import run_distill
 
-    run = with_overrides(config, {"distill.train.max_steps": args.steps, "distill.train.log_every": args.steps,
-                                  "distill.train.batch_size": args.batch_size,
-                                  "distill.train.checkpoint_every": 10_000})
+    run = with_overrides(
+        config,
+        {
+            "distill.train.max_steps": args.steps,
+            "distill.train.log_every": args.steps,
+            "distill.train.batch_size": args.batch_size,
+            "distill.train.checkpoint_every": 10_000,
+        },
+    )
     result = run_distill(run, cache_path=cache_path)
     metrics = Path(result.export_dir).parent / "metrics" / "metrics.jsonl"
     last = json.loads(metrics.read_text().splitlines()[-1])
