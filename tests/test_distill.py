@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -28,22 +29,32 @@ TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 
 @pytest.fixture(scope="module")
 def cached_config(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Config]:
-    """A fine-tuned tiny teacher and its cache; then the teacher checkpoint is hidden from everyone."""
+    """A fine-tuned tiny teacher and its cache, shared by the module (and by the sweep test)."""
     root = tmp_path_factory.mktemp("distill")
     config = with_overrides(
         load_config(TINY), {"output_dir": str(root / "run"), "cache.root": str(root / "caches")}
     )
     run_finetune(config, eval_examples=2)
     run_cache(config)
-    teacher = root / "run" / "teacher" / "final"
-    # The student side must never open the teacher checkpoint: make it unreachable for the rest of the module.
-    shutil.move(teacher, root / "teacher-moved-away")
     yield config
+
+
+@contextlib.contextmanager
+def teacher_unreachable(config: Config) -> Iterator[None]:
+    """Move the teacher checkpoint away: the student side must never need it."""
+    teacher = Path(config.output_dir) / "teacher" / "final"
+    hidden = teacher.with_name("final-moved-away")
+    shutil.move(teacher, hidden)
+    try:
+        yield
+    finally:
+        shutil.move(hidden, teacher)
 
 
 def test_two_worker_b_distill_from_cache_exports_a_working_student(cached_config: Config) -> None:
     config = with_overrides(cached_config, {"distill.train.num_workers": 2, "distill.train.max_steps": 4})
-    result = run_distill(config)
+    with teacher_unreachable(config):
+        result = run_distill(config)
     assert not result.skipped
     metrics = [json.loads(x) for x in (Path(result.export_dir).parent / "metrics" / "metrics.jsonl").open()]
     last = metrics[-1]
@@ -169,3 +180,40 @@ def test_distill_task_collate_rejects_targets_of_other_tokenisation() -> None:
     }
     with pytest.raises(CacheError, match=r"different tokenisation"):
         task.collate(batch)
+
+
+def test_sweep_reuses_the_one_cache_for_every_run(cached_config: Config, tmp_path: Path, capsys) -> None:
+    """`moedistill ablate`: the cache is found (not rebuilt), >= 3 runs read it, a rerun skips them all."""
+    import csv
+
+    import yaml
+
+    from pipeline.ablate import run_ablate
+
+    caches_before = sorted(Path(cached_config.cache.root).glob("*/manifest.json"))
+    sweep = {
+        "name": "t",
+        "base": str(TINY),
+        "set": {
+            "output_dir": cached_config.output_dir,
+            "cache.root": cached_config.cache.root,
+            "distill.train.max_steps": 2,
+            "evaluate.max_examples": 4,
+            "evaluate.num_seeds": 1,
+        },
+        "grid": {"distill.method": ["sft", "kd", "b-distill-no-mc"]},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    first = run_ablate(path)
+    assert first["cache"].status == "exists" and first["trained"] == 3
+    assert sorted(Path(cached_config.cache.root).glob("*/manifest.json")) == caches_before
+    assert "found once, read by 3 student run(s)" in capsys.readouterr().out
+    with open(Path(cached_config.output_dir) / "sweeps" / "t" / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["model"] for r in rows} == {"teacher"} | {r.run_name for r in first["runs"]}
+    assert all(r["val_loss"] for r in rows if r["model"] != "teacher")
+    assert (Path(cached_config.output_dir) / "sweeps" / "t" / "results.png").stat().st_size > 0
+
+    second = run_ablate(path)  # rerun: every run finished, nothing trains again
+    assert second["trained"] == 0 and all(r.skipped for r in second["runs"])
