@@ -265,13 +265,13 @@ def _read_token_arrays(
     e_s = num_student_experts or cache.width
     gates_w = None
     if "gates" in needed or ("expert_states" in needed and e_s != cache.width):
-        gates_w = torch.from_numpy(group["gates"].oindex[rows, positions].astype(np.float32))
+        gates_w = torch.from_numpy(_layers(group["gates"], rows, positions).astype(np.float32))
     if "gates" in needed:
         assert gates_w is not None
         out["gates"] = _agg_gates(gates_w, e_s, cache.width).numpy()
     if "expert_states" in needed:
         arr = group["expert_states"]
-        states_w = decode_states(arr.oindex[rows, positions], arr.attrs["logical_dtype"])
+        states_w = decode_states(_layers(arr, rows, positions), arr.attrs["logical_dtype"])
         if e_s != cache.width:
             from pipeline.distill.losses import aggregate_expert_states
 
@@ -280,6 +280,17 @@ def _read_token_arrays(
             states_w = aggregate_expert_states(gates_w, states_w, e_s)
         out["expert_states"] = states_w.numpy()
     return out
+
+
+def _layers(arr: Any, rows: slice, positions: list[int]) -> np.ndarray:
+    """arr[rows, positions] by basic slicing: zarr's orthogonal (list) selection is ~50x slower here.
+
+    Every slice covers one layer, so only the requested layers' chunks are read (chunks are 1 layer deep).
+    """
+    first = positions[0] if positions else 0
+    if positions == list(range(first, first + len(positions))):  # contiguous (incl. empty): one slice
+        return arr[rows, first : first + len(positions)]
+    return np.stack([arr[rows, p] for p in positions], axis=1)
 
 
 def _agg_gates(gates_w: torch.Tensor, e_s: int, width: int) -> torch.Tensor:
