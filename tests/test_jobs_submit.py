@@ -1,0 +1,343 @@
+"""The stages as `ray job submit` runs them: a REAL local Ray head (`ray start --head`, dashboard, token
+authentication on) in a subprocess, each stage submitted with the Jobs CLI, the repository shipped with
+--working-dir, and the stage's outputs checked on disk.
+
+Facts this encodes (ray 2.60): the Jobs CLI needs ray[default]; a head with token auth refuses a submitter
+without the token ("Authentication required"); a submitter with RAY_AUTH_MODE=token and the cluster's token
+(~/.ray/auth_token, or RAY_AUTH_TOKEN_PATH as here) is accepted; the job's driver inherits the head's
+environment, so it finds the token too; `ray job submit` blocks until the job ends and exits non-zero when
+it fails. The entrypoint's `python` is whatever PATH the head resolves, so jobs name this venv's python.
+
+The head runs with `--block` in a session of its own and is stopped by killing that session's processes and
+their descendants only: never `ray stop`, which kills every Ray process on the machine (other test sessions
+included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "jobs" / "configs" / "demo.yaml"
+# Not uploaded with --working-dir (.venv alone is GBs; Ray refuses packages over its size limit).
+EXCLUDES = [".venv/", "runs/", ".git/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/", "*.egg-info/"]
+START_TIMEOUT_S = 180  # a 2-core CI box shared with other test sessions starts a head in 15-60 s
+JOB_TIMEOUT_S = 420
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One `ray job submit -- python <script> --config <cfg> <args>`; `outputs` are relative to output_dir."""
+
+    script: str
+    args: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+# In pipeline order; each stage may use what the previous ones wrote. Adding a stage is one line.
+TEACHER = "teacher/final"
+STAGES: list[Stage] = [
+    Stage("jobs/finetune_teacher.py", (), (f"{TEACHER}/config.json", f"{TEACHER}/moedistill_export.json")),
+]
+# The rest of the pipeline works as jobs too; together ~2 more minutes on 2 CPUs, so opt-in for now.
+if os.environ.get("MOEDISTILL_TEST_ALL_STAGES") == "1":
+    STAGES += [
+        Stage("jobs/cache_teacher.py", (), ("caches/by-config",)),
+        Stage("jobs/distill.py", (), ("students/probe/final/config.json",)),
+        Stage("jobs/evaluate.py", (), ("eval/results.csv",)),
+    ]
+
+
+def _ray_cli() -> list[str]:
+    script = Path(sys.executable).with_name("ray")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(text: str, lines: int = 60) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class LocalHead:
+    """`ray start --head --block` with token auth, in a session of its own, under a private temp dir."""
+
+    PORT_FLAGS = (
+        "--port",
+        "--node-manager-port",
+        "--object-manager-port",
+        "--metrics-export-port",
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port",
+        "--ray-client-server-port",
+    )
+
+    def __init__(self) -> None:
+        # A short path of our own: Ray's unix sockets live under it (108-byte limit).
+        self.root = Path(tempfile.mkdtemp(prefix="mdjob", dir="/tmp"))
+        token = self.root / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        self.dashboard_port = _free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("RAY_AUTH_") and k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+        }
+        self.env_without_token = dict(env)
+        # The same token for the head (and so every job driver it starts) and for the submitter. PATH puts
+        # this venv first, so Ray's own helper processes resolve the same python.
+        env.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=str(token),
+            PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        )
+        self.env = env
+        self.log_path = self.root / "head.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [
+            *_ray_cli(),
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus",
+            "2",
+            "--resources",
+            json.dumps({"teacher_node": 1, "student_node": 1}),
+            "--include-dashboard",
+            "true",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(self.dashboard_port),
+            "--temp-dir",
+            str(self.root / "ray"),
+            "--object-store-memory",
+            str(256 * 1024**2),
+            "--disable-usage-stats",
+        ]
+        for flag in self.PORT_FLAGS:
+            cmd += [flag, str(_free_port())]
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"`ray start --head` exited with {self.proc.returncode}:\n{self.head_log()}")
+            last = self.job("list", check=False, timeout=60)
+            if last.returncode == 0:
+                return
+            time.sleep(2)
+        pytest.fail(
+            f"the Ray head's job server at {self.address} did not answer within {START_TIMEOUT_S} s.\n"
+            f"last `ray job list`:\n{_tail(last.stdout if last else '')}\nhead log:\n{self.head_log()}"
+        )
+
+    def job(
+        self, command: str, *args: str, check: bool = True, timeout: float = 120, env: dict | None = None
+    ) -> subprocess.CompletedProcess:
+        """`ray job <command> --address <head> <args>`, with the submitter's environment (token included)."""
+        result = subprocess.run(
+            [*_ray_cli(), "job", command, "--address", self.address, *args],
+            env=env or self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+            cwd=self.root,
+        )
+        if check and result.returncode != 0:
+            what = f"`ray job {command} {' '.join(args)}`"
+            pytest.fail(f"{what} exited {result.returncode}:\n{_tail(result.stdout)}")
+        return result
+
+    def head_log(self) -> str:
+        return _tail(self.log_path.read_text()) if self.log_path.exists() else "(no head log)"
+
+    def stop(self) -> None:
+        """Stop this cluster's processes, and only those (see `processes`); then delete its temp dir."""
+        import psutil
+
+        if self.proc is not None:
+            ours = self.processes()
+            # SIGTERM lets `ray start --block` shut its node down; on a busy machine that can take a minute,
+            # so after a short grace period whatever is left gets SIGKILL (nothing here needs a clean flush).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+            left = {p.pid: p for p in [*ours, *self.processes()] if p.is_running()}
+            for proc in left.values():
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            psutil.wait_procs(list(left.values()), timeout=10)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def processes(self) -> list:
+        """This cluster's live processes: the head's session (`ray start` got a new one; Ray puts each worker
+        in its own process group inside it) and all their descendants (a job's driver gets its own session).
+        """
+        import psutil
+
+        if self.proc is None:
+            return []
+        found: dict[int, psutil.Process] = {}
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):
+                if os.getsid(proc.pid) == self.proc.pid:
+                    found[proc.pid] = proc
+        for proc in list(found.values()):
+            with contextlib.suppress(psutil.Error):
+                found.update({child.pid: child for child in proc.children(recursive=True)})
+        alive = []
+        for proc in found.values():
+            with contextlib.suppress(psutil.Error):
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+        return alive
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[LocalHead]:
+    head = LocalHead()
+    try:
+        head.start()
+        yield head
+    finally:
+        head.stop()
+        survivors = [" ".join(p.cmdline())[:160] for p in head.processes()]
+        assert not survivors, f"Ray processes of {head.root} survived the teardown: {survivors}"
+
+
+def tiny_job_config(tmp_path: Path) -> Path:
+    """demo.yaml's settings, far smaller (seconds of CPU per stage), writing under tmp_path."""
+    cfg = yaml.safe_load(DEMO.read_text())
+    cfg["name"] = "jobs-submit"
+    cfg["output_dir"] = str(tmp_path / "run")
+    cfg["data"].update(num_demo_records=300, max_length=96, val_fraction=0.1, test_fraction=0.1)
+    cfg["tokenizer"] = {"vocab_size": 384}
+    cfg["teacher"]["build"] = dict(
+        hidden_size=64,
+        num_layers=2,
+        num_experts=4,
+        top_k=2,
+        moe_intermediate_size=64,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=32,
+    )
+    cfg["student"]["build"] = dict(
+        hidden_size=32,
+        num_layers=1,
+        num_experts=2,
+        top_k=1,
+        moe_intermediate_size=32,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+    )
+    small_train = dict(
+        batch_size=8, warmup_steps=1, max_steps=5, checkpoint_every=5, log_every=5, max_failures=0
+    )
+    # Workers pinned like on a cluster: the head advertises one teacher_node and one student_node.
+    cfg["finetune"].update(small_train, resources_per_worker={"teacher_node": 1})
+    cfg["distill"]["train"].update(small_train, resources_per_worker={"student_node": 1})
+    cfg["distill"]["run_name"] = "probe"
+    cfg["cache"].update(
+        root=str(tmp_path / "run" / "caches"),
+        logits_k=8,
+        batch_size=16,
+        rows_per_shard=64,
+        resources={"teacher_node": 1},
+    )
+    cfg["evaluate"].update(num_seeds=1, max_new_tokens=8, batch_size=16, max_examples=8)
+    path = tmp_path / "tiny-job.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def submit(head: LocalHead, stage: Stage, config: Path, submission_id: str) -> subprocess.CompletedProcess:
+    args = [
+        "--submission-id",
+        submission_id,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps({"excludes": EXCLUDES}),
+        "--",
+        sys.executable,  # the entrypoint's bare `python` would be whatever the head's PATH finds first
+        stage.script,
+        "--config",
+        str(config),
+        *stage.args,
+    ]
+    try:
+        return head.job("submit", *args, check=False, timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        head.job("stop", submission_id, check=False)
+        logs = head.job("logs", submission_id, check=False).stdout
+        pytest.fail(f"job {submission_id} ({stage.script}) ran over {JOB_TIMEOUT_S} s; logs:\n{_tail(logs)}")
+
+
+def test_submitter_without_the_token_is_refused(ray_head: LocalHead, tmp_path: Path) -> None:
+    result = ray_head.job("list", check=False, env=ray_head.env_without_token)
+    assert result.returncode != 0, f"token auth is off on the head?\n{_tail(result.stdout)}"
+    assert "Authentication" in result.stdout, _tail(result.stdout)
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text(secrets.token_hex(32))
+    result = ray_head.job("list", check=False, env={**ray_head.env, "RAY_AUTH_TOKEN_PATH": str(wrong)})
+    assert result.returncode != 0 and "invalid or incorrect" in result.stdout, _tail(result.stdout)
+
+
+def test_a_failing_job_makes_submit_exit_non_zero(ray_head: LocalHead) -> None:
+    sid = f"moedistill-test-fails-{secrets.token_hex(3)}"
+    entrypoint = [sys.executable, "-c", "raise SystemExit(3)"]
+    result = ray_head.job("submit", "--submission-id", sid, "--", *entrypoint, check=False)
+    assert result.returncode != 0, _tail(result.stdout)
+    assert "exit code 3" in result.stdout, _tail(result.stdout)
+    assert f"Job '{sid}' failed" in ray_head.job("status", sid).stdout
+
+
+def test_stages_run_as_ray_jobs(ray_head: LocalHead, tmp_path: Path) -> None:
+    config = tiny_job_config(tmp_path)
+    out = tmp_path / "run"
+    for index, stage in enumerate(STAGES):
+        sid = f"moedistill-test-{index}-{Path(stage.script).stem}-{secrets.token_hex(3)}"
+        result = submit(ray_head, stage, config, sid)
+        logs = ray_head.job("logs", sid, check=False).stdout
+        assert result.returncode == 0, (
+            f"`ray job submit ... {stage.script}` exited {result.returncode}; job logs:\n{_tail(logs)}"
+        )
+        status = ray_head.job("status", sid).stdout
+        assert f"Job '{sid}' succeeded" in status, _tail(status)
+        missing = [rel for rel in stage.outputs if not (out / rel).exists()]
+        assert not missing, f"{stage.script} did not write {missing} under {out}; job logs:\n{_tail(logs)}"
