@@ -121,7 +121,8 @@ class DistillConfig:
     lambda_erd: float = 1.0
     temperature: float = 1.0
     token_loss_kwargs: dict[str, float] = field(default_factory=dict)
-    run_name: str | None = None  # default: "<method>-k<k>-a<alpha>-b<beta>-e<E_S>-s<seed>"
+    # default: "<method>-k<k>-a<alpha>-b<beta>-e<E_S>-s<seed>-<settings fingerprint>"
+    run_name: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

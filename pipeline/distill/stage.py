@@ -21,6 +21,7 @@ from pipeline.distill.student import DistillStudent
 from pipeline.errors import CacheError
 from pipeline.evaluate.generate import validation_loss
 from pipeline.models.factory import materialize_model
+from pipeline.run_identity import claim_run_dir, settings_fingerprint, train_settings
 from pipeline.training.finetune import export_hf_checkpoint, export_is_complete
 from pipeline.training.loop import LoopSpec, plan_total_steps
 from pipeline.training.runner import fit
@@ -43,10 +44,24 @@ def cache_fields_for(method: MethodSpec) -> set[str]:
     return fields
 
 
-def default_run_name(config: Config) -> str:
+def run_settings(config: Config, cache_key: str) -> dict[str, Any]:
+    """Everything that decides the trained student: its model, the distillation settings and the cache."""
+    distill = {k: v for k, v in asdict(config.distill).items() if k not in ("run_name", "train")}
+    return {
+        "cache_key": cache_key,
+        "student": asdict(config.student),
+        "distill": {**distill, "train": train_settings(config.distill.train)},
+    }
+
+
+def default_run_name(config: Config, cache_key: str) -> str:
+    """Readable settings, then a fingerprint of them all: runs that differ anywhere never share a folder."""
     d = config.distill
+    if d.run_name:
+        return d.run_name
     experts = config.student.build.num_experts if config.student.build else config.student.num_experts
-    return d.run_name or f"{d.method}-k{d.k}-a{d.alpha:g}-b{d.beta:g}-e{experts}-s{d.train.seed}"
+    fingerprint = settings_fingerprint(run_settings(config, cache_key))
+    return f"{d.method}-k{d.k}-a{d.alpha:g}-b{d.beta:g}-e{experts}-s{d.train.seed}-{fingerprint}"
 
 
 class DistillTask:
@@ -175,8 +190,15 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
         num_student_experts=num_experts,
         fields=fields,
     )
-    run_name = default_run_name(config)
+    run_name = default_run_name(config, cache.key)
     run_dir = paths.students / run_name
+    claim_run_dir(
+        run_dir,
+        run_settings(config, cache.key),
+        what=f"student run {run_name!r}",
+        fix="choose another distill.run_name (or leave it unset: default names carry a settings "
+        "fingerprint), or delete that folder to retrain under this name.",
+    )
     export_dir = run_dir / "final"
     num_parameters = sum(p.numel() for p in student_probe.parameters())
     val_examples = _validation_examples(config, prepared, tokenizer)

@@ -38,9 +38,10 @@ from pipeline.workspace import PreparedData, paths_for, prepare_data
 log = logging.getLogger(__name__)
 
 EXPORT_MARKER = "moedistill_export.json"  # pipeline.training.finetune.EXPORT_MARKER (no torch import here)
-# pipeline.distill.stage.default_run_name: "<method>-k<k>-a<alpha>-b<beta>-e<E_S>-s<seed>"
+# pipeline.distill.stage.default_run_name: "<method>-k<k>-a<alpha>-b<beta>-e<E_S>-s<seed>-<fingerprint>"
 _RUN_NAME = re.compile(
-    r"^(?P<method>.+)-k(?P<k>\d+)-a(?P<alpha>[0-9.e+-]+)-b(?P<beta>[0-9.e+-]+)-e(?P<e>\d+)-s(?P<seed>\d+)$"
+    r"^(?P<method>.+)-k(?P<k>\d+)-a(?P<alpha>[0-9.e+-]+)-b(?P<beta>[0-9.e+-]+)-e(?P<e>\d+)-s(?P<seed>\d+)"
+    r"(-[0-9a-f]{6})?$"
 )
 
 

@@ -18,6 +18,7 @@ from pipeline.data.tokenize import tokenize_records
 from pipeline.evaluate.generate import generate_responses, validation_loss
 from pipeline.evaluate.rouge import mean_rouge_l
 from pipeline.models.factory import materialize_model
+from pipeline.run_identity import SETTINGS_FILE, claim_run_dir, train_settings
 from pipeline.training.loop import LoopSpec, plan_total_steps
 from pipeline.training.runner import fit
 from pipeline.workspace import load_tokenizer, paths_for, prepare_data
@@ -52,6 +53,18 @@ class SupervisedTask:
 
     def export(self, model: torch.nn.Module, export_dir: str) -> None:
         export_hf_checkpoint(model, self.tokenizer, export_dir, info={"stage": "finetune-teacher"})
+
+
+def teacher_settings(config: Config) -> dict:
+    """What decides the fine-tuned teacher's weights: its model, its training, its data and tokenizer."""
+    data = dataclasses.asdict(config.data)
+    data.pop("strict")  # strict only decides whether bad records raise or are skipped and counted
+    return {
+        "teacher": dataclasses.asdict(config.teacher),
+        "finetune": train_settings(config.finetune),
+        "data": data,
+        "tokenizer": dataclasses.asdict(config.tokenizer),
+    }
 
 
 def export_hf_checkpoint(model, tokenizer, export_dir: str | Path, info: dict) -> None:
@@ -101,7 +114,20 @@ def run_finetune(config: Config, *, force: bool = False, eval_examples: int = 12
     test_records = prepared.splits.test[:eval_examples]
     initial = materialize_model(config.teacher, tokenizer).float()
     num_parameters = sum(p.numel() for p in initial.parameters())
-    if export_is_complete(export_dir) and not force:
+    teacher_dir = paths.root / "teacher"
+    ray_run_name = f"{config.name}-finetune-teacher"
+    if force:  # forget the old run entirely, or Ray Train would resume from its last checkpoint
+        (teacher_dir / SETTINGS_FILE).unlink(missing_ok=True)
+        shutil.rmtree(paths.ray_storage / ray_run_name, ignore_errors=True)
+        shutil.rmtree(export_dir, ignore_errors=True)
+    claim_run_dir(
+        teacher_dir,
+        teacher_settings(config),
+        what="the fine-tuned teacher",
+        fix="rerun with `moedistill finetune-teacher --force` to retrain it (caches of the old teacher "
+        "stay valid under their own keys), or give this config its own output_dir.",
+    )
+    if export_is_complete(export_dir):
         print(
             f"[finetune] teacher already fine-tuned at {export_dir}; reusing it (--force retrains)",
             flush=True,
@@ -123,7 +149,7 @@ def run_finetune(config: Config, *, force: bool = False, eval_examples: int = 12
         fit(
             lambda: SupervisedTask(task_cfg, tok_path),
             spec,
-            run_name=f"{config.name}-finetune-teacher",
+            run_name=ray_run_name,
             storage_path=str(paths.ray_storage),
             datasets={"train": ray.data.from_items(train_examples)},
         )
@@ -178,8 +204,7 @@ def format_finetune_result(result: FinetuneResult) -> str:
     lines = [
         f"teacher: {result.num_parameters / 1e6:.2f}M parameters, export {result.export_dir}",
         f"training: {result.train_examples} examples, {result.wall_s:.0f} s, "
-        f"{result.tokens_per_s:.0f} tokens/s"
-        + (" (reused finished export)" if result.skipped else ""),
+        f"{result.tokens_per_s:.0f} tokens/s" + (" (reused finished export)" if result.skipped else ""),
         "               before    after",
         f"val loss     {result.before['val_loss']:8.3f} {result.after['val_loss']:8.3f}",
         f"Rouge-L      {result.before['rouge_l']:8.3f} {result.after['rouge_l']:8.3f}",
