@@ -1,9 +1,12 @@
 """The Ray Train worker loop shared by teacher fine-tuning and student distillation.
 
 A `TrainingTask` says what is trained (model, loss, collation, export); this module owns everything
-else: DDP/FSDP wrapping, gradient accumulation, AdamW + cosine, checkpoints through `ray.train.report`
-(model, optimiser, scheduler, RNG, data position), resume from `ray.train.get_checkpoint()`, metrics on
-rank 0 and the Hugging Face export at the end.
+else: DDP/FSDP wrapping (pipeline.training.parallel), gradient accumulation, AdamW + cosine, checkpoints
+through `ray.train.report` (model, optimiser, scheduler, RNG, data position), resume from
+`ray.train.get_checkpoint()`, metrics on rank 0 and the Hugging Face export at the end.
+
+Checkpoints hold full, unsharded state keyed by parameter name, so a run checkpointed under one strategy
+or worker count resumes under another.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +29,14 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.training.metrics import MetricsLogger
 from pipeline.training.optim import build_optimizer, build_scheduler
+from pipeline.training.parallel import (
+    clip_gradients,
+    exportable_model,
+    full_state,
+    gradient_sync,
+    load_full_state,
+    wrap_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +88,7 @@ def run_training_loop(task: TrainingTask, spec: LoopSpec) -> None:
         torch.set_num_threads(cfg.torch_threads)
     device = ray.train.torch.get_device()
 
-    model = task.build_model()
-    model = ray.train.torch.prepare_model(
-        model,
-        parallel_strategy=cfg.strategy,
-        # MoE layers leave unchosen experts without gradient in a step; DDP must tolerate that.
-        parallel_strategy_kwargs={"find_unused_parameters": True} if cfg.strategy == "ddp" else None,
-    )
+    model = wrap_model(task.build_model(), cfg.strategy, device, world, fsdp_units=_fsdp_units(task))
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, spec.total_steps)
 
@@ -92,8 +97,7 @@ def run_training_loop(task: TrainingTask, spec: LoopSpec) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=False)
-        _unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_full_state(model, optimizer, state["model"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         start_step = int(state["step"])
@@ -121,13 +125,12 @@ def run_training_loop(task: TrainingTask, spec: LoopSpec) -> None:
             t_data = time.perf_counter()
             batch = {k: v.to(device) for k, v in next(batches).items()}
             data_wait += time.perf_counter() - t_data
-            sync = micro == cfg.grad_accum_steps - 1 or not hasattr(model, "no_sync")
-            with autocast, contextlib.nullcontext() if sync else model.no_sync():
+            with autocast, gradient_sync(model, micro == cfg.grad_accum_steps - 1):
                 loss, parts = task.compute_loss(model, batch, step)
                 (loss / cfg.grad_accum_steps).backward()
             for k, v in parts.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + v / cfg.grad_accum_steps
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = clip_gradients(model, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         step_time += time.perf_counter() - t0
@@ -153,9 +156,15 @@ def run_training_loop(task: TrainingTask, spec: LoopSpec) -> None:
     if progress is not None:
         progress.close()
     metrics_log.close()
+    exportable = exportable_model(model, task.build_model)  # collective under FSDP: every rank calls it
     if rank == 0:
-        task.export(_unwrap(model), spec.export_dir)
+        task.export(exportable, spec.export_dir)
         print(f"[train] exported Hugging Face checkpoint to {spec.export_dir}", flush=True)
+
+
+def _fsdp_units(task: TrainingTask) -> Callable[[torch.nn.Module], list[torch.nn.Module]] | None:
+    """A task may say which submodules are safe to shard on their own (see pipeline.training.parallel)."""
+    return getattr(task, "fsdp_units", None)
 
 
 def _micro_batches(
@@ -168,18 +177,22 @@ def _micro_batches(
     epoch, skip = divmod(start_micro, micro_per_epoch)
     while True:
         emitted = 0
-        iterator = shard.iter_batches(
+        # collate_fn turns Ray Data's numpy batches (ragged per-sequence arrays) into padded tensors; it
+        # runs on iter_torch_batches' prefetch thread, overlapping with the step. Skipped batches (resume
+        # inside an epoch) are collated too: cheap next to a training step.
+        iterator = shard.iter_torch_batches(
             batch_size=cfg.batch_size,
-            batch_format="numpy",
+            collate_fn=task.collate,
             drop_last=True,
             local_shuffle_buffer_size=max(4 * cfg.batch_size, 64),
             local_shuffle_seed=cfg.seed + epoch,
+            prefetch_batches=2,
         )
         for index, batch in enumerate(iterator):
             if index < skip:
                 continue
             emitted += 1
-            yield task.collate(batch)
+            yield batch
         if emitted == 0 and skip == 0:
             raise RuntimeError(
                 "a training worker received no complete batch: the dataset has fewer rows than "
@@ -194,14 +207,14 @@ def _report_checkpoint(
     import ray.train
 
     rng_states = _gather_rng_states(world)
-    state_dict = _full_state_dict(model)
+    model_state, optimizer_state = full_state(model, optimizer)  # collective under FSDP
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
             torch.save(
                 {
-                    "model": state_dict,
-                    "optimizer": optimizer.state_dict(),
+                    "model": model_state,
+                    "optimizer": optimizer_state,
                     "scheduler": scheduler.state_dict(),
                     "step": step,
                     "rng": rng_states,
@@ -210,27 +223,6 @@ def _report_checkpoint(
             )
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
-
-
-def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    if isinstance(model, FSDP):
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-
-        policy = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, policy):
-            return model.state_dict()
-    return {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model inside a DDP/FSDP wrapper (hooks and exports need it)."""
-    return _unwrap(model)
 
 
 def _seed_everything(seed: int) -> None:
