@@ -8,6 +8,7 @@ forward, router logits, per-expert loops).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import logging
@@ -35,9 +36,17 @@ from pipeline.cache import (
     read_cache_dataset,
     verify_cache,
 )
+from pipeline.cache.build import stored_runtime
 from pipeline.cache.fs import get_fs
 from pipeline.cache.shard import committed_shards
-from pipeline.cache.teacher import decode_states, encode_states
+from pipeline.cache.teacher import (
+    TeacherShardStage,
+    check_no_offload,
+    decode_states,
+    encode_states,
+    input_device,
+    teacher_placement,
+)
 from pipeline.data.demo_dataset import generate_demo_records
 from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
 from pipeline.data.template import TEMPLATE_SPEC
@@ -46,6 +55,7 @@ from pipeline.models.build import TinyMoEConfig, build_tiny_moe
 
 NUM_RECORDS = 36
 ROWS_PER_SHARD = 8  # -> 5 shards, the last one partial
+BATCH, RESUME_BATCH = 3, 5  # micro-batch sizes of the first build and of the resume (they round differently)
 E_T, WIDTH, LAYERS, K = 8, 4, (1, 3), 8
 
 
@@ -86,19 +96,34 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"root": root, "records": records, "tok": tok, "model": model, "spec": spec}
 
 
+class _Notes(logging.Handler):
+    """Collects what pipeline.cache.build logs at WARNING and above (caplog is function-scoped)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def built(
     ray_cluster: None, assets: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Any]:
-    """A build killed mid-run (failure injected once 2 shards are committed; the 3rd is left half-written),
-    then resumed by the Ray pipeline: a teacher actor on a custom resource, write tasks held until 2 run at
-    once (each owns whole shards). The first attempt runs in-process (executor="local") to keep this module
-    to one Ray pipeline run; shards are byte-identical across executors, which
-    test_resume_after_failure_is_byte_identical checks."""
+    """A real Ray Data build killed mid-run (the datasink's failure injection: every commit after the first 2
+    fails, leaving its shard staged but uncommitted), then resumed by the Ray pipeline asking for another
+    micro-batch size and rows_per_shard (the values stored by the first build win). Both runs: a teacher actor
+    on a custom resource; the resume also holds write tasks until 2 run at once (each owns whole shards).
+    `reference` builds the same key uninterrupted with the first values, in-process."""
     root = tmp_path_factory.mktemp("caches")
-    failing = CacheRuntime(
-        batch_size=3, rows_per_shard=ROWS_PER_SHARD, executor="local", fail_after_shards=2, progress=False
-    )
+    on_ray = {
+        "num_actors": 1,
+        "num_cpus_per_actor": 0.5,
+        "resources": {"teacher_node": 0.5},
+        "progress": False,
+    }
+    failing = CacheRuntime(batch_size=BATCH, rows_per_shard=ROWS_PER_SHARD, fail_after_shards=2, **on_ray)
     with pytest.raises(CacheError, match=re.escape("rerun `moedistill cache --config ...` to resume")) as err:
         build_teacher_cache(assets["spec"], assets["records"], str(root), failing)
     path, *_ = cache_path_for(assets["spec"], assets["records"], str(root))
@@ -107,29 +132,33 @@ def built(
         "committed": sorted(committed_shards(path)),
         "staging": sorted(p.name for p in (Path(path) / "shards").iterdir() if p.name.startswith(".tmp-")),
         "verify": verify_cache(path),
+        "layout": json.loads((Path(path) / "manifest.json").read_text())["layout"],
     }
     with pytest.raises(CacheError, match="incomplete") as incomplete:
         open_cache(path)
     after_failure["open_error"] = str(incomplete.value)
-    # Resume on Ray, asking for another rows_per_shard (the stored layout wins).
-    runtime = CacheRuntime(
-        num_actors=1,
-        batch_size=3,
-        rows_per_shard=999,
-        num_cpus_per_actor=0.5,
-        resources={"teacher_node": 0.5},
-        write_barrier=2,
-        progress=False,
-    )
-    info = build_teacher_cache(assets["spec"], assets["records"], str(root), runtime)
-    return {"root": root, "info": info, "runtime": runtime, "after_failure": after_failure}
+    runtime = CacheRuntime(batch_size=RESUME_BATCH, rows_per_shard=999, write_barrier=2, **on_ray)
+    notes = _Notes()
+    logging.getLogger("pipeline.cache.build").addHandler(notes)
+    try:
+        info = build_teacher_cache(assets["spec"], assets["records"], str(root), runtime)
+    finally:
+        logging.getLogger("pipeline.cache.build").removeHandler(notes)
+    return {
+        "root": root,
+        "info": info,
+        "runtime": runtime,
+        "after_failure": after_failure,
+        "notes": notes.messages,
+    }
 
 
 @pytest.fixture(scope="module")
 def reference(assets: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """An uninterrupted build of the same key, in-process (executor="local", no Ray)."""
+    """An uninterrupted build of the same key with the first build's micro-batch size, in-process
+    (executor="local", no Ray): shards are byte-identical across executors."""
     root = tmp_path_factory.mktemp("caches_local")
-    runtime = CacheRuntime(batch_size=3, rows_per_shard=ROWS_PER_SHARD, executor="local", progress=False)
+    runtime = CacheRuntime(batch_size=BATCH, rows_per_shard=ROWS_PER_SHARD, executor="local", progress=False)
     return {"root": root, "info": build_teacher_cache(assets["spec"], assets["records"], str(root), runtime)}
 
 
@@ -210,8 +239,10 @@ def _greedy(model: Any, prompt: list[int], n: int, eos: int) -> list[int]:
 def test_build_layout_and_concurrent_writes(built: dict[str, Any], assets: dict[str, Any]) -> None:
     info = built["info"]
     assert info.status == "resumed"
-    # 3 shards were written by the Ray run, each by a write task that waited until 2 write tasks ran at once.
-    assert info.stats["shards"] == 3 and info.stats["tokens"] > 0
+    # The resume wrote the shards the killed run did not commit, each by a write task that waited until 2
+    # write tasks ran at once.
+    n_done = len(built["after_failure"]["committed"])
+    assert info.stats["shards"] == 5 - n_done and info.stats["tokens"] > 0
     assert Path(info.path).parent == built["root"] and Path(info.path).name == info.key
     m = open_cache(info.path).manifest
     assert m["complete"] and m["layout"]["num_shards"] == math.ceil(NUM_RECORDS / ROWS_PER_SHARD)
@@ -292,12 +323,34 @@ def test_second_run_is_a_noop(
     assert (Path(built["info"].path) / "manifest.json").read_bytes() == before
 
 
-def test_resume_after_failure_is_byte_identical(built: dict[str, Any], reference: dict[str, Any]) -> None:
+def test_ray_write_killed_mid_run_resumes_from_committed_shards(built: dict[str, Any]) -> None:
+    """The Ray Data datasink's failure injection: the real write stage dies after 2 commits; the resume keeps
+    the committed shards and writes only the others."""
     fail = built["after_failure"]
-    assert "injected failure" in fail["error"] and "2 of 5 shards committed" in fail["error"], fail["error"]
-    assert fail["committed"] == [0, 1] and fail["staging"]  # the killed write left only a staged copy
+    committed = fail["committed"]
+    # Exactly 2 commits get through (a write in flight when the job dies may be cancelled: then fewer), in
+    # whatever order the write tasks ran; the error names the remote exception, not Ray's retry hint.
+    assert 1 <= len(committed) <= 2 and set(committed) <= set(range(5)), committed
+    assert f"{len(committed)} of 5 shards committed" in fail["error"], fail["error"]
+    assert "RuntimeError: injected failure before committing shard" in fail["error"], fail["error"]
+    assert fail["staging"]  # the killed write left only a staged copy, which the resume discarded
     assert not fail["verify"].ok and "incomplete" in fail["verify"].problems[0]
     assert "rerun `moedistill cache --config ...` to resume it" in fail["open_error"]
+    m = open_cache(built["info"].path).manifest
+    assert [s["shard_id"] for s in m["shards"]] == list(range(5))
+    assert not [p for p in (Path(built["info"].path) / "shards").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_resume_after_failure_is_byte_identical(built: dict[str, Any], reference: dict[str, Any]) -> None:
+    """Killed at micro-batch BATCH, resumed asking for RESUME_BATCH (which rounds differently) and another
+    rows_per_shard: the stored values win, so every checksum equals an uninterrupted BATCH build's."""
+    fail = built["after_failure"]
+    assert fail["layout"]["batch_size"] == BATCH and fail["layout"]["rows_per_shard"] == ROWS_PER_SHARD
+    assert fail["layout"]["torch_threads"] == 1  # floor(num_cpus_per_actor=0.5), at least 1
+    [note] = built["notes"]
+    assert f"cache.batch_size={BATCH} (asked: {RESUME_BATCH})" in note, note
+    assert f"cache.rows_per_shard={ROWS_PER_SHARD} (asked: 999)" in note, note
+    assert "torch threads" not in note  # not asked to change
     assert reference["info"].status == "built" and reference["info"].key == built["info"].key
     a = json.loads((Path(built["info"].path) / "manifest.json").read_text())
     b = json.loads((Path(reference["info"].path) / "manifest.json").read_text())
@@ -456,9 +509,12 @@ def test_state_encoding_roundtrip(dtype: str) -> None:
     )
 
 
-def test_object_store_commit_markers_resume_and_sampled_logits(assets: dict[str, Any]) -> None:
+def test_object_store_commit_markers_resume_and_sampled_logits(
+    assets: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
     """An fsspec URL (memory://, an object store without rename): shards commit by a marker written last.
-    Also: importance-sampled logits, no expert states, W = E_T (no aggregation at cache time)."""
+    Also: importance-sampled logits, no expert states, W = E_T (no aggregation at cache time), and a local
+    resume asking for another micro-batch and thread count (the stored values are used, with a note)."""
     spec = CacheSpec(
         **{
             **assets["spec"].__dict__,
@@ -480,8 +536,14 @@ def test_object_store_commit_markers_resume_and_sampled_logits(assets: dict[str,
     # The failed shard's files were uploaded, but without its marker nobody sees them.
     assert fs.exists(f"{base}/shards/shard-00001/index.parquet")
     assert not fs.exists(f"{base}/shards/shard-00001/_SHARD.json")
-    info = build_teacher_cache(spec, records, root, runtime)
+    caplog.set_level(logging.WARNING, logger="pipeline.cache.build")
+    resume = dataclasses.replace(runtime, batch_size=2, torch_threads=2)
+    info = build_teacher_cache(spec, records, root, resume)
     assert info.status == "resumed" and verify_cache(info.path).ok
+    note = "cache.batch_size=4 (asked: 2), torch threads (num_cpus_per_actor)=1 (asked: 2)"
+    assert note in caplog.text, caplog.text
+    layout = open_cache(info.path).manifest["layout"]
+    assert (layout["batch_size"], layout["torch_threads"], layout["rows_per_shard"]) == (4, 1, 4)
     assert [s.key for s in list_caches(root)] == [info.key]
     cache = open_cache(info.path)
     ex = cache.read_sequence(5, {"logits", "gates"}, num_student_experts=4)
@@ -492,3 +554,168 @@ def test_object_store_commit_markers_resume_and_sampled_logits(assets: dict[str,
     # Importance-sampled entries: no tail, weights count/k summing to 1 per position.
     assert np.isneginf(ex["logit_tail_logmass"]).all()
     np.testing.assert_allclose(np.exp(ex["logit_values"]).sum(axis=1), 1.0, atol=1e-3)
+
+
+def test_stored_runtime_reads_older_manifests(caplog: pytest.LogCaptureFixture) -> None:
+    """A manifest written before batch_size / torch_threads were recorded: only rows_per_shard is forced."""
+    caplog.set_level(logging.WARNING, logger="pipeline.cache.build")
+    asked = CacheRuntime(batch_size=5, rows_per_shard=999, num_cpus_per_actor=2)
+    got = stored_runtime({"rows_per_shard": 8, "num_shards": 5}, asked, "k")
+    assert (got.rows_per_shard, got.batch_size, got.threads) == (8, 5, 2)
+    assert "cache.rows_per_shard=8 (asked: 999)" in caplog.text and "batch_size" not in caplog.text
+    caplog.clear()
+    same = stored_runtime({"rows_per_shard": 8, "batch_size": 5, "torch_threads": 2}, got, "k")
+    assert (same.rows_per_shard, same.batch_size, same.threads) == (8, 5, 2)
+    assert not caplog.text  # nothing overridden: no note
+
+
+# --- multi-GPU placement (pure: no GPU needed) --------------------------------------------------------------
+GB = 10**9
+
+
+@pytest.mark.parametrize(
+    ("num_gpus", "gpu_memory", "kind", "kwargs"),
+    [
+        (0, [], "cpu", {}),
+        (0, [80 * GB], "cpu", {}),  # a GPU in sight is not used unless asked for
+        (0.5, [80 * GB], "cuda", {}),  # a shared GPU
+        (1, [80 * GB, 80 * GB], "cuda", {}),
+        # One teacher over 2 GPUs: accelerate places the layers within 80% of each GPU, no CPU/disk budget.
+        (
+            2,
+            [80 * GB, 40 * GB, 80 * GB],
+            "device_map",
+            {"device_map": "auto", "max_memory": {0: 64 * GB, 1: 32 * GB}},
+        ),
+    ],
+)
+def test_teacher_placement(num_gpus: float, gpu_memory: list[int], kind: str, kwargs: dict[str, Any]) -> None:
+    placement = teacher_placement(num_gpus, gpu_memory)
+    assert placement.kind == kind and placement.from_pretrained_kwargs() == kwargs
+
+
+def test_teacher_placement_errors_and_offload_check() -> None:
+    with pytest.raises(CacheError, match=r"sees no CUDA device\. Fix: run on a GPU node"):
+        teacher_placement(1, [])
+    with pytest.raises(CacheError, match=r"=4 but this process sees only 2 CUDA device\(s\)\. Fix:"):
+        teacher_placement(4, [80 * GB, 80 * GB])
+    with pytest.raises(ConfigError, match=r"split over whole GPUs\. Fix: use a whole number \(2\)"):
+        teacher_placement(1.5, [80 * GB, 80 * GB])
+    with pytest.raises(ConfigError, match=r"num_gpus_per_actor=1.5 must be <= 1 .* or a whole number.*Fix:"):
+        CacheRuntime(num_gpus_per_actor=1.5)
+    check_no_offload({"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "lm_head": 1}, 2)
+    with pytest.raises(CacheError, match=r"does not fit in 2 GPUs.*2 module\(s\).*Fix: raise cache.num_gpus"):
+        check_no_offload({"model.embed_tokens": 0, "model.layers.1": "cpu", "lm_head": "disk"}, 2)
+
+
+def test_cpu_teacher_stage_placement(assets: dict[str, Any]) -> None:
+    stage = TeacherShardStage(assets["spec"], WIDTH, micro_batch=3, num_gpus=0.0)
+    assert stage.placement.kind == "cpu" and input_device(stage.adapter.model) == torch.device("cpu")
+
+
+# --- `moedistill cache verify` ------------------------------------------------------------------------------
+def test_cli_verify_exit_codes(built: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from pipeline.cli import main
+
+    path = tmp_path / "copy"
+    shutil.copytree(built["info"].path, path)
+    assert main(["cache", "verify", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"OK: teacher cache {path}") and "shards ok 5/5" in out, out
+    chunk = next((path / "shards/shard-00004/arrays.zarr/logit_values").rglob("c/*/*"))
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as exit_:
+        main(["cache", "verify", str(path)])
+    assert exit_.value.code == 1
+    out = capsys.readouterr().out
+    rel = chunk.relative_to(path / "shards/shard-00004").as_posix()
+    assert out.startswith("FAILED") and "shards ok 4/5" in out, out
+    assert f"- shard 4: file shards/shard-00004/{rel} is corrupted: sha256 " in out, out
+    assert "Fix: delete that shard directory and rerun `moedistill cache --config ...`" in out, out
+    with pytest.raises(SystemExit) as exit_:
+        main(["cache", "verify", str(tmp_path / "nothing")])
+    assert exit_.value.code == 1
+    assert f"no manifest.json at {tmp_path / 'nothing'}: not a teacher cache" in capsys.readouterr().out
+    assert main(["cache", "verify"]) == 2
+    assert "needs a cache directory (ROOT/<key>). Fix:" in capsys.readouterr().err
+
+
+# --- error messages -----------------------------------------------------------------------------------------
+# Messages handed on unchanged from an exception that already carries its own "Fix: ...".
+_PASS_THROUGH = {"str(e)", 'f"shard {sid}: {e}"'}
+
+
+def _raised_messages() -> list[tuple[str, str, bool]]:
+    """(where, message source, names a fix) for every exception raised (and every verify problem reported)
+    with a literal message in pipeline/cache/*.py."""
+    import pipeline.cache
+
+    found = []
+    for path in sorted(Path(pipeline.cache.__file__).parent.glob("*.py")):
+        src = path.read_text()
+        tree = ast.parse(src)
+        # Module-level string constants (_REBUILD, _RESUME_HINT) that messages interpolate.
+        consts = {
+            t.id: node.value.value
+            for node in tree.body
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+            for t in node.targets
+            if isinstance(t, ast.Name) and isinstance(node.value.value, str)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+                call = node.exc
+                if getattr(call.func, "id", None) == "AttributeError":  # module __getattr__ protocol
+                    continue
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "fail":
+                call = node  # VerifyReport.fail: one problem line of `moedistill cache verify`
+            else:
+                continue
+            if not call.args or not isinstance(call.args[0], (ast.Constant, ast.JoinedStr, ast.BinOp)):
+                continue
+            msg = ast.get_source_segment(src, call.args[0]) or ""
+            if msg in _PASS_THROUGH:
+                continue
+            names = {n.id for n in ast.walk(call.args[0]) if isinstance(n, ast.Name)}
+            fix = "Fix:" in msg or any("Fix:" in consts.get(n, "") for n in names)
+            found.append((f"{path.name}:{node.lineno}", msg, fix))
+    return found
+
+
+def test_every_cache_error_says_how_to_fix_it() -> None:
+    messages = _raised_messages()
+    assert len(messages) > 40  # the scan sees the raises
+    assert not [(where, msg) for where, msg, fix in messages if not fix]
+
+
+def test_config_errors_name_the_fix(assets: dict[str, Any], tmp_path: Path) -> None:
+    from transformers import LlamaConfig
+
+    from pipeline.cache.build import teacher_dims
+
+    spec, records = assets["spec"], assets["records"]
+    with pytest.raises(
+        ConfigError, match=r"cached_layers \[7\] are out of range.*Fix: list layers in 0\.\.3"
+    ):
+        cache_path_for(CacheSpec(**{**spec.__dict__, "cached_layers": (1, 7)}), records, "/r")
+    with pytest.raises(
+        ConfigError, match=r"width=16 is not between 1 and .* 8 experts\. Fix: set cache\.width"
+    ):
+        cache_path_for(CacheSpec(**{**spec.__dict__, "width": 16}), records, "/r")
+    with pytest.raises(
+        ConfigError, match=r"logits_k=1000 exceeds .* \(384 entries\)\. Fix: .*logits_k <= 384"
+    ):
+        cache_path_for(CacheSpec(**{**spec.__dict__, "logits_k": 1000}), records, "/r")
+    LlamaConfig(
+        num_hidden_layers=1, hidden_size=16, intermediate_size=16, num_attention_heads=2
+    ).save_pretrained(tmp_path / "dense")
+    with pytest.raises(
+        ConfigError, match=r"is a 'llama' model; .*qwen3_moe.*\. Fix: point teacher_path at an MoE"
+    ):
+        teacher_dims(str(tmp_path / "dense"))
+    with pytest.raises(ConfigError, match=r"batch_size=0 must be >= 1; rows_per_shard=0 must be >= 1\. Fix:"):
+        CacheRuntime(rows_per_shard=0, batch_size=0)
+    with pytest.raises(ConfigError, match=r"logits_mode='dense' must be 'topk' or 'sampled'\. Fix:"):
+        CacheSpec(**{**spec.__dict__, "logits_mode": "dense"})

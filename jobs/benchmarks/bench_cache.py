@@ -1,6 +1,6 @@
 """Benchmark the teacher-cache stage against the bare teacher on the same batches, in one run.
 
-    python jobs/benchmarks/bench_cache.py [--records 256] [--num-actors 1] [--threads 1]
+    python jobs/benchmarks/bench_cache.py [--records 256] [--num-actors 1] [--threads 1] [--num-gpus 0]
 
 Builds the demo-sized teacher (jobs/configs/demo.yaml: Qwen3-MoE, hidden 256, 4 layers, 4 experts; demo
 tokenizer; cached layers = the pairs of a 2-layer student) in a temp dir, then measures side by side:
@@ -17,6 +17,9 @@ tokenizer; cached layers = the pairs of a 2-layer student) in a temp dir, then m
   2. stored bytes per distillation token by field (and the uncompressed size);
   3. peak memory (RSS of the driver and all its Ray processes, and of the largest one) at N and 4N records:
      a streaming stage should stay flat.
+
+--num-gpus G places every teacher as the cache stage does (pipeline.cache.teacher.teacher_placement): 0 = CPU,
+<= 1 = one GPU, > 1 = one teacher split over G GPUs with device_map="auto".
 
 Absolute numbers are only meaningful on the target hardware (see DESIGN.md "Measured, not assumed").
 """
@@ -45,14 +48,23 @@ from pipeline.cache import (
     bytes_per_token_by_field,
     open_cache,
 )
-from pipeline.cache.teacher import TeacherOutputSpec, compute_shard, load_tokenizer, tokenize_shard
+from pipeline.cache.teacher import (
+    TeacherOutputSpec,
+    compute_shard,
+    input_device,
+    load_teacher,
+    load_tokenizer,
+    teacher_placement,
+    tokenize_shard,
+    visible_gpu_memory,
+)
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.data.demo_dataset import generate_demo_records
 from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
 from pipeline.data.template import TEMPLATE_SPEC
 from pipeline.distill.losses import layer_pairs
 from pipeline.models.adapter import MoEAdapter
-from pipeline.models.build import TinyMoEConfig, build_tiny_moe, load_causal_lm
+from pipeline.models.build import TinyMoEConfig, build_tiny_moe
 
 DEMO_TEACHER = TinyMoEConfig(
     hidden_size=256,
@@ -157,7 +169,8 @@ def time_bare(
     pad_id: int,
     experts: bool,
 ) -> float:
-    batches = [b for ex in shards for b in micro_batches(ex, pad_id)]
+    device = input_device(adapter.model)
+    batches = [{k: v.to(device) for k, v in b.items()} for ex in shards for b in micro_batches(ex, pad_id)]
     t0 = time.perf_counter()
     for b in batches:
         if experts:
@@ -166,6 +179,8 @@ def time_bare(
             )
         else:
             adapter.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # a GPU forward returns before it finishes
     return time.perf_counter() - t0
 
 
@@ -206,6 +221,7 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=256, help="N; the memory comparison also runs 4N")
     ap.add_argument("--num-actors", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per teacher (= CPUs per actor)")
+    ap.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per teacher (cache.num_gpus_per_actor)")
     ap.add_argument("--workdir", default=None, help="default: a temp dir, removed afterwards")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -223,7 +239,8 @@ def main() -> None:
 
         # 1. in-process, same thread count as one actor
         torch.set_num_threads(args.threads)
-        model = load_causal_lm(spec.teacher_path)
+        placement = teacher_placement(args.num_gpus, visible_gpu_memory())
+        model = load_teacher(spec.teacher_path, spec.compute_dtype, placement)
         adapter = MoEAdapter(model)
         pad_id = int(model.config.pad_token_id)
         shards = shard_batches(spec, small)
@@ -238,6 +255,7 @@ def main() -> None:
             rows_per_shard=ROWS_PER_SHARD,
             executor="local",
             num_cpus_per_actor=args.threads,
+            num_gpus_per_actor=args.num_gpus,
             progress=False,
         )
         t_local, info_local, _ = timed_build(spec, small, str(work / "local"), rt_local)
@@ -249,6 +267,7 @@ def main() -> None:
             batch_size=MICRO_BATCH,
             rows_per_shard=ROWS_PER_SHARD,
             num_cpus_per_actor=args.threads,
+            num_gpus_per_actor=args.num_gpus,
             progress=False,
         )
         t_ray_n, info_n, mem_n = timed_build(spec, small, str(work / "ray"), rt_ray)
@@ -269,7 +288,8 @@ def main() -> None:
         print(
             f"\n== teacher cache benchmark: demo teacher (H={d.hidden_size}, L={d.num_layers}, "
             f"E={d.num_experts}), cached layers {list(spec.cached_layers)}, top-{LOGITS_K}, fp16 states, "
-            f"{args.num_actors} actor(s) x {args.threads} thread(s), micro-batch {MICRO_BATCH}, "
+            f"{args.num_actors} actor(s) x {args.threads} thread(s) x {args.num_gpus:g} GPU(s) "
+            f"({placement.kind}), micro-batch {MICRO_BATCH}, "
             f"{ROWS_PER_SHARD} rows/shard =="
         )
         print(f"N={n} records -> {tokens} distillation tokens\n")

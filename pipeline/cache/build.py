@@ -5,13 +5,18 @@
       --write_datasink(TeacherCacheDatasink)-->  shards committed one by one  --driver-->  manifest.json
 
 Resume is by construction: committed shards are filtered out of the input before the pipeline runs, and
-shards are deterministic, so a resumed store is byte-identical to an uninterrupted one.
+shards are deterministic, so a resumed store is byte-identical to an uninterrupted one. What else decides the
+bytes without being content (shard size, micro-batch size, torch thread count: STORED_LAYOUT) is recorded in
+the manifest layout by the first build and forced from there on every resume, with a note when the config
+asks for something else.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -47,7 +52,8 @@ def teacher_dims(teacher_path: str) -> dict[str, Any]:
     if cfg.model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
             f"teacher {teacher_path!r} is a {cfg.model_type!r} model; the cache stage supports "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}."
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}. Fix: point teacher_path at an MoE checkpoint of one of "
+            "these types (pipeline.models.upcycle turns a dense Qwen3/Llama into one)."
         )
     num_experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
     return {
@@ -65,17 +71,18 @@ def resolve_width(spec: CacheSpec, teacher: dict[str, Any]) -> int:
     if bad_layers:
         raise ConfigError(
             f"cached_layers {bad_layers} are out of range: the teacher has {l_t} MoE layers (0-based "
-            f"0..{l_t - 1})."
+            f"0..{l_t - 1}). Fix: list layers in 0..{l_t - 1} (or use cache.layers: paired / all)."
         )
     width = e_t if spec.width is None else spec.width
     if not 1 <= width <= e_t:
         raise ConfigError(
-            f"cache width={width} must be between 1 and the teacher's {e_t} experts (null = {e_t}, no "
-            "aggregation)."
+            f"cache width={width} is not between 1 and the teacher's {e_t} experts. Fix: set cache.width "
+            f"to a value in 1..{e_t}, or null (= {e_t}, no aggregation)."
         )
     if spec.logits_k > teacher["vocab_size"]:
         raise ConfigError(
-            f"logits_k={spec.logits_k} exceeds the teacher vocabulary ({teacher['vocab_size']})."
+            f"logits_k={spec.logits_k} exceeds the teacher vocabulary ({teacher['vocab_size']} entries). "
+            f"Fix: set cache.logits_k <= {teacher['vocab_size']}."
         )
     return width
 
@@ -118,20 +125,15 @@ def build_teacher_cache(
             "tokenizer_path": spec.tokenizer_path,
             "prompt_template": spec.prompt_template[:200],
         }
-        manifest = new_manifest(key, inputs, sources, teacher, runtime.rows_per_shard, len(records))
+        settings = layout_settings(runtime)
+        rows = settings.pop("rows_per_shard")
+        manifest = new_manifest(key, inputs, sources, teacher, rows, len(records), settings)
         write_manifest(url, manifest)
         status = "built"
     else:
         _check_same_key(manifest, key, url)
         status = "resumed"
-        if manifest["layout"]["rows_per_shard"] != runtime.rows_per_shard:
-            logger.info(
-                "resuming %s with its original rows_per_shard=%d (runtime asked for %d)",
-                key,
-                manifest["layout"]["rows_per_shard"],
-                runtime.rows_per_shard,
-            )
-    rows_per_shard = manifest["layout"]["rows_per_shard"]
+        runtime = stored_runtime(manifest["layout"], runtime, key)
     removed = remove_staging(url)
     done = committed_shards(url)
     pending = [i for i in range(manifest["layout"]["num_shards"]) if i not in done]
@@ -158,12 +160,12 @@ def build_teacher_cache(
         )
         try:
             run = _run_local if runtime.executor == "local" else _run_pipeline
-            stats = run(spec, records, url, runtime, meta, width, rows_per_shard, pending)
+            stats = run(spec, records, url, runtime, meta, width, pending)
         except Exception as e:
             n_done = len(committed_shards(url))
             raise CacheError(
                 f"teacher cache build of {url} failed with {n_done} of {manifest['layout']['num_shards']} "
-                f"shards committed: {_root_cause(e)}. Fix the cause, then rerun `moedistill cache "
+                f"shards committed: {_root_cause(e)}. Fix: remove the cause, then rerun `moedistill cache "
                 "--config ...` to resume it (committed shards are kept)."
             ) from e
     final = finalize_manifest(url, manifest)
@@ -179,11 +181,61 @@ def build_teacher_cache(
     return _info(url, final, status, stats)
 
 
+# Runtime settings that change the cached bytes without being content (shard boundaries, float rounding):
+# manifest layout field = CacheRuntime field -> what the config calls it. Recorded at the first write, forced
+# from the manifest on every resume.
+STORED_LAYOUT = {
+    "rows_per_shard": "cache.rows_per_shard",
+    "batch_size": "cache.batch_size",
+    "torch_threads": "torch threads (num_cpus_per_actor)",
+}
+
+
+def layout_settings(runtime: CacheRuntime) -> dict[str, int]:
+    """The STORED_LAYOUT values of a first build."""
+    return {
+        "rows_per_shard": runtime.rows_per_shard,
+        "batch_size": runtime.batch_size,
+        "torch_threads": runtime.threads,
+    }
+
+
+def stored_runtime(layout: dict[str, Any], runtime: CacheRuntime, key: str) -> CacheRuntime:
+    """`runtime` with the STORED_LAYOUT values of the manifest `layout` (a resume must round like the first
+    build did); warns, naming each setting the stored value overrides. A field missing from an older manifest
+    keeps the runtime's value."""
+    forced = {f: int(layout[f]) for f in STORED_LAYOUT if f in layout}
+    asked = layout_settings(runtime)
+    changed = [f"{STORED_LAYOUT[f]}={v} (asked: {asked[f]})" for f, v in forced.items() if asked[f] != v]
+    if changed:
+        logger.warning(
+            "note: resuming teacher cache %s with the values its first build stored, so that the resumed "
+            "shards are byte-identical: %s",
+            key,
+            ", ".join(changed),
+        )
+    return dataclasses.replace(runtime, **forced)
+
+
 def _root_cause(e: BaseException) -> str:
-    """One line for the user: a Ray task error's text ends with the remote exception ("RuntimeError: ...")."""
+    """One line for the user: the remote exception behind Ray's wrappers ("RuntimeError: ...").
+
+    A RayTaskError carries the remote exception as `.cause`; its text is a traceback followed by Ray Data's
+    retry hints, so the last line is not the error (ray 2.60)."""
+    seen: set[int] = set()
+    while type(e).__module__.startswith("ray.") and id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    last = lines[-1] if lines else ""
-    return (last if ":" in last else f"{type(e).__name__}: {last}")[:500]
+    if type(e).__module__.startswith("ray."):  # no remote exception object: find its line in the text
+        errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*: ", ln)]
+        text = errors[-1] if errors else (lines[-1] if lines else "")
+    else:
+        text = f"{type(e).__name__}: {' '.join(lines)}"
+    return text[:500].rstrip(".")
 
 
 def _check_same_key(manifest: dict[str, Any], key: str, url: str) -> None:
@@ -242,12 +294,12 @@ def _run_pipeline(
     runtime: CacheRuntime,
     meta: ShardMeta,
     width: int,
-    rows_per_shard: int,
     pending: list[int],
 ) -> dict[str, float]:
     import ray
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
+    rows_per_shard = runtime.rows_per_shard
     items = [
         {
             "shard_id": i,
@@ -283,6 +335,7 @@ def _run_pipeline(
             "width": width,
             "micro_batch": runtime.batch_size,
             "num_gpus": runtime.num_gpus_per_actor,
+            "cpu_threads": runtime.threads,
         },
         compute=ActorPoolStrategy(size=min(runtime.num_actors, len(items))),
         batch_size=1,  # one row = one whole shard
@@ -339,7 +392,6 @@ def _run_local(
     runtime: CacheRuntime,
     meta: ShardMeta,
     width: int,
-    rows_per_shard: int,
     pending: list[int],
 ) -> dict[str, float]:
     """The same per-shard steps as the Ray pipeline, sequentially in this process."""
@@ -350,9 +402,9 @@ def _run_local(
     # Behave like one Ray actor, which runs with OMP_NUM_THREADS = its CPUs: CPU float results depend on the
     # thread count, and matching it keeps local and Ray shards byte-identical.
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(runtime.num_cpus_per_actor)))
+    torch.set_num_threads(runtime.threads)
     try:
-        return _local_shards(spec, records, url, runtime, meta, rows_per_shard, pending, tokenizer, stage)
+        return _local_shards(spec, records, url, runtime, meta, pending, tokenizer, stage)
     finally:
         torch.set_num_threads(threads)
 
@@ -363,7 +415,6 @@ def _local_shards(
     url: str,
     runtime: CacheRuntime,
     meta: ShardMeta,
-    rows_per_shard: int,
     pending: list[int],
     tokenizer: Any,
     stage: TeacherShardStage,
@@ -372,6 +423,7 @@ def _local_shards(
 
     from pipeline.cache.shard import commit_shard
 
+    rows_per_shard = runtime.rows_per_shard
     t0, tokens, commits = time.perf_counter(), 0, []
     for n, shard_id in enumerate(
         tqdm(pending, desc="teacher cache (local)", unit="shard", disable=not runtime.progress)

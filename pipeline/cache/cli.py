@@ -16,13 +16,19 @@ def run(args: argparse.Namespace, load_config: Callable[[argparse.Namespace], Co
         from pipeline.ray_session import connect
 
         if not args.config:
-            raise ConfigError("`moedistill cache` needs --config (or: `cache verify PATH`, `cache ls ROOT`)")
+            raise ConfigError(
+                "`moedistill cache` needs a config to build from. Fix: pass --config C (or run `cache "
+                "verify PATH` / `cache ls ROOT`)."
+            )
         config = load_config(args)
         connect()
         print(format_cache_info(run_cache(config)))
         return
     if not args.target:
-        raise ConfigError(f"`moedistill cache {args.action}` needs a path")
+        what = "a cache directory (ROOT/<key>)" if args.action == "verify" else "a cache root"
+        raise ConfigError(
+            f"`moedistill cache {args.action}` needs {what}. Fix: `moedistill cache {args.action} PATH`."
+        )
     if args.action == "verify":
         from pipeline.cache.verify import format_verify_report, verify_cache
 

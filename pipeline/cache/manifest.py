@@ -40,7 +40,10 @@ def new_manifest(
     teacher: dict[str, Any],
     rows_per_shard: int,
     num_records: int,
+    settings: dict[str, int] | None = None,
 ) -> dict[str, Any]:
+    """A fresh, incomplete manifest. settings: the other runtime values that decide the bytes (batch_size,
+    torch_threads: build.STORED_LAYOUT); they go into "layout" beside rows_per_shard, for resumes to reuse."""
     num_shards = -(-num_records // rows_per_shard)
     return {
         "schema": schema.SCHEMA_NAME,
@@ -51,6 +54,7 @@ def new_manifest(
         "sources": sources,
         "teacher": teacher,
         "layout": {
+            **(settings or {}),
             "rows_per_shard": rows_per_shard,
             "num_shards": num_shards,
             "num_records": num_records,

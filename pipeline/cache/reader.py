@@ -83,7 +83,9 @@ class TeacherCache:
         fields = set(fields)
         unknown = fields - set(FIELDS)
         if unknown:
-            raise CacheError(f"unknown cache fields {sorted(unknown)}; valid: {list(FIELDS)}.")
+            raise CacheError(
+                f"unknown cache fields {sorted(unknown)}. Fix: request only fields of {list(FIELDS)}."
+            )
         if vocab_size is not None and int(vocab_size) != self.vocab_size:
             raise CacheError(
                 f"the student's vocabulary has {vocab_size} entries but the cache holds teacher logits over "
@@ -105,8 +107,14 @@ class TeacherCache:
 
             try:
                 check_reaggregation(self.width, int(num_student_experts))
-            except ValueError as e:
-                raise CacheError(f"cache {self.key}: {e}") from None
+            except ValueError:
+                n, w = int(num_student_experts), self.width
+                divisors = [d for d in range(1, w + 1) if w % d == 0]
+                raise CacheError(
+                    f"cache {self.key} (expert width {w}) cannot be re-aggregated to {n} student experts: "
+                    f"the student expert count must divide the cached width. Fix: use one of {divisors} "
+                    f"student experts, or rebuild the cache with cache.width a multiple of {n}."
+                ) from None
         if "expert_states" in fields and not self.has_expert_states:
             raise CacheError(
                 f"this run needs expert states but cache {self.key} was built without them. Fix: rebuild it "
@@ -168,7 +176,8 @@ class TeacherCache:
         if int(seq_id) not in self._seq_to_shard:
             raise CacheError(
                 f"sequence {seq_id} is not in cache {self.key} (it holds {self.num_sequences} sequences; "
-                "records longer than max_length were dropped at tokenisation)."
+                "records longer than max_length were dropped at tokenisation). Fix: read a cached seq_id "
+                "(each shard's index lists them), or rebuild with a larger max_length to keep it."
             )
         return self._seq_to_shard[int(seq_id)][0]
 

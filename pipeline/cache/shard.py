@@ -189,7 +189,8 @@ def _write_arrays(data: ShardData, meta: ShardMeta, path: str) -> None:
         arr = data.arrays[name]
         if tuple(arr.shape) != shape or arr.dtype != np.dtype(dtype):
             raise ValueError(
-                f"shard {data.shard_id}: array {name} is {arr.dtype}{arr.shape}, expected {dtype}{shape}"
+                f"shard {data.shard_id}: array {name} is {arr.dtype}{arr.shape}, expected {dtype}{shape}. "
+                "Fix: the teacher stage and the storage schema disagree (a bug); report it with this message."
             )
         z = group.create_array(
             name,
@@ -227,7 +228,7 @@ def commit_shard(
         commit = write_shard_files(data, meta, staging)
         cfs.write_atomic(fs, cfs.join(staging, schema.COMMIT_MARKER), cfs.pretty_json(commit))
         if fail_before_commit:
-            raise RuntimeError(f"injected failure before committing shard {data.shard_id}")
+            raise RuntimeError(_injected_failure(data.shard_id))
         if os.path.exists(final):  # a retried task: the committed copy has identical content, keep it
             shutil.rmtree(staging)
         else:
@@ -239,9 +240,16 @@ def commit_shard(
         for rel in commit["files"]:
             fs.put_file(os.path.join(local, rel), cfs.join(final, rel))
         if fail_before_commit:
-            raise RuntimeError(f"injected failure before committing shard {data.shard_id}")
+            raise RuntimeError(_injected_failure(data.shard_id))
         fs.pipe_file(cfs.join(final, schema.COMMIT_MARKER), cfs.pretty_json(commit))
     return commit
+
+
+def _injected_failure(shard_id: int) -> str:
+    return (
+        f"injected failure before committing shard {shard_id} (test hook). Fix: leave "
+        "CacheRuntime.fail_after_shards unset outside tests."
+    )
 
 
 def read_commit(fs: Any, shard_path: str) -> dict[str, Any] | None:

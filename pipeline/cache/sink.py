@@ -87,7 +87,11 @@ class TeacherCacheDatasink(Datasink[list[dict[str, Any]]]):
         deadline = time.monotonic() + 120
         while ray.get(self.progress.num_writers.remote()) < self.write_barrier:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"write barrier: fewer than {self.write_barrier} concurrent write tasks")
+                raise RuntimeError(
+                    f"write barrier: fewer than {self.write_barrier} write tasks ran at once within 120 s "
+                    "(test hook). Fix: give the cluster CPUs for that many write tasks, or unset "
+                    "write_barrier."
+                )
             time.sleep(0.05)
 
     def write(self, blocks: Iterable[Block], ctx: Any) -> list[dict[str, Any]]:

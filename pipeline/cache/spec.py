@@ -69,22 +69,30 @@ class CacheSpec:
             raise ConfigError(
                 "invalid teacher cache spec: "
                 + "; ".join(problems)
-                + ". Fix the cache section of the config."
+                + ". Fix: correct these in the cache section of the config."
             )
 
 
 @dataclass
 class CacheRuntime:
-    """How the cache stage runs; changing these never changes the cache key (but see rows_per_shard)."""
+    """How the cache stage runs; changing these never changes the cache key. rows_per_shard, batch_size and
+    the thread count (`threads`) do change the cached bytes (shard boundaries, float rounding),
+    so the first build of a key records them in the manifest layout and every resume reuses the stored values
+    (build.STORED_LAYOUT), which keeps a resumed store byte-identical to an uninterrupted one."""
 
     num_actors: int = 1  # teacher actors (one model replica each)
-    batch_size: int = 8  # sequences per teacher forward (micro-batch inside a shard)
-    # Sequences per shard; fixed by the first build of a key (a resume reuses the stored value). Size shards
-    # to ~100 MB-1 GB: rows_per_shard * response tokens per sequence * bytes per token
-    # (see bytes_per_token_by_field).
+    batch_size: int = (
+        8  # sequences per teacher forward (micro-batch inside a shard); fixed by the first build
+    )
+    # Sequences per shard; fixed by the first build of a key. Size shards to ~100 MB-1 GB: rows_per_shard *
+    # response tokens per sequence * bytes per token (see bytes_per_token_by_field).
     rows_per_shard: int = 64
+    # 0: CPU teacher; (0, 1]: one GPU; > 1 (whole): one teacher split over that many GPUs (device_map="auto").
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0  # CPU threads per teacher replica (on GPU nodes: the host-side work)
+    # torch threads per teacher replica; None = floor(num_cpus_per_actor), as Ray's OMP_NUM_THREADS. A resume
+    # sets it to the first build's value.
+    torch_threads: int | None = None
     resources: dict[str, float] | None = None  # e.g. {"teacher_node": 1} pins actors to a node group
     # Test hooks. fail_after_shards: failure injection, the write of every shard after this many commits
     # fails (leaving a staged, uncommitted shard behind). write_barrier: every write task waits until this
@@ -98,8 +106,8 @@ class CacheRuntime:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("num_actors", "batch_size", "rows_per_shard"):
-            if int(getattr(self, name)) < 1:
+        for name in ("num_actors", "batch_size", "rows_per_shard", "torch_threads"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if self.executor not in ("ray", "local"):
             problems.append(f"executor={self.executor!r} must be 'ray' or 'local'")
@@ -107,8 +115,22 @@ class CacheRuntime:
             problems.append(f"num_cpus_per_actor={self.num_cpus_per_actor} must be > 0")
         if self.num_gpus_per_actor < 0:
             problems.append(f"num_gpus_per_actor={self.num_gpus_per_actor} must be >= 0")
+        elif self.num_gpus_per_actor > 1 and not float(self.num_gpus_per_actor).is_integer():
+            problems.append(
+                f"num_gpus_per_actor={self.num_gpus_per_actor} must be <= 1 (one GPU, maybe shared) or a "
+                "whole number (one teacher split over that many GPUs)"
+            )
         if problems:
-            raise ConfigError("invalid cache runtime: " + "; ".join(problems) + ".")
+            raise ConfigError(
+                "invalid cache runtime: "
+                + "; ".join(problems)
+                + ". Fix: correct these in the cache section of the config (or the CacheRuntime arguments)."
+            )
+
+    @property
+    def threads(self) -> int:
+        """torch threads of one teacher replica (default: a Ray actor's OMP_NUM_THREADS, floor(CPUs) >= 1)."""
+        return self.torch_threads or max(1, int(self.num_cpus_per_actor))
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ from pipeline.config import Config, ModelConfig, teacher_cache_hash
 from pipeline.data.template import TEMPLATE_SPEC
 from pipeline.distill.losses import layer_pairs
 from pipeline.errors import CacheError, ConfigError
-from pipeline.training.finetune import export_is_complete
-from pipeline.workspace import paths_for, prepare_data
+from pipeline.models.compat import check_models_share_tokenizer
+from pipeline.training.finetune import EXPORT_MARKER, export_is_complete
+from pipeline.workspace import load_tokenizer, paths_for, prepare_data
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,10 @@ def student_num_layers(student: ModelConfig) -> int:
     try:
         return int(AutoConfig.from_pretrained(name).num_hidden_layers)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read the student config {name!r} to pair layers: {exc}") from None
+        raise ConfigError(
+            f"cannot read the student config {name!r} to pair layers: {exc}. Fix: check student.path / "
+            "student.upcycle_from, or set cache.layers to an explicit list."
+        ) from None
 
 
 def cached_layers_for(config: Config, teacher_layers: int) -> tuple[int, ...]:
@@ -90,6 +94,7 @@ def run_cache(config: Config, runtime: CacheRuntime | None = None) -> CacheInfo:
     from pipeline.training.runner import check_resources_exist
 
     prepared = prepare_data(config)
+    check_models_share_tokenizer(config, load_tokenizer(prepared.tokenizer_path))
     spec = cache_spec_from_config(config, teacher_checkpoint(config), prepared.tokenizer_path)
     runtime = runtime or cache_runtime_from_config(config)
     check_resources_exist(dict(config.cache.resources), what="teacher cache actors (cache.resources)")
@@ -104,7 +109,17 @@ def _locator(config: Config) -> str:
 
 def _remember(config: Config, info: CacheInfo) -> None:
     fs, path = cfs.get_fs(_locator(config))
-    cfs.write_atomic(fs, path, json.dumps({"path": info.path, "key": info.key}).encode())
+    locator = {"path": info.path, "key": info.key, "teacher_export": _teacher_export_stamp(config)}
+    cfs.write_atomic(fs, path, json.dumps(locator).encode())
+
+
+def _teacher_export_stamp(config: Config) -> float | None:
+    """When this config's fine-tuned teacher was exported (its small marker file, not the weights)."""
+    marker = paths_for(config).teacher_final / EXPORT_MARKER
+    try:
+        return float(json.loads(marker.read_text())["time"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def locate_cache(config: Config) -> str:
@@ -115,7 +130,15 @@ def locate_cache(config: Config) -> str:
             f"no teacher cache for this config under {config.cache.root}. Fix: run "
             "`moedistill cache --config <this config>` first (the student never runs the teacher itself)."
         )
-    return cfs.read_json(fs, path)["path"]
+    locator = cfs.read_json(fs, path)
+    recorded, current = locator.get("teacher_export"), _teacher_export_stamp(config)
+    if recorded is not None and current is not None and recorded != current:
+        raise CacheError(
+            f"the teacher at {paths_for(config).teacher_final} was fine-tuned again after cache "
+            f"{locator['key']} was built from it, so that cache holds the old teacher's targets. Fix: run "
+            "`moedistill cache --config <this config>` to cache the current teacher."
+        )
+    return locator["path"]
 
 
 def format_cache_info(info: CacheInfo) -> str:

@@ -3,7 +3,13 @@
 `tokenize_shard` and `compute_shard` are plain functions (the local executor, tests and the benchmark call
 them without Ray); `TeacherShardStage` is the Ray Data actor wrapper (tokenising runs as CPU tasks, see
 build.py). One input row = one shard, so a shard's content depends only on its own records (and the
-micro-batch size and CPU thread count, which change float rounding): deterministic whatever the scheduling.
+micro-batch size and CPU thread count, which change float rounding and are therefore fixed by the manifest
+layout): deterministic whatever the scheduling.
+
+Placement (`teacher_placement`): num_gpus_per_actor 0 -> CPU; (0, 1] -> one GPU (`.to("cuda")`); > 1 -> one
+teacher split over that many GPUs by accelerate (`from_pretrained(device_map="auto", max_memory=...)`), for a
+teacher larger than one GPU. Inputs go to the input embedding's device; every per-layer result is gathered to
+the CPU layer by layer, and logits are sparsified on the output embedding's device before they move.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +25,7 @@ import torch
 
 from pipeline.cache.shard import ShardData, rows_to_table, shard_to_row
 from pipeline.cache.spec import CacheSpec
+from pipeline.errors import CacheError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,10 @@ def teacher_targets(
 ) -> dict[str, torch.Tensor]:
     """One micro-batch: logits (full, at the distillation positions), aggregated gates and states (float32).
 
-    Rows are the distillation positions in (sequence, position) order.
+    Rows are the distillation positions in (sequence, position) order. Gates and states are aggregated on
+    their layer's device and gathered to the CPU layer by layer (with a device_map teacher, layers sit on
+    different GPUs; the all-expert outputs are freed as soon as their layer is folded). Logits stay on the
+    output embedding's device, where `sparsify_logits` runs; only the sparse result moves to the CPU.
     """
     from pipeline.data.collate import distill_positions
     from pipeline.distill.losses import aggregate_expert_states, aggregate_gates
@@ -122,17 +132,18 @@ def teacher_targets(
     fwd = adapter.forward_with_experts(
         batch["input_ids"], batch["attention_mask"], out.cached_layers, token_mask
     )
-    result = {"logits": fwd.logits[token_mask].float()}
-    probs = [fwd.router_probs[layer].float() for layer in out.cached_layers]
-    result["gates"] = torch.stack([aggregate_gates(p, out.width) for p in probs], dim=1)
+    result = {"logits": fwd.logits[token_mask.to(fwd.logits.device)].float()}
+    gates, states = [], []
+    for layer in out.cached_layers:
+        probs = fwd.router_probs.pop(layer).float()
+        experts = fwd.expert_outputs.pop(layer)
+        gates.append(aggregate_gates(probs, out.width).cpu())
+        if out.store_expert_states:
+            states.append(aggregate_expert_states(probs, experts.float(), out.width).cpu())
+        del probs, experts
+    result["gates"] = torch.stack(gates, dim=1)
     if out.store_expert_states:
-        result["expert_states"] = torch.stack(
-            [
-                aggregate_expert_states(p, fwd.expert_outputs[layer].float(), out.width)
-                for p, layer in zip(probs, out.cached_layers, strict=True)
-            ],
-            dim=1,
-        )
+        result["expert_states"] = torch.stack(states, dim=1)
     return result
 
 
@@ -150,7 +161,7 @@ def compute_shard(
     from pipeline.data.collate import pad_batch
 
     t0 = time.perf_counter()
-    device = next(adapter.model.parameters()).device
+    device = input_device(adapter.model)
     counts = [int(sum(e["response_mask"][1:])) for e in examples]
     offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]) if counts else np.zeros(1, np.int64)
     # Preallocate the shard in its storage dtypes and fill it per micro-batch: peak memory is the shard's
@@ -168,7 +179,7 @@ def compute_shard(
         logits = targets.pop("logits")
         seeds = [examples[i]["seq_id"] for i in idx]
         ind, val, tail = sparsify_logits(logits, out.logits_mode, out.logits_k, seeds, splits)
-        targets.update(logit_indices=ind, logit_values=val, logit_tail_logmass=tail)
+        targets.update(logit_indices=ind, logit_values=val, logit_tail_logmass=tail)  # _to_storage: to CPU
         for name, t in targets.items():
             stored = _to_storage(name, t, out.states_dtype)
             row = 0  # rows of a micro-batch are in (sequence, position) order
@@ -214,7 +225,7 @@ def _to_storage(name: str, t: torch.Tensor, states_dtype: str) -> np.ndarray:
     if name == "expert_states":
         return encode_states(t, states_dtype)
     dtype = {"logit_indices": torch.int32, "logit_tail_logmass": torch.float32}.get(name, torch.float16)
-    return t.to(dtype).cpu().numpy()
+    return t.to(dtype).cpu().numpy()  # the dtype cast first: a GPU -> CPU copy of the storage size only
 
 
 @torch.no_grad()
@@ -223,7 +234,9 @@ def generate_responses(
 ) -> list[list[int]]:
     """Teacher responses for SeqKD, one sequence at a time (no padding effects); sampling is seeded by seq_id
     (temperature 1, no top-k/top-p truncation) so a resumed build regenerates identical responses."""
-    device = next(model.parameters()).device
+    device = input_device(model)
+    # fork_rng over every GPU the teacher uses: sampling draws on the output embedding's device.
+    cuda_ids = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     eos = model.config.eos_token_id
     out = []
     for ex in examples:
@@ -233,7 +246,6 @@ def generate_responses(
         kwargs: dict[str, Any] = {"do_sample": False}
         if mode == "sample":
             kwargs = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-        cuda_ids = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda_ids):
             torch.manual_seed(int(ex["seq_id"]))
             gen = model.generate(
@@ -248,26 +260,138 @@ def generate_responses(
     return out
 
 
-def _teacher_device(num_gpus: float) -> torch.device:
-    return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+# --- placement ----------------------------------------------------------------------------------------------
+# Share of each GPU that a multi-GPU (device_map) teacher's weights may fill; the rest holds activations (a
+# micro-batch's all-expert outputs [N, E, H] per cached layer dominate: lower cache.batch_size if they OOM).
+DEVICE_MAP_WEIGHT_FRACTION = 0.8
+
+PlacementKind = Literal["cpu", "cuda", "device_map"]
+
+
+@dataclass(frozen=True)
+class TeacherPlacement:
+    """Where one teacher replica runs: decided by `teacher_placement`, applied by `load_teacher`."""
+
+    kind: PlacementKind
+    max_memory: dict[int, int] | None = None  # device_map: weight budget in bytes per visible GPU index
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        """Extra `from_pretrained` arguments: accelerate places the layers over the GPUs (device_map)."""
+        if self.kind != "device_map":
+            return {}
+        return {"device_map": "auto", "max_memory": dict(self.max_memory or {})}
+
+
+def placement_kind(num_gpus_per_actor: float) -> PlacementKind:
+    if num_gpus_per_actor <= 0:
+        return "cpu"
+    return "cuda" if num_gpus_per_actor <= 1 else "device_map"
+
+
+def teacher_placement(num_gpus_per_actor: float, gpu_total_memory: Sequence[int]) -> TeacherPlacement:
+    """Pure placement rule. gpu_total_memory: total bytes of each CUDA device this process sees (a Ray actor
+    sees exactly its assigned GPUs). A device_map teacher gets no CPU or disk budget: it fits on its GPUs or
+    fails loudly, never runs silently offloaded."""
+    kind = placement_kind(num_gpus_per_actor)
+    if kind == "cpu":
+        return TeacherPlacement("cpu")
+    if not gpu_total_memory:
+        raise CacheError(
+            f"num_gpus_per_actor={num_gpus_per_actor} but this process sees no CUDA device. Fix: run on a "
+            "GPU node with a CUDA build of torch, or set cache.num_gpus_per_actor: 0 for a CPU teacher."
+        )
+    if kind == "cuda":
+        return TeacherPlacement("cuda")
+    if not float(num_gpus_per_actor).is_integer():
+        raise ConfigError(
+            f"num_gpus_per_actor={num_gpus_per_actor}: above 1 a teacher is split over whole GPUs. Fix: use "
+            f"a whole number ({int(num_gpus_per_actor) + 1}), or <= 1 for one (shared) GPU."
+        )
+    n = int(num_gpus_per_actor)
+    if len(gpu_total_memory) < n:
+        raise CacheError(
+            f"num_gpus_per_actor={n} but this process sees only {len(gpu_total_memory)} CUDA device(s). Fix: "
+            "check CUDA_VISIBLE_DEVICES, or lower cache.num_gpus_per_actor to the GPUs a node has."
+        )
+    budget = {i: int(gpu_total_memory[i] * DEVICE_MAP_WEIGHT_FRACTION) for i in range(n)}
+    return TeacherPlacement("device_map", budget)
+
+
+def visible_gpu_memory() -> list[int]:
+    """Total memory (bytes) of each CUDA device this process sees; [] without CUDA."""
+    if not torch.cuda.is_available():
+        return []
+    return [int(torch.cuda.get_device_properties(i).total_memory) for i in range(torch.cuda.device_count())]
+
+
+def input_device(model: Any) -> torch.device:
+    """Where a batch must go: the input embedding's device (the first GPU of a device_map teacher)."""
+    return model.get_input_embeddings().weight.device
+
+
+def check_no_offload(device_map: dict[str, Any] | None, num_gpus: int) -> None:
+    """CacheError if accelerate put any module on the CPU or disk (the teacher does not fit its GPUs)."""
+    offloaded = sorted(
+        name for name, dev in (device_map or {}).items() if str(dev) in ("cpu", "disk", "meta")
+    )
+    if offloaded:
+        raise CacheError(
+            f"the teacher does not fit in {num_gpus} GPUs at {DEVICE_MAP_WEIGHT_FRACTION:.0%} of their "
+            f"memory: {len(offloaded)} module(s) would be offloaded ({', '.join(offloaded[:3])}). Fix: raise "
+            "cache.num_gpus_per_actor, or use GPUs with more memory."
+        )
+
+
+def load_teacher(teacher_path: str, compute_dtype: str, placement: TeacherPlacement) -> Any:
+    """The teacher in eval mode on its placement."""
+    from pipeline.models.build import load_causal_lm
+
+    if placement.kind != "device_map":
+        return load_causal_lm(teacher_path, torch_dtype=compute_dtype).to(placement.kind)
+    from transformers import AutoModelForCausalLM
+
+    n = len(placement.max_memory or {})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            teacher_path, dtype=getattr(torch, compute_dtype), **placement.from_pretrained_kwargs()
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CacheError(
+            f"cannot load the teacher {teacher_path!r} over {n} GPUs (device_map='auto'): "
+            f"{str(e).strip().rstrip('.')}. Fix: check "
+            "teacher_path; if it does not fit, raise cache.num_gpus_per_actor."
+        ) from None
+    check_no_offload(getattr(model, "hf_device_map", None), n)
+    return model.eval()
 
 
 class TeacherShardStage:
-    """Ray Data actor UDF: one model replica; one input row (a tokenised shard) -> one output row (arrays)."""
+    """Ray Data actor UDF: one model replica; one input row (a tokenised shard) -> one output row (arrays).
 
-    def __init__(self, spec: CacheSpec, width: int, micro_batch: int, num_gpus: float) -> None:
+    cpu_threads: torch threads (float rounding depends on it); the Ray path passes the manifest's value, the
+    local executor sets it around its whole run instead (None: leave the process setting alone).
+    """
+
+    def __init__(
+        self,
+        spec: CacheSpec,
+        width: int,
+        micro_batch: int,
+        num_gpus: float,
+        cpu_threads: int | None = None,
+    ) -> None:
         from pipeline.models.adapter import MoEAdapter
-        from pipeline.models.build import load_causal_lm
 
-        self.device = _teacher_device(num_gpus)
-        model = load_causal_lm(spec.teacher_path, torch_dtype=spec.compute_dtype).to(self.device)
+        if cpu_threads is not None:
+            torch.set_num_threads(int(cpu_threads))
+        self.placement = teacher_placement(num_gpus, visible_gpu_memory())
+        model = load_teacher(spec.teacher_path, spec.compute_dtype, self.placement)
         self.adapter = MoEAdapter(model)
         self.out = TeacherOutputSpec.from_spec(spec, width)
         self.micro_batch = micro_batch
         pad = model.config.pad_token_id
-        self.pad_id = int(
-            pad if pad is not None else 0
-        )  # right padding is masked; the id only has to be valid
+        # right padding is masked; the id only has to be valid
+        self.pad_id = int(pad if pad is not None else 0)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []

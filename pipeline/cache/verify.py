@@ -47,7 +47,10 @@ def verify_cache(path: str, check_schema: bool = True) -> VerifyReport:
     try:
         manifest = read_manifest(path)
         if manifest is None:
-            report.fail(f"no {schema.MANIFEST} at {path}: not a teacher cache, or its build never started.")
+            report.fail(
+                f"no {schema.MANIFEST} at {path}: not a teacher cache, or its build never started. Fix: pass "
+                "a ROOT/<key> directory that `moedistill cache ls ROOT` lists."
+            )
             return report
         schema.validate_manifest(manifest, f"{path}/{schema.MANIFEST}")
     except CacheError as e:
@@ -62,8 +65,8 @@ def verify_cache(path: str, check_schema: bool = True) -> VerifyReport:
     if not report.complete:
         commits = committed_shards(path)
         report.fail(
-            f"incomplete: {len(commits)} of {report.num_shards} shards committed and no completion marker; "
-            "rerun `moedistill cache --config ...` to resume it. Checking the committed shards only."
+            f"incomplete: {len(commits)} of {report.num_shards} shards committed and no completion marker "
+            "(checked the committed shards only). Fix: rerun `moedistill cache --config ...` to resume it."
         )
         shards = [commits[i] for i in sorted(commits)]
     for entry in shards:
