@@ -11,11 +11,15 @@ from collections.abc import Callable, Sequence
 from pipeline.errors import MoeDistillError
 
 
-def _load(args: argparse.Namespace):
+def load_cli_config(args: argparse.Namespace):
+    """--config plus --set overrides, as every stage's subcommand reads them."""
     from pipeline.config import load_config
+    from pipeline.placement import warn_if_job_local
 
     overrides = dict(_parse_override(o) for o in (getattr(args, "set", None) or []))
-    return load_config(args.config, overrides)
+    config = load_config(args.config, overrides)
+    warn_if_job_local(config)  # relative output paths under `ray job submit` land in a temporary dir
+    return config
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -31,7 +35,7 @@ def cmd_finetune_teacher(args: argparse.Namespace) -> None:
     from pipeline.ray_session import connect
     from pipeline.training.finetune import format_finetune_result, run_finetune
 
-    config = _load(args)
+    config = load_cli_config(args)
     connect()
     print(format_finetune_result(run_finetune(config, force=args.force)))
 
@@ -39,14 +43,14 @@ def cmd_finetune_teacher(args: argparse.Namespace) -> None:
 def cmd_cache(args: argparse.Namespace) -> None:
     from pipeline.cache import cli as cache_cli
 
-    cache_cli.run(args, _load)
+    cache_cli.run(args, load_cli_config)
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
     from pipeline.distill.stage import format_distill_result, run_distill
     from pipeline.ray_session import connect
 
-    config = _load(args)
+    config = load_cli_config(args)
     connect()
     print(format_distill_result(run_distill(config)))
 
@@ -54,7 +58,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from pipeline.evaluate.stage import run_evaluate_cli
 
-    run_evaluate_cli(args, _load(args))
+    run_evaluate_cli(args, load_cli_config(args))
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:

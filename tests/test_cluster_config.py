@@ -3,7 +3,8 @@
 Offline and fast: no cloud calls, no Ray cluster. `ray up` runs prepare_config (merges the provider's
 defaults) and then validate_config (the JSON schema ray/autoscaler/ray-schema.json plus cross-field checks);
 so do these tests. The autoscaler's own bin-packing (get_nodes_for) shows that what each preset's stage asks
-for lands on the node group meant for it.
+for lands on the node group meant for it, and the pre-flight resource check (pipeline.placement) accepts a
+group scaled to zero from the config `ray up` leaves on the head (~/ray_bootstrap_config.yaml).
 """
 
 from __future__ import annotations
@@ -19,6 +20,13 @@ import pytest
 import yaml
 
 from pipeline.config import Config, load_config, teacher_cache_hash, with_overrides
+from pipeline.errors import MoeDistillError
+from pipeline.placement import (
+    AUTOSCALED_RESOURCES_ENV,
+    autoscalable_resources,
+    autoscaler_node_types,
+    check_placement,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -126,6 +134,7 @@ def test_paper_presets_load_with_the_papers_settings(key: str) -> None:
         assert train.use_gpu and train.num_workers == 8
         assert train.resources_per_worker == {resource: 1}
     assert config.cache.resources == {"teacher_node": 1} and config.cache.num_gpus_per_actor == 1
+    assert config.evaluate.resources == {"student_node": 1} and config.evaluate.num_gpus_per_actor == 1
     assert config.cache.root.startswith("s3://")
     # output_dir holds Ray Train checkpoints: it must be the shared mount every node has (cluster.yaml).
     assert config.output_dir.startswith("/mnt/shared/")
@@ -157,10 +166,12 @@ def _gpu_demands(config: Config) -> dict[str, tuple[list[dict[str, float]], str]
         return [scaling._resources_per_worker_not_none] * train.num_workers
 
     cache_actor = {"GPU": config.cache.num_gpus_per_actor, **config.cache.resources}
+    eval_actor = {"GPU": config.evaluate.num_gpus_per_actor, **config.evaluate.resources}
     return {
         "finetune": (train_bundles(config.finetune), "teacher_gpu"),
         "cache": ([cache_actor] * config.cache.num_actors, "teacher_gpu"),
         "distill": (train_bundles(config.distill.train), "student_gpu"),
+        "evaluate": ([eval_actor] * config.evaluate.num_actors, "student_gpu"),
     }
 
 
@@ -184,3 +195,103 @@ def test_autoscaler_launches_the_group_each_stage_asks_for(
         others = {name: spec for name, spec in node_types.items() if name != group}
         to_launch, unplaced = get_nodes_for(others, {}, head_type, limit, bundles, scorer)
         assert not to_launch and len(unplaced) == len(bundles), f"{what} without {group} -> {dict(to_launch)}"
+
+
+# --- scale-to-zero: the resource check accepts what the autoscaler can start -------------------------------
+def _bootstrap_config(prepared_cluster: dict[str, Any], tmp_path: Path, **changes: Any) -> Path:
+    """The config `ray up` leaves on the head (~/ray_bootstrap_config.yaml: the prepared config as JSON)."""
+    config = copy.deepcopy(prepared_cluster)
+    for dotted, value in changes.items():
+        node = config
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    path = tmp_path / "ray_bootstrap_config.yaml"
+    path.write_text(json.dumps(config))
+    return path
+
+
+HEAD_ONLY = {"CPU": 8.0, "memory": 1e10, "object_store_memory": 1e9}  # a fresh cluster: GPU groups at zero
+
+
+def test_autoscaler_node_types_of_the_bootstrap_config(
+    prepared_cluster: dict[str, Any], tmp_path: Path
+) -> None:
+    types = autoscaler_node_types(_bootstrap_config(prepared_cluster, tmp_path))
+    assert set(types) == {"teacher_gpu", "student_gpu"}  # the head has max_workers 0
+    assert types["teacher_gpu"]["teacher_node"] == 8 and "student_node" not in types["teacher_gpu"]
+    assert types["student_gpu"]["student_node"] == 8 and "teacher_node" not in types["student_gpu"]
+    assert autoscaler_node_types(tmp_path / "absent.yaml") == {}
+
+
+@pytest.mark.parametrize("key", sorted(PRESETS))
+def test_every_stage_of_a_preset_waits_for_its_scaled_to_zero_group(
+    key: str, prepared_cluster: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bootstrap = _bootstrap_config(prepared_cluster, tmp_path)
+    config = load_preset(key)
+    stages = {
+        "finetune": config.finetune.resources_per_worker,
+        "cache": config.cache.resources,
+        "distill": config.distill.train.resources_per_worker,
+        "evaluate": config.evaluate.resources,
+    }
+    for stage, resources in stages.items():
+        check = check_placement(resources, stage, live=HEAD_ONLY, autoscaler_config=bootstrap, environ={})
+        assert check is not None and not check.missing and not check.live, (stage, check)
+        group = "teacher_gpu" if stage in ("finetune", "cache") else "student_gpu"
+        assert all(repr(group) in source for source in check.autoscaled.values()), (stage, check)
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == 1 and "waiting for the autoscaler" in lines[0] and stage in lines[0], lines
+    # Once a node of the group is up, the resource is live: no note.
+    check = check_placement({"teacher_node": 1}, "cache", live={**HEAD_ONLY, "teacher_node": 8.0},
+                            autoscaler_config=bootstrap, environ={})  # fmt: skip
+    assert check is not None and check.live == ["teacher_node"] and not capsys.readouterr().out
+
+
+def test_a_resource_no_node_type_offers_is_still_a_clear_error(
+    prepared_cluster: dict[str, Any], tmp_path: Path
+) -> None:
+    bootstrap = _bootstrap_config(prepared_cluster, tmp_path)
+    with pytest.raises(MoeDistillError) as info:
+        check_placement({"teacher_gpu_node": 1}, "teacher cache actors (cache.resources)", live=HEAD_ONLY,
+                        autoscaler_config=bootstrap, environ={})  # fmt: skip
+    message = str(info.value)
+    assert "teacher cache actors (cache.resources)" in message and "'teacher_gpu_node'" in message
+    assert "cluster resources: ['CPU', 'memory', 'object_store_memory']" in message  # what exists
+    assert str(bootstrap) in message and AUTOSCALED_RESOURCES_ENV in message  # where it looked
+    assert "ray start --resources" in message and "cluster.yaml" in message  # the fix
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"available_node_types__teacher_gpu__max_workers": 0},  # the group can never start a node
+        {"max_workers": 0},  # the cluster can never start a worker
+    ],
+)
+def test_a_group_that_cannot_scale_up_does_not_count(
+    changes: dict[str, Any], prepared_cluster: dict[str, Any], tmp_path: Path
+) -> None:
+    bootstrap = _bootstrap_config(prepared_cluster, tmp_path, **changes)
+    assert "teacher_node" not in autoscalable_resources(bootstrap, environ={}, ask_gcs=False)
+    with pytest.raises(MoeDistillError, match="teacher_node"):
+        check_placement({"teacher_node": 1}, "cache", live=HEAD_ONLY, autoscaler_config=bootstrap, environ={})
+
+
+def test_the_env_declares_autoscaled_resources_without_a_launcher_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = {AUTOSCALED_RESOURCES_ENV: " teacher_node, student_node ,"}
+    assert autoscalable_resources(tmp_path / "absent.yaml", environ=env, ask_gcs=False) == {
+        "teacher_node": f"${AUTOSCALED_RESOURCES_ENV}",
+        "student_node": f"${AUTOSCALED_RESOURCES_ENV}",
+    }
+    check = check_placement(
+        {"student_node": 1}, "distill", live=HEAD_ONLY, autoscaler_config=None, environ=env
+    )
+    assert check is not None and list(check.autoscaled) == ["student_node"]
+    assert AUTOSCALED_RESOURCES_ENV in capsys.readouterr().out
+    with pytest.raises(MoeDistillError, match="other_node"):
+        check_placement({"other_node": 1}, "distill", live=HEAD_ONLY, autoscaler_config=None, environ=env)

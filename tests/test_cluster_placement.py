@@ -1,46 +1,112 @@
-"""Placement on a local cluster with the launcher's custom resources (conftest's `ray_cluster`: one
-`teacher_node` and one `student_node`): teacher actors and student training workers run holding the resource
-their config asks for, and a resource no node offers fails at once with a readable error instead of a job
-that waits forever for a node that never comes.
+"""Placement on a local cluster with the launcher's custom resources (conftest's `ray_cluster`: 2 CPUs, one
+`teacher_node` and one `student_node`): the project's own stages -- the teacher cache stage, evaluation and
+Ray Train -- run holding the resource their config asks for, and a resource no node offers fails at once with
+a readable error instead of a job that waits forever for a node that never comes.
+
+Which resources an actor held is read from the GCS actor table after the stage (`resource_mapping`: what the
+raylet granted it; the public state API would need the dashboard, which these clusters run without).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, load_config, with_overrides
 from pipeline.errors import MoeDistillError
+from pipeline.placement import AUTOSCALED_RESOURCES_ENV
 from pipeline.training.loop import LoopSpec
 from pipeline.training.runner import check_resources_exist, fit
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
+TINY = Path(__file__).parent / "configs" / "tiny.yaml"
 
-def test_teacher_actor_pool_holds_teacher_node() -> None:
-    """What the cache stage does: a Ray Data actor pool with `resources=cache.resources`."""
-    import ray
-    from ray.data import ActorPoolStrategy
 
-    class Probe:  # defined here so Ray ships it by value to the actor
-        def __init__(self) -> None:
-            ctx = ray.get_runtime_context()
-            self.where = json.dumps({"resources": ctx.get_assigned_resources(), "actor": ctx.get_actor_id()})
+def actors_of(class_fragment: str) -> list[dict[str, Any]]:
+    """Every actor of this cluster (alive or dead) whose class name contains `class_fragment`, with the
+    resources it asked for and the resources the raylet granted it. Ray Data names its actor pool's class
+    `MapWorker(MapBatches(<the callable class>))`."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
 
-        def __call__(self, batch: dict) -> dict:
-            return {"where": [self.where] * len(batch["id"])}
+    found = []
+    for raw in state._connect_and_get_accessor().get_actor_table(None, None):
+        actor = gcs_pb2.ActorTableData.FromString(raw)
+        if class_fragment in actor.class_name:
+            held: dict[str, float] = {}
+            for entry in actor.resource_mapping:
+                held[entry.name] = held.get(entry.name, 0.0) + sum(r.quantity for r in entry.resource_ids)
+            found.append(
+                {"class": actor.class_name, "required": dict(actor.required_resources), "held": held}
+            )
+    return found
 
-    rows = (
-        ray.data.range(8, override_num_blocks=4)
-        .map_batches(Probe, compute=ActorPoolStrategy(size=1), batch_size=2, resources={"teacher_node": 1})
-        .take_all()
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory):
+    """tests/configs/tiny.yaml, smaller, pinned like the paper presets: the cache to `teacher_node`,
+    evaluation to `student_node`; its 'fine-tuned' teacher is a freshly built tiny MoE (no training)."""
+    from pipeline.models.build import TinyMoEConfig, build_tiny_moe
+    from pipeline.training.finetune import EXPORT_MARKER
+    from pipeline.workspace import load_tokenizer, paths_for, prepare_data
+
+    root = tmp_path_factory.mktemp("placement")
+    config = with_overrides(
+        load_config(TINY),
+        {
+            "output_dir": str(root / "run"),
+            "data.num_demo_records": 80,
+            "cache.root": str(root / "caches"),
+            "cache.resources": {"teacher_node": 1},
+            "evaluate.resources": {"student_node": 1},
+            "evaluate.num_seeds": 1,
+            "evaluate.max_examples": 4,
+            "evaluate.max_new_tokens": 4,
+        },
     )
-    seen = [json.loads(r["where"]) for r in rows]
-    assert len(seen) == 8
-    assert all(s["resources"].get("teacher_node") == 1.0 for s in seen), seen
-    assert all("student_node" not in s["resources"] for s in seen), seen
+    prepared = prepare_data(config)
+    tok = load_tokenizer(prepared.tokenizer_path)
+    arch = TinyMoEConfig(**dataclasses.asdict(config.teacher.build))
+    teacher = build_tiny_moe(arch, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, seed=0)
+    final = paths_for(config).teacher_final
+    teacher.save_pretrained(final)
+    (final / EXPORT_MARKER).write_text(json.dumps({"stage": "finetune-teacher"}))
+    return config, final
+
+
+def test_cache_stage_actors_hold_teacher_node(workspace) -> None:
+    """pipeline.cache.stage.run_cache with cache.resources={"teacher_node": 1}: each teacher actor held it."""
+    from pipeline.cache.manifest import read_manifest
+    from pipeline.cache.stage import run_cache
+
+    config, _ = workspace
+    info = run_cache(config)
+    assert info.status == "built" and info.num_tokens > 0
+    assert read_manifest(info.path)["complete"] is True
+    teachers = actors_of("TeacherShardStage")
+    assert teachers, "no teacher cache actor ran"
+    for actor in teachers:
+        assert actor["required"].get("teacher_node") == 1.0, actor
+        assert actor["held"].get("teacher_node") == 1.0 and "student_node" not in actor["held"], actor
+
+
+def test_evaluation_actors_hold_student_node(workspace) -> None:
+    """pipeline.evaluate.stage.run_evaluate with evaluate.resources={"student_node": 1}."""
+    from pipeline.evaluate.stage import run_evaluate
+
+    config, teacher = workspace
+    results = run_evaluate(config, models={"teacher": str(teacher)}, progress=False)
+    assert [(r["model"], r["num_examples"]) for r in results.rows] == [("teacher", 4)]
+    generators = actors_of("GeneratorActor")
+    assert generators, "no evaluation actor ran"
+    for actor in generators:
+        assert actor["required"].get("student_node") == 1.0, actor
+        assert actor["held"].get("student_node") == 1.0 and "teacher_node" not in actor["held"], actor
 
 
 def probe_task_factory(report_dir: str):
@@ -111,10 +177,21 @@ def test_training_workers_hold_student_node(tmp_path: Path) -> None:
     assert all(a.get("student_node") == 1.0 and "teacher_node" not in a for a in assigned), assigned
 
 
-def test_resources_the_cluster_offers_pass() -> None:
+def test_resources_the_cluster_offers_pass(capsys: pytest.CaptureFixture[str]) -> None:
     check_resources_exist({"teacher_node": 1}, what="teacher cache actors (cache.resources)")
     check_resources_exist({"student_node": 1}, what="training workers (train.resources_per_worker)")
     check_resources_exist({}, what="anything")
+    assert "autoscaler" not in capsys.readouterr().out
+
+
+def test_a_resource_only_the_autoscaler_offers_waits_for_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A GPU group scaled to zero: absent from the live cluster, declared by the autoscaler (here the env)."""
+    monkeypatch.setenv(AUTOSCALED_RESOURCES_ENV, "gpu_group_node")
+    check_resources_exist({"gpu_group_node": 1}, what="training workers (train.resources_per_worker)")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "autoscaler" in line]
+    assert len(lines) == 1 and "gpu_group_node" in lines[0] and "waiting for the autoscaler" in lines[0]
 
 
 @pytest.mark.parametrize(
@@ -124,7 +201,10 @@ def test_resources_the_cluster_offers_pass() -> None:
         ({"student_node": 1, "student_gpu_node": 1}, "training workers (train.resources_per_worker)"),
     ],
 )
-def test_a_resource_no_node_offers_is_a_clear_error(resources: dict[str, float], what: str) -> None:
+def test_a_resource_no_node_offers_is_a_clear_error(
+    resources: dict[str, float], what: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(AUTOSCALED_RESOURCES_ENV, raising=False)
     missing = next(name for name in resources if name.endswith("_gpu_node"))
     with pytest.raises(MoeDistillError) as info:
         check_resources_exist(resources, what=what)
@@ -132,6 +212,7 @@ def test_a_resource_no_node_offers_is_a_clear_error(resources: dict[str, float],
     assert what in message and repr(missing) in message, message
     assert "teacher_node" in message and "student_node" in message, message  # what the cluster does offer
     assert f"ray start --resources '{{\"{missing}\": 1}}'" in message and "cluster.yaml" in message, message
+    assert AUTOSCALED_RESOURCES_ENV in message, message
 
 
 def test_training_with_a_missing_resource_fails_before_scheduling(tmp_path: Path) -> None:
@@ -153,3 +234,15 @@ def test_training_with_a_missing_resource_fails_before_scheduling(tmp_path: Path
             storage_path=str(tmp_path / "ray"),
             datasets={"train": ray.data.from_items([{"x": [0.0] * 4}] * 4)},
         )
+
+
+def test_evaluation_with_a_missing_resource_fails_before_scheduling(workspace) -> None:
+    from pipeline.evaluate.stage import run_evaluate
+
+    config, teacher = workspace
+    # another protocol (max_new_tokens), so the teacher's earlier results are not simply reused
+    config = with_overrides(
+        config, {"evaluate.resources": {"student_gpu_node": 1}, "evaluate.max_new_tokens": 3}
+    )
+    with pytest.raises(MoeDistillError, match=r"evaluation actors \(evaluate.resources\).*student_gpu_node"):
+        run_evaluate(config, models={"teacher": str(teacher)}, progress=False)

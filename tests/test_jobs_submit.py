@@ -7,6 +7,11 @@ without the token ("Authentication required"); a submitter with RAY_AUTH_MODE=to
 (~/.ray/auth_token, or RAY_AUTH_TOKEN_PATH as here) is accepted; the job's driver inherits the head's
 environment, so it finds the token too; `ray job submit` blocks until the job ends and exits non-zero when
 it fails. The entrypoint's `python` is whatever PATH the head resolves, so jobs name this venv's python.
+Inside a job, Ray sets RAY_JOB_CONFIG_JSON_ENV_VAR (RAY_JOB_ID is stripped) and starts the entrypoint in the
+unpacked --working-dir, a per-job temporary directory: a relative output_dir would be written there.
+
+Every stage of the pipeline is submitted by default, in order, with a tiny config (seconds of CPU each; the
+job start-up dominates): finetune-teacher, cache, distill, evaluate, report storage and ablate.
 
 The head runs with `--block` in a session of its own and is stopped by killing that session's processes and
 their descendants only: never `ray stop`, which kills every Ray process on the machine (other test sessions
@@ -15,6 +20,7 @@ included).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -26,12 +32,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
+
+from pipeline.placement import RAY_JOB_ENV, job_local_paths, ray_job_working_dir, warn_if_job_local
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "jobs" / "configs" / "demo.yaml"
@@ -39,29 +47,89 @@ DEMO = REPO / "jobs" / "configs" / "demo.yaml"
 EXCLUDES = [".venv/", "runs/", ".git/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/", "*.egg-info/"]
 START_TIMEOUT_S = 180  # a 2-core CI box shared with other test sessions starts a head in 15-60 s
 JOB_TIMEOUT_S = 420
+MAX_EXAMPLES = 4  # evaluated test examples per model
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One `ray job submit -- python <script> --config <cfg> <args>`; `outputs` are relative to output_dir."""
+    """One `ray job submit -- python <script> <args>`; in args "{config}", "{out}" (the run's output_dir),
+    "{cache}" (the teacher cache the cache stage built) and "{sweep}" are filled in when it is submitted.
+    `check(out)` asserts on what the stage wrote."""
 
     script: str
     args: tuple[str, ...]
-    outputs: tuple[str, ...]
+    check: Callable[[Path], None]
 
 
-# In pipeline order; each stage may use what the previous ones wrote. Adding a stage is one line.
-TEACHER = "teacher/final"
+SWEEP_NAME = "jobs-sweep"
+
+
+def cache_dir(out: Path) -> Path:
+    """The cache the config's teacher-side settings produced: <cache.root>/by-config/<hash>.json names it."""
+    locators = sorted((out / "caches" / "by-config").glob("*.json"))
+    assert len(locators) == 1, f"expected one by-config locator, got {locators}"
+    return Path(json.loads(locators[0].read_text())["path"])
+
+
+def check_teacher(out: Path) -> None:
+    final = out / "teacher" / "final"
+    assert json.loads((final / "config.json").read_text())["model_type"] == "qwen3_moe"
+    assert json.loads((final / "moedistill_export.json").read_text())["stage"] == "finetune-teacher"
+
+
+def check_cache(out: Path) -> None:
+    cache = cache_dir(out)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["complete"] is True, manifest
+    assert manifest["totals"]["num_sequences"] > 0 and manifest["totals"]["num_tokens"] > 0, manifest
+    assert manifest["shards"] and all((cache / shard["path"]).exists() for shard in manifest["shards"])
+
+
+def check_student(out: Path) -> None:
+    final = out / "students" / "probe" / "final"
+    config = json.loads((final / "config.json").read_text())
+    assert config["model_type"] == "qwen3_moe" and config["hidden_size"] == 32, config  # the student
+    assert (final / "moedistill_export.json").is_file()
+
+
+def _results(path: Path) -> list[dict]:
+    from pipeline.reports.results import read_results_csv
+
+    rows = read_results_csv(path)
+    assert rows and all(0.0 <= r["rouge_l_mean"] <= 100.0 for r in rows), rows
+    return rows
+
+
+def check_eval(out: Path) -> None:
+    rows = _results(out / "eval" / "results.csv")
+    assert {r["model"] for r in rows} == {"teacher", "probe"}, rows
+    assert all(r["num_examples"] == MAX_EXAMPLES and r["num_seeds"] == 1 for r in rows), rows
+    assert all(len((out / "eval" / m / "predictions.jsonl").read_text().splitlines()) == MAX_EXAMPLES
+               for m in ("teacher", "probe"))  # fmt: skip
+
+
+def check_storage_report(out: Path) -> None:
+    md = out / "reports" / "storage" / "storage.md"
+    assert cache_dir(out).name in md.read_text()  # the measured store's key
+    assert (out / "reports" / "storage" / "storage.png").stat().st_size > 0
+
+
+def check_sweep(out: Path) -> None:
+    rows = _results(out / "sweeps" / SWEEP_NAME / "results.csv")
+    assert [r["method"] for r in rows] == ["teacher", "kd"], rows
+    assert len(list((out / "students").glob("kd-*/final/config.json"))) == 1
+
+
+# In pipeline order; each stage uses what the previous ones wrote. Adding a stage is one line.
 STAGES: list[Stage] = [
-    Stage("jobs/finetune_teacher.py", (), (f"{TEACHER}/config.json", f"{TEACHER}/moedistill_export.json")),
+    Stage("jobs/finetune_teacher.py", ("--config", "{config}"), check_teacher),
+    Stage("jobs/cache_teacher.py", ("--config", "{config}"), check_cache),
+    Stage("jobs/distill.py", ("--config", "{config}"), check_student),
+    Stage("jobs/evaluate.py", ("--config", "{config}"), check_eval),
+    Stage("jobs/report.py", ("storage", "{cache}", "--out", "{out}/reports/storage"), check_storage_report),
+    # one more student (kd) from the same cache, evaluated with the teacher's results reused
+    Stage("jobs/ablate.py", ("--config", "{sweep}"), check_sweep),
 ]
-# The rest of the pipeline works as jobs too; together ~2 more minutes on 2 CPUs, so opt-in for now.
-if os.environ.get("MOEDISTILL_TEST_ALL_STAGES") == "1":
-    STAGES += [
-        Stage("jobs/cache_teacher.py", (), ("caches/by-config",)),
-        Stage("jobs/distill.py", (), ("students/probe/final/config.json",)),
-        Stage("jobs/evaluate.py", (), ("eval/results.csv",)),
-    ]
 
 
 def _ray_cli() -> list[str]:
@@ -243,7 +311,7 @@ def tiny_job_config(tmp_path: Path) -> Path:
     cfg = yaml.safe_load(DEMO.read_text())
     cfg["name"] = "jobs-submit"
     cfg["output_dir"] = str(tmp_path / "run")
-    cfg["data"].update(num_demo_records=300, max_length=96, val_fraction=0.1, test_fraction=0.1)
+    cfg["data"].update(num_demo_records=160, max_length=96, val_fraction=0.1, test_fraction=0.1)
     cfg["tokenizer"] = {"vocab_size": 384}
     cfg["teacher"]["build"] = dict(
         hidden_size=64,
@@ -266,9 +334,9 @@ def tiny_job_config(tmp_path: Path) -> Path:
         head_dim=16,
     )
     small_train = dict(
-        batch_size=8, warmup_steps=1, max_steps=5, checkpoint_every=5, log_every=5, max_failures=0
+        batch_size=8, warmup_steps=1, max_steps=3, checkpoint_every=3, log_every=3, max_failures=0
     )
-    # Workers pinned like on a cluster: the head advertises one teacher_node and one student_node.
+    # Pinned like on a cluster: the head advertises one teacher_node and one student_node.
     cfg["finetune"].update(small_train, resources_per_worker={"teacher_node": 1})
     cfg["distill"]["train"].update(small_train, resources_per_worker={"student_node": 1})
     cfg["distill"]["run_name"] = "probe"
@@ -279,13 +347,24 @@ def tiny_job_config(tmp_path: Path) -> Path:
         rows_per_shard=64,
         resources={"teacher_node": 1},
     )
-    cfg["evaluate"].update(num_seeds=1, max_new_tokens=8, batch_size=16, max_examples=8)
+    cfg["evaluate"].update(
+        num_seeds=1, max_new_tokens=6, batch_size=16, max_examples=MAX_EXAMPLES, resources={"student_node": 1}
+    )
     path = tmp_path / "tiny-job.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    # A sweep over it: one more student (a fixed run_name is refused in sweeps), then evaluation.
+    sweep = {
+        "name": SWEEP_NAME,
+        "base": path.name,
+        "set": {"distill.run_name": None},
+        "grid": {"distill.method": ["kd"]},
+        "evaluate": True,
+    }
+    (tmp_path / "tiny-sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
     return path
 
 
-def submit(head: LocalHead, stage: Stage, config: Path, submission_id: str) -> subprocess.CompletedProcess:
+def submit(head: LocalHead, script: str, args: list[str], submission_id: str) -> subprocess.CompletedProcess:
     args = [
         "--submission-id",
         submission_id,
@@ -295,17 +374,15 @@ def submit(head: LocalHead, stage: Stage, config: Path, submission_id: str) -> s
         json.dumps({"excludes": EXCLUDES}),
         "--",
         sys.executable,  # the entrypoint's bare `python` would be whatever the head's PATH finds first
-        stage.script,
-        "--config",
-        str(config),
-        *stage.args,
+        script,
+        *args,
     ]
     try:
         return head.job("submit", *args, check=False, timeout=JOB_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         head.job("stop", submission_id, check=False)
         logs = head.job("logs", submission_id, check=False).stdout
-        pytest.fail(f"job {submission_id} ({stage.script}) ran over {JOB_TIMEOUT_S} s; logs:\n{_tail(logs)}")
+        pytest.fail(f"job {submission_id} ({script}) ran over {JOB_TIMEOUT_S} s; logs:\n{_tail(logs)}")
 
 
 def test_submitter_without_the_token_is_refused(ray_head: LocalHead, tmp_path: Path) -> None:
@@ -330,14 +407,89 @@ def test_a_failing_job_makes_submit_exit_non_zero(ray_head: LocalHead) -> None:
 def test_stages_run_as_ray_jobs(ray_head: LocalHead, tmp_path: Path) -> None:
     config = tiny_job_config(tmp_path)
     out = tmp_path / "run"
+    fill = {"config": str(config), "out": str(out), "sweep": str(tmp_path / "tiny-sweep.yaml")}
+    timings = []
     for index, stage in enumerate(STAGES):
+        if "{cache}" in stage.args:
+            fill["cache"] = str(cache_dir(out))
+        args = [arg.format(**fill) for arg in stage.args]
         sid = f"moedistill-test-{index}-{Path(stage.script).stem}-{secrets.token_hex(3)}"
-        result = submit(ray_head, stage, config, sid)
+        started = time.monotonic()
+        result = submit(ray_head, stage.script, args, sid)
+        timings.append(f"{Path(stage.script).stem} {time.monotonic() - started:.0f}s")
         logs = ray_head.job("logs", sid, check=False).stdout
         assert result.returncode == 0, (
             f"`ray job submit ... {stage.script}` exited {result.returncode}; job logs:\n{_tail(logs)}"
         )
         status = ray_head.job("status", sid).stdout
         assert f"Job '{sid}' succeeded" in status, _tail(status)
-        missing = [rel for rel in stage.outputs if not (out / rel).exists()]
-        assert not missing, f"{stage.script} did not write {missing} under {out}; job logs:\n{_tail(logs)}"
+        try:
+            stage.check(out)
+        except (AssertionError, OSError, KeyError) as exc:
+            pytest.fail(f"{stage.script}: unexpected outputs under {out}: {exc!r}\njob logs:\n{_tail(logs)}")
+        assert "warning: output_dir" not in logs and "warning: cache.root" not in logs, _tail(logs)
+    print("job wall times: " + ", ".join(timings))
+
+
+def test_a_relative_output_dir_in_a_job_is_warned_about(ray_head: LocalHead, tmp_path: Path) -> None:
+    """Relative paths resolve inside the job's temporary working directory: the entry point says so.
+
+    `report storage --config` (a projection from the config alone, no Ray work) writes under output_dir.
+    """
+    cfg = yaml.safe_load(tiny_job_config(tmp_path).read_text())
+    cfg["output_dir"] = "runs/lost"
+    config = tmp_path / "relative.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    sid = f"moedistill-test-relative-{secrets.token_hex(3)}"
+    result = submit(ray_head, "jobs/report.py", ["storage", "--config", str(config)], sid)
+    assert result.returncode == 0, _tail(result.stdout)
+    logs = " ".join(ray_head.job("logs", sid).stdout.split())  # unwrapped
+    assert logs.count("moedistill: warning:") == 1, logs  # a projection writes no cache
+    assert "moedistill: warning: output_dir resolves to " in logs and "/runs/lost, inside" in logs, logs
+    assert "working_dir_files" in logs and "--set output_dir=" in logs, logs
+
+
+# --- the warning's decision, without a cluster -------------------------------------------------------------
+JOB_ENV = {RAY_JOB_ENV: "{}"}
+
+
+def test_job_working_dir_is_only_known_inside_a_job(tmp_path: Path) -> None:
+    assert ray_job_working_dir(environ={}, cwd=tmp_path) is None
+    assert ray_job_working_dir(environ=JOB_ENV, cwd=tmp_path) == tmp_path.resolve()
+
+
+def test_only_paths_inside_the_job_working_dir_are_flagged(tmp_path: Path) -> None:
+    workdir = tmp_path / "working_dir_files" / "_ray_pkg_0123"
+    workdir.mkdir(parents=True)
+    paths = {
+        "output_dir": "runs/demo",  # relative: inside
+        "cache.root": "s3://bucket/caches",  # a URL: never
+        "elsewhere": str(tmp_path / "shared"),  # absolute, outside: fine
+        "inside": str(workdir / "x"),  # absolute, but inside
+    }
+    assert job_local_paths(paths, environ=JOB_ENV, cwd=workdir) == {
+        "output_dir": workdir.resolve() / "runs" / "demo",
+        "inside": workdir.resolve() / "x",
+    }
+
+
+def test_every_stage_warns_from_its_own_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the stages call once they hold their config (pipeline.cli.load_cli_config, ablate, demo)."""
+    from pipeline.cli import load_cli_config
+
+    workdir = tmp_path / "job"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)  # load_config resolves relative paths against the cwd, as in a job
+    monkeypatch.setenv(RAY_JOB_ENV, "{}")
+    load_cli_config(argparse.Namespace(config=str(DEMO), set=[]))
+    warned = capsys.readouterr().err.strip().splitlines()
+    assert len(warned) == 2 and "output_dir" in warned[0] and "cache.root" in warned[1], warned
+    assert "/mnt/shared/runs/<name>" in warned[0] and "s3://" in warned[1], warned
+    shared = [f"output_dir={tmp_path}/shared", "cache.root=s3://b/caches"]
+    config = load_cli_config(argparse.Namespace(config=str(DEMO), set=shared))
+    assert capsys.readouterr().err == "" and warn_if_job_local(config) == []
+    monkeypatch.delenv(RAY_JOB_ENV)  # outside a job nothing is checked, whatever the paths
+    load_cli_config(argparse.Namespace(config=str(DEMO), set=[]))
+    assert capsys.readouterr().err == ""

@@ -1,6 +1,7 @@
 """The Ray Data actor that generates responses and scores them with Rouge-L.
 
-One actor = one model replica at a time (on its own GPU when `num_gpus_per_actor` > 0). Rows name the
+One actor = one model replica at a time (on its own GPU when `num_gpus_per_actor` > 0, on the node group
+that `evaluate.resources` names, e.g. {"student_node": 1}: the stage passes both to Ray Data). Rows name the
 checkpoint they are for (`model`, an index into `checkpoints`); rows arrive model-major, so an actor loads
 each checkpoint about once and frees the previous one before loading the next.
 """

@@ -2,7 +2,7 @@
 and score them with Rouge-L.
 
     rows = test examples x seeds  --ray.data.from_items-->  map_batches(GeneratorActor,
-        ActorPoolStrategy(size=num_actors), num_gpus, batch_size)  -->  driver: tqdm over finished rows
+        ActorPoolStrategy(size=num_actors), num_gpus, batch_size, resources)  -->  driver: tqdm over rows
 
 Protocol (MiniLLM / DistiLLM / B-Distill): sampling at temperature 1, top-p 1, `evaluate.num_seeds` seeds,
 Rouge-L of each generation against its reference(s) (max over references), mean over examples per seed,
@@ -244,8 +244,10 @@ def _generate(
     from tqdm import tqdm
 
     from pipeline.evaluate.actor import GeneratorActor
+    from pipeline.placement import check_placement  # = runner.check_resources_exist, without torch
 
     ev = config.evaluate
+    check_placement(dict(ev.resources), what="evaluation actors (evaluate.resources)")
     names = list(checkpoints)
     # Actors may run in another working directory (a cluster node): absolute paths for local checkpoints.
     resolved = [
@@ -273,6 +275,8 @@ def _generate(
         compute=ActorPoolStrategy(size=max(1, ev.num_actors)),
         num_gpus=ev.num_gpus_per_actor,
         batch_size=ev.batch_size,
+        # pins the actors to a node group, e.g. {"student_node": 1} -> cluster.yaml's student_gpu nodes
+        **({"resources": dict(ev.resources)} if ev.resources else {}),
     )
     outputs: dict[str, dict[int, tuple[str, float]]] = {n: {} for n in names}
     try:

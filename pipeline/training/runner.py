@@ -94,18 +94,11 @@ def find_user_error(exc: BaseException) -> MoeDistillError | None:
     return None
 
 
-def check_resources_exist(resources: dict[str, float], what: str) -> None:
-    """Fail before scheduling when a custom resource is absent: otherwise Ray waits forever, silently."""
-    import ray
+def check_resources_exist(resources: dict[str, float], what: str, **kwargs: Any) -> None:
+    """Fail before scheduling when no node offers a custom resource and no autoscaler can start one:
+    otherwise Ray waits forever, silently. A resource of an autoscaler node type (a GPU group scaled to
+    zero) passes with a one-line note. Details and keyword arguments: `pipeline.placement.check_placement`.
+    """
+    from pipeline.placement import check_placement
 
-    if not resources or not ray.is_initialized():
-        return
-    available = ray.cluster_resources()
-    missing = [name for name in resources if name not in available]
-    if missing:
-        raise MoeDistillError(
-            f"{what} ask for resource(s) {missing}, which no node of this Ray cluster offers "
-            f"(cluster resources: {sorted(k for k in available if not k.startswith('node:'))}). Fix: start "
-            "nodes with them (`ray start --resources '{\"" + missing[0] + "\": 1}'`, or the node type's "
-            "`resources` in cluster.yaml), or remove them from the config."
-        )
+    check_placement(resources, what, **kwargs)
