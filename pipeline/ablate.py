@@ -10,6 +10,16 @@ Sweep file (YAML):
       distill.k: [1, 3]
       student.build.num_experts: [2, 4]
     evaluate: true                 # evaluate every student (and the teacher) afterwards
+
+Leave `distill.run_name` unset: each run is then named `<method>-k..-s<seed>-<settings fingerprint>`, so
+grid points never share a run directory (a fixed run_name is refused up front).
+
+Outputs, under `<output_dir>/sweeps/<name>/`: results.csv (schema: pipeline/reports/results.py), results.md
+and results.png, holding the teacher and this sweep's runs only (never students evaluated earlier in the
+same output_dir). Each run's row is labelled "method (grid point)", the grid point written with the
+shortest unambiguous key suffixes (`lambda_mc=0.5, num_experts=2`); `distill.method` is the method itself
+and `distill.train.seed` is left out, so several seeds of one grid point are aggregated (mean ± std, n=).
+`moedistill report results <sweep file>` re-renders that table.
 """
 
 from __future__ import annotations
@@ -26,6 +36,9 @@ from pipeline.config import Config, load_config, teacher_cache_hash, with_overri
 from pipeline.errors import ConfigError
 
 SWEEP_KEYS = {"base", "set", "grid", "evaluate", "name"}
+# Grid keys that are not part of a row's `setting` label: the method has its own column, and training seeds
+# of one grid point are aggregated by the results table (mean ± std across runs).
+UNLABELLED_KEYS = ("distill.method", "distill.train.seed")
 
 
 @dataclass(frozen=True)
@@ -68,8 +81,9 @@ def load_sweep(path: str | Path) -> Sweep:
 def plan_runs(sweep: Sweep) -> tuple[Config, list[Config]]:
     """The base config and one validated config per grid point; all must share the base's teacher cache."""
     base = load_config(sweep.base, sweep.overrides)
+    points = sweep.runs()
     configs = []
-    for point in sweep.runs():
+    for point in points:
         run = with_overrides(base, point)
         if teacher_cache_hash(run) != teacher_cache_hash(base):
             raise ConfigError(
@@ -78,13 +92,70 @@ def plan_runs(sweep: Sweep) -> tuple[Config, list[Config]]:
                 "only, so all runs share one cache; start a second sweep for the other teacher setting."
             )
         configs.append(run)
+    _check_distinct_runs(sweep, points, configs)
     return base, configs
+
+
+def _check_distinct_runs(sweep: Sweep, points: list[dict[str, Any]], configs: list[Config]) -> None:
+    """Every grid point must get its own run directory (else later runs would reuse or clash with earlier)."""
+    first: dict[str, dict[str, Any]] = {}
+    for point, config in zip(points, configs, strict=True):
+        name = config.distill.run_name
+        if name and first.setdefault(name, point) is not point:
+            raise ConfigError(
+                f"sweep {sweep.name}: distill.run_name is fixed to {name!r}, so grid points {first[name]} "
+                f"and {point} would share one run directory (students/{name}). Fix: leave distill.run_name "
+                "unset (in the base config, `set:` and `grid:`), so every run's name carries a settings "
+                "fingerprint."
+            )
+    for i, config in enumerate(configs):
+        for j in range(i):
+            if configs[j] == config:
+                raise ConfigError(
+                    f"sweep {sweep.name}: grid points {points[j]} and {points[i]} give identical settings "
+                    "(a value listed twice?). Fix: remove the duplicate from `grid:`."
+                )
+
+
+def sweep_results_dir(sweep: Sweep, base: Config | None = None) -> Path:
+    """`<output_dir>/sweeps/<sweep name>`: where `run_ablate` writes results.csv, results.md, results.png."""
+    from pipeline.workspace import paths_for
+
+    base = base or load_config(sweep.base, sweep.overrides)
+    return paths_for(base).root / "sweeps" / sweep.name
+
+
+def grid_setting(point: dict[str, Any]) -> str | None:
+    """The `setting` label of a grid point (None when only the method and/or seed vary)."""
+    from pipeline.reports.results import format_setting
+
+    return format_setting({k: v for k, v in point.items() if k not in UNLABELLED_KEYS}) or None
+
+
+def sweep_rows(
+    points: list[dict[str, Any]], runs: list[Any], evaluation_rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The sweep's own table: the teacher's and this sweep's runs' rows only (`run_evaluate` also returns
+    models evaluated earlier in the output_dir), each run labelled with its grid point and its val loss.
+    `runs` are DistillResults (run_name, val_loss) in the order of `points`."""
+    from pipeline.reports.results import rows_for_models
+
+    by_name = {run.run_name: (point, run) for point, run in zip(points, runs, strict=True)}
+    rows = rows_for_models(evaluation_rows, ["teacher", *by_name])
+    for row in rows:
+        if row["model"] in by_name:
+            point, run = by_name[row["model"]]
+            row["setting"] = grid_setting(point)
+            if run.val_loss is not None:
+                row["val_loss"] = run.val_loss
+    return rows
 
 
 def run_ablate(sweep_path: str | Path) -> dict[str, Any]:
     from pipeline.cache.stage import format_cache_info, run_cache
     from pipeline.distill.stage import format_distill_result, run_distill
     from pipeline.evaluate.stage import run_evaluate
+    from pipeline.placement import warn_if_job_local
     from pipeline.ray_session import connect
     from pipeline.reports.results import write_results_csv, write_results_table
     from pipeline.training.finetune import run_finetune
@@ -92,13 +163,16 @@ def run_ablate(sweep_path: str | Path) -> dict[str, Any]:
 
     sweep = load_sweep(sweep_path)
     base, configs = plan_runs(sweep)
+    warn_if_job_local(base)
     print(f"[ablate] sweep {sweep.name}: {len(configs)} student runs over one teacher cache", flush=True)
     connect()
     run_finetune(base)
     cache = run_cache(base)
     print(format_cache_info(cache), flush=True)
     results = []
-    for config in configs:
+    points = sweep.runs()
+    for i, (point, config) in enumerate(zip(points, configs, strict=True)):
+        print(f"[ablate] run {i + 1}/{len(configs)}: {point}", flush=True)
         result = run_distill(config, cache_path=cache.path)
         print(format_distill_result(result), flush=True)
         results.append(result)
@@ -113,11 +187,8 @@ def run_ablate(sweep_path: str | Path) -> dict[str, Any]:
         models = {"teacher": str(paths_for(base).teacher_final)}
         models.update({r.run_name: r.export_dir for r in results})
         evaluation = run_evaluate(base, models)
-        val_loss = {r.run_name: r.val_loss for r in results}
-        rows = [
-            {**row, "val_loss": val_loss.get(row["model"], row.get("val_loss"))} for row in evaluation.rows
-        ]
-        out = paths_for(base).root / "sweeps" / sweep.name
+        rows = sweep_rows(points, results, evaluation.rows)
+        out = sweep_results_dir(sweep, base)
         write_results_csv(rows, out / "results.csv")
         md, png = write_results_table(rows, out, title=f"sweep {sweep.name}: Rouge-L (%)")
         print(md.read_text())

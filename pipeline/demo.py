@@ -2,13 +2,16 @@
 
 fine-tune teacher -> cache it once -> distil SFT, KD and B-Distill students from that cache -> evaluate
 teacher and students -> results table, storage report and plots under <output_dir>/reports.
+
+The demo's results table (<output_dir>/reports/results.csv|md|png and the final summary) holds the teacher and
+this demo's students only; <output_dir>/eval/results.* also lists students evaluated earlier there.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,11 +74,39 @@ def run_demo(
             "evaluate teacher and students (Ray Data)", lambda: run_evaluate(config, models)
         )
         summary["evaluation"] = evaluation
+        summary["results"] = write_demo_results(config, evaluation.rows, students.values())
     if "report" in stages:
         summary["reports"] = timer.run("reports", lambda: _reports(config, summary))
     total = time.perf_counter() - started
     print(_final_summary(summary, total))
     return summary
+
+
+@dataclass(frozen=True)
+class DemoResults:
+    rows: list[dict[str, Any]]  # the teacher's and this demo's students' rows only
+    csv_path: Path
+    md_path: Path
+    png_path: Path
+
+
+def write_demo_results(
+    config: Config, evaluation_rows: list[dict[str, Any]], students: Iterable[Any]
+) -> DemoResults:
+    """results.csv|md|png under <output_dir>/reports for the teacher and `students` (DistillResults) only,
+    with each student's validation loss from its run."""
+    from pipeline.reports.results import rows_for_models, write_results_csv, write_results_table
+    from pipeline.workspace import paths_for
+
+    val_loss = {r.run_name: r.val_loss for r in students}
+    rows = rows_for_models(evaluation_rows, ["teacher", *val_loss])
+    for row in rows:
+        if val_loss.get(row["model"]) is not None:
+            row["val_loss"] = val_loss[row["model"]]
+    out = paths_for(config).reports
+    csv_path = write_results_csv(rows, out / "results.csv")
+    md, png = write_results_table(rows, out, title=f"{config.name}: Rouge-L (%)")
+    return DemoResults(rows, csv_path, md, png)
 
 
 def _reports(config: Config, summary: dict[str, Any]) -> list[Path]:
@@ -97,26 +128,36 @@ def _reports(config: Config, summary: dict[str, Any]) -> list[Path]:
 
 
 def _final_summary(summary: dict[str, Any], total: float) -> str:
-    lines = ["", "=" * 78, "moe-distill demo: results", "=" * 78]
-    evaluation = summary.get("evaluation")
+    results: DemoResults | None = summary.get("results")
     students = summary.get("students", {})
     finetune = summary.get("finetune")
-    if evaluation is not None:
+    table: list[str] = []
+    if results is not None and results.rows:
+        rows = results.rows
         val_loss = {r.run_name: r.val_loss for r in students.values()}
         if finetune is not None:
             val_loss["teacher"] = finetune.after["val_loss"]
-        lines.append(f"{'model':<34} {'val loss':>9} {'Rouge-L (%)':>16}")
-        for row in evaluation.rows:
-            loss = val_loss.get(row["model"])
+        width = max(len("model"), *(len(str(r["model"])) for r in rows))
+        test_sets = list(dict.fromkeys(r["test_set"] for r in rows))
+        ts_width = max(len("test set"), *(len(str(t)) for t in test_sets)) if len(test_sets) > 1 else 0
+        ts_head = f" {'test set':<{ts_width}}" if ts_width else ""
+        table.append(f"{'model':<{width}}{ts_head} {'val loss':>9} {'Rouge-L (%)':>16}")
+        for row in rows:
+            loss = val_loss.get(row["model"], row.get("val_loss"))
             loss_text = f"{loss:9.3f}" if loss is not None else f"{'-':>9}"
-            score = f"{row['rouge_l_mean']:.1f} ± {row['rouge_l_std']:.1f}"
-            lines.append(f"{row['model']:<34} {loss_text} {score:>16}")
-        lines.append(
-            f"(Rouge-L: sampling T=1 over {evaluation.rows[0].get('num_seeds', '?')} seeds on "
-            f"{evaluation.rows[0].get('num_examples', '?')} test prompts; table: {evaluation.md_path})"
+            score = f"{row['rouge_l_mean']:.1f} ± {row['rouge_l_std'] or 0.0:.1f}"
+            ts_cell = f" {row['test_set']:<{ts_width}}" if ts_width else ""
+            table.append(f"{row['model']:<{width}}{ts_cell} {loss_text} {score:>16}")
+        table.append(
+            f"(Rouge-L: sampling T=1 over {rows[0].get('num_seeds') or '?'} seeds on "
+            f"{rows[0].get('num_examples') or '?'} test prompts; table: {results.md_path})"
         )
-    if "reports" in summary:
-        lines.append("plots: " + ", ".join(str(p) for p in summary["reports"] if str(p).endswith(".png")))
+    rule = "=" * max(78, *(len(line) for line in table[:-1]), 0)
+    lines = ["", rule, "moe-distill demo: results", rule, *table]
+    plots = [results.png_path] if results is not None else []
+    plots += [p for p in summary.get("reports", []) if str(p).endswith(".png")]
+    if plots:
+        lines.append("plots: " + ", ".join(str(p) for p in plots))
     lines.append(
         "stage wall times: " + ", ".join(f"{k.split(' (')[0]} {v:.0f}s" for k, v in summary["stages"].items())
     )
@@ -125,11 +166,9 @@ def _final_summary(summary: dict[str, Any], total: float) -> str:
 
 
 def run_demo_cli(args: argparse.Namespace) -> None:
-    from pipeline.cli import _parse_override
-    from pipeline.config import load_config
+    from pipeline.cli import load_cli_config
 
-    overrides = dict(_parse_override(o) for o in (args.set or []))
-    config = load_config(args.config, overrides)
+    config = load_cli_config(args)
     stages = STAGES if args.stages == "all" else tuple(s.strip() for s in args.stages.split(","))
     unknown = set(stages) - set(STAGES)
     if unknown:

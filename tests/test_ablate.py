@@ -1,14 +1,17 @@
-"""Sweep files: parsing, planning and refusal of teacher-side grids (the Ray run is in test_distill.py)."""
+"""Sweep files: parsing, planning, refusal of teacher-side grids and shared run directories, and the sweep's
+own results table (the Ray run is in test_distill.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from pipeline.ablate import load_sweep, plan_runs
+from pipeline.ablate import grid_setting, load_sweep, plan_runs, sweep_results_dir, sweep_rows
 from pipeline.errors import ConfigError
+from pipeline.reports.results import format_results_markdown, format_setting
 
 TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 
@@ -46,3 +49,57 @@ def test_sweep_file_errors_are_clear(tmp_path: Path) -> None:
         load_sweep(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_sweep(tmp_path / "missing.yaml")
+
+
+def test_fixed_run_name_or_duplicate_grid_point_is_refused(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, {"distill.method": ["kd", "sft"]})
+    raw = yaml.safe_load(path.read_text())
+    raw["set"]["distill.run_name"] = "mine"  # every grid point would train into students/mine
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"share one run directory.*leave distill.run_name unset"):
+        plan_runs(load_sweep(path))
+    # One name per grid point is fine; a value listed twice is not.
+    plan_runs(load_sweep(write_sweep(tmp_path, {"distill.run_name": ["a", "b"]})))
+    with pytest.raises(ConfigError, match="identical settings"):
+        plan_runs(load_sweep(write_sweep(tmp_path, {"distill.lambda_mc": [0.5, 0.5]})))
+
+
+def test_setting_labels_use_the_shortest_unambiguous_key() -> None:
+    point = {"distill.lambda_mc": 0.5, "distill.train.lr": 3e-4, "distill.method": "kd"}
+    assert format_setting(point) == "lambda_mc=0.5, lr=0.0003, method=kd"
+    assert grid_setting(point) == "lambda_mc=0.5, lr=0.0003"  # the method has its own column
+    assert grid_setting({"distill.method": "kd", "distill.train.seed": 1}) is None
+    clash = {"student.num_experts": 2, "student.build.num_experts": 4}
+    assert format_setting(clash) == "student.num_experts=2, build.num_experts=4"
+
+
+def _eval_row(model: str, method: str, score: float, seed: int | None = None) -> dict:
+    return {"model": model, "method": method, "setting": "K=3, α=0.2, β=0.1, E=2", "seed": seed,
+            "test_set": "tiny-test", "num_seeds": 1, "rouge_l_mean": score, "rouge_l_std": 0.0}  # fmt: skip
+
+
+def test_sweep_table_has_only_its_runs_labelled_by_grid_point(tmp_path: Path) -> None:
+    """A grid over fields outside the run name (lambda_mc) gives distinct rows; seeds of one point are
+    aggregated; a student evaluated earlier in the same output_dir (returned by run_evaluate) is left out."""
+    path = write_sweep(
+        tmp_path, {"distill.lambda_mc": [0.5, 2.0], "distill.method": ["kd"], "distill.train.seed": [0, 1]}
+    )
+    sweep = load_sweep(path)
+    base, configs = plan_runs(sweep)
+    points = sweep.runs()
+    assert len({c.distill.lambda_mc for c in configs}) == 2
+    names = [f"kd-k3-a0.2-b0.1-e2-s{p['distill.train.seed']}-00000{i}" for i, p in enumerate(points)]
+    runs = [SimpleNamespace(run_name=n, val_loss=1.0 + i) for i, n in enumerate(names)]
+    evaluation = [_eval_row("teacher", "teacher", 40.0)]
+    evaluation += [_eval_row(n, "kd", 20.0 + i, seed=i % 2) for i, n in enumerate(names)]
+    evaluation.append(_eval_row("b-distill-k3-a0.2-b0.1-e2-s0-stale0", "b-distill", 99.0, seed=0))
+
+    rows = sweep_rows(points, runs, evaluation)
+    assert [r["model"] for r in rows] == ["teacher", *names]
+    assert [r["setting"] for r in rows[1:]] == ["lambda_mc=0.5"] * 2 + ["lambda_mc=2"] * 2
+    assert [r["val_loss"] for r in rows[1:]] == [1.0, 2.0, 3.0, 4.0]
+    md = format_results_markdown(rows)
+    assert "stale" not in md and "99.00" not in md
+    assert "| kd (lambda_mc=0.5) | 20.50 ± 0.71 (n=2) |" in md
+    assert "| kd (lambda_mc=2) | **22.50 ± 0.71 (n=2)** |" in md
+    assert sweep_results_dir(sweep, base) == tmp_path / "run" / "sweeps" / "t"

@@ -383,3 +383,57 @@ def test_results_labels_fall_back_to_model_names() -> None:
     ]  # same method, no setting, no seed: "kd" would merge two different models
     md = format_results_markdown(rows)
     assert "| run-a | 10.00 ± 0.00 |" in md and "| run-b | **12.00 ± 0.00** |" in md
+
+
+def test_report_results_on_a_sweep_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    sweep = tmp_path / "my-sweep.yaml"
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "name": "lam",
+                "base": str(REPO / "tests/configs/tiny.yaml"),
+                "set": {"output_dir": str(tmp_path / "run")},
+                "grid": {"distill.lambda_mc": [0.5, 2.0]},
+            }
+        )
+    )
+    assert main(["report", "results", str(sweep)]) == 2  # not run yet: says how to produce it
+    err = capsys.readouterr().err
+    assert f"moedistill ablate --config {sweep}" in err and "sweeps/lam/results.csv" in err
+    out_dir = tmp_path / "run" / "sweeps" / "lam"
+    write_results_csv(_rows(), out_dir / "results.csv")
+    assert main(["report", "results", str(sweep)]) == 0
+    assert "b-distill (K=3)" in capsys.readouterr().out
+    assert (out_dir / "results.md").is_file() and (out_dir / "results.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_demo_results_and_summary_hold_only_its_models(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from pipeline.demo import _final_summary, write_demo_results
+
+    config = load_config(REPO / "tests/configs/tiny.yaml", {"output_dir": str(tmp_path / "run")})
+    names = [f"{m}-k3-a0.2-b0.1-e2-s0-0a1b2c" for m in ("sft", "kd", "b-distill-no-erd")]
+    students = {n: SimpleNamespace(run_name=n, val_loss=2.0 + i) for i, n in enumerate(names)}
+    rows = [{"model": "teacher", "method": "teacher", "test_set": "tiny-test", "rouge_l_mean": 30.0,
+             "rouge_l_std": 1.0, "num_seeds": 2, "num_examples": 12}]  # fmt: skip
+    for i, name in enumerate([*names, "b-distill-k3-a0.2-b0.1-e2-s0-stale1"]):  # the last: an earlier run
+        rows.append({**rows[0], "model": name, "method": name.split("-k")[0], "rouge_l_mean": 10.0 + i})
+
+    results = write_demo_results(config, rows, students.values())
+    reports = tmp_path / "run" / "reports"
+    assert [r["model"] for r in results.rows] == ["teacher", *names]
+    assert results.png_path == reports / "results.png" and results.png_path.read_bytes()[:8] == PNG_MAGIC
+    assert "stale" not in (reports / "results.md").read_text() + (reports / "results.csv").read_text()
+
+    gates = reports / "gates" / names[0] / "gates.png"
+    summary = {"stages": {"evaluate": 3.0}, "students": students, "results": results, "reports": [gates]}
+    text = _final_summary(summary, total=60.0)
+    assert "stale" not in text
+    assert f"plots: {reports / 'results.png'}, {gates}" in text
+    table = [line for line in text.splitlines() if line.startswith(("model ", "teacher", *names))]
+    assert len(table) == 5
+    assert len({line.index(" ± ") for line in table[1:]}) == 1  # one column layout for every name
+    assert table[-1].startswith(names[-1] + " ") and "    4.000" in table[-1]

@@ -1,12 +1,13 @@
 """`moedistill report {storage,gates,results}`: thin dispatch onto the report modules; each writes a markdown
-file and a PNG and prints the text."""
+file and a PNG and prints the text. `report results` takes a results CSV, a directory holding results.csv
+(or runs that each hold one), or a sweep YAML file (its `<output_dir>/sweeps/<name>/results.csv`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 
 
 def run_report_cli(args: argparse.Namespace) -> list[Path]:
@@ -15,7 +16,11 @@ def run_report_cli(args: argparse.Namespace) -> list[Path]:
     if kind == "storage":
         return _storage(args)
     if not args.target:
-        what = "a student run directory" if kind == "gates" else "an eval results.csv or a sweep directory"
+        what = (
+            "a student run directory"
+            if kind == "gates"
+            else "a results CSV, an eval or sweep results directory, or a sweep YAML file"
+        )
         raise ConfigError(f"`moedistill report {kind}` needs a TARGET: {what}")
     if kind == "gates":
         from pipeline.reports.gates import format_gate_table, write_gate_report
@@ -27,12 +32,28 @@ def run_report_cli(args: argparse.Namespace) -> list[Path]:
     if kind == "results":
         from pipeline.reports.results import collect_results, format_results_markdown, write_results_table
 
-        rows = collect_results(args.target)
         target = Path(args.target)
+        if target.suffix in (".yaml", ".yml"):
+            target = _sweep_results(target)
+        rows = collect_results(target)
         out = Path(args.out) if args.out else (target.parent if target.is_file() else target)
         print(format_results_markdown(rows))
         return _done(list(write_results_table(rows, out)))
     raise ConfigError(f"unknown report kind {kind!r}; choose storage, gates or results")
+
+
+def _sweep_results(sweep_file: Path) -> Path:
+    """A sweep YAML -> the results.csv `moedistill ablate` wrote for it (<output_dir>/sweeps/<name>/)."""
+    from pipeline.ablate import load_sweep, sweep_results_dir
+
+    sweep = load_sweep(sweep_file)
+    csv_path = sweep_results_dir(sweep) / "results.csv"
+    if not csv_path.is_file():
+        raise DataError(
+            f"sweep {sweep.name} has no results yet: {csv_path} does not exist. Fix: run "
+            f"`moedistill ablate --config {sweep_file}` first (with `evaluate: true` in the sweep file)."
+        )
+    return csv_path
 
 
 def _storage(args: argparse.Namespace) -> list[Path]:
@@ -49,9 +70,11 @@ def _storage(args: argparse.Namespace) -> list[Path]:
         raise ConfigError("`report storage` takes a cache PATH or --config CONFIG, not both")
     if args.config:
         from pipeline.config import load_config
+        from pipeline.placement import warn_job_local_paths
         from pipeline.workspace import paths_for
 
         config = load_config(args.config)
+        warn_job_local_paths({"output_dir": str(config.out)})  # a projection writes no cache
         report = project_from_config(config, tokens, price, source=f"config {args.config}")
         out = Path(args.out) if args.out else paths_for(config).reports / "storage"
         stem = "storage-projection"

@@ -5,7 +5,8 @@ CSV schema (RESULT_COLUMNS, one row per evaluated model and test set; empty cell
 
   model            display name of the evaluated checkpoint (e.g. "teacher", a student run name)    required
   method           distillation method ("teacher", "sft", "kd", "b-distill", ...); empty: use model
-  setting          free-form ablation label ("K=3", "4->2", ...); joins method in the row label
+  setting          free-form ablation label ("K=3", "4->2", a sweep's grid point "lambda_mc=0.5", ...);
+                   joins method in the row label (format_setting builds one from dotted config keys)
   k, alpha, beta   B-Distill MC length / MC damping / ERD entropy weight of the run
   student_experts  E_S of the student
   seed             training seed of the run (several seeds of one method+setting are aggregated)
@@ -28,6 +29,7 @@ non-teacher mean of each column is bold.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -128,6 +130,38 @@ def collect_results(target: str | Path) -> list[dict[str, Any]]:
             "CSV, or a sweep directory whose runs were evaluated."
         )
     return [row for f in files for row in read_results_csv(f)]
+
+
+def rows_for_models(rows: Iterable[Mapping[str, Any]], models: Iterable[str]) -> list[dict[str, Any]]:
+    """Only the rows of `models`, in their original order. `run_evaluate` also returns models evaluated
+    earlier under the same output_dir; a sweep's or the demo's own table must show only its own models."""
+    keep = set(models)
+    return [dict(r) for r in rows if r["model"] in keep]
+
+
+def format_setting(point: Mapping[str, Any]) -> str:
+    """A readable `setting` label for a grid point of dotted config keys: each key shortened to its shortest
+    dotted suffix that no other key of the point shares, e.g.
+    {"distill.lambda_mc": 0.5, "student.build.num_experts": 2} -> "lambda_mc=0.5, num_experts=2"."""
+    keys = list(point)
+    parts = {k: k.split(".") for k in keys}
+    short: dict[str, str] = {}
+    for key in keys:
+        for n in range(1, len(parts[key]) + 1):
+            suffix = ".".join(parts[key][-n:])
+            others = (o for o in keys if o != key)
+            if not any(o == suffix or o.endswith("." + suffix) for o in others):
+                break
+        short[key] = suffix
+    return ", ".join(f"{short[k]}={_format_value(point[k])}" for k in keys)
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, bool | int | str) or value is None:
+        return str(value)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
 # --- aggregation --------------------------------------------------------------------------------------------
