@@ -137,6 +137,7 @@ class EvalConfig:
     max_examples: int | None = None
     num_actors: int = 1
     num_gpus_per_actor: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)  # per actor, e.g. {"student_node": 1}
     test_sets: list[str] = field(default_factory=list)  # extra Dolly-format JSONL / datasets names
 
 
@@ -367,6 +368,25 @@ def stable_hash(payload: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+# Training fields that decide how a run executes, not what it learns (placement, cadence, retries, logs).
+RUNTIME_ONLY_TRAIN_FIELDS = frozenset(
+    {
+        "use_gpu",
+        "resources_per_worker",
+        "torch_threads",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "max_failures",
+        "log_every",
+    }
+)
+
+
+def train_settings(train: TrainConfig) -> dict[str, Any]:
+    """The training fields that change the trained weights."""
+    return {k: v for k, v in dataclasses.asdict(train).items() if k not in RUNTIME_ONLY_TRAIN_FIELDS}
+
+
 def teacher_cache_fields(config: Config) -> dict[str, Any]:
     """Exactly the config fields that determine the teacher cache's content (DESIGN.md, "The teacher cache").
 
@@ -378,7 +398,8 @@ def teacher_cache_fields(config: Config) -> dict[str, Any]:
     cache = config.cache
     return {
         "teacher": dataclasses.asdict(config.teacher),
-        "finetune": dataclasses.asdict(config.finetune) if config.teacher.build is not None else None,
+        # The teacher the cache is built from is the one `finetune-teacher` trains with these settings.
+        "finetune": train_settings(config.finetune),
         "tokenizer": dataclasses.asdict(config.tokenizer),
         "data": {
             k: getattr(data, k)

@@ -3,37 +3,19 @@
 A finished run is reused when it is asked for again, so its directory must never be reused for different
 settings (a sweep over a field that is not in the readable run name, or a changed step count, would
 otherwise silently pick up the old student). Runtime-only settings (placement, checkpoint cadence, retries,
-logging) do not change what is trained and are left out, so moving a run to GPUs still reuses it.
+logging) do not change what is trained and are left out (pipeline.config.RUNTIME_ONLY_TRAIN_FIELDS).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import TrainConfig, stable_hash
+from pipeline.config import stable_hash
 from pipeline.errors import ConfigError
 
 SETTINGS_FILE = "settings.json"
-
-RUNTIME_ONLY_TRAIN_FIELDS = frozenset(
-    {
-        "use_gpu",
-        "resources_per_worker",
-        "torch_threads",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "max_failures",
-        "log_every",
-    }
-)
-
-
-def train_settings(train: TrainConfig) -> dict[str, Any]:
-    """The training fields that change the trained weights."""
-    return {k: v for k, v in dataclasses.asdict(train).items() if k not in RUNTIME_ONLY_TRAIN_FIELDS}
 
 
 def settings_fingerprint(settings: dict[str, Any], length: int = 6) -> str:

@@ -85,10 +85,87 @@ def test_killed_distillation_resumes_from_its_checkpoint(
     assert [json.loads(x)["step"] for x in (metrics_dir / "metrics.jsonl").open()] == [2, 4, 6]
 
 
+def test_two_worker_fsdp_run_resumes_and_exports(
+    cached_config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FSDP2 on gloo: sharded B-Distill training, killed mid-run, resumed from its full-state checkpoint."""
+    config = with_overrides(
+        cached_config,
+        {"distill.train.num_workers": 2, "distill.train.strategy": "fsdp", "distill.train.max_steps": 4},
+    )
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "3")
+    with pytest.raises(Exception, match=r"(?i)fail|error|died"):
+        run_distill(config)
+    monkeypatch.delenv(FAIL_AT_STEP_ENV)
+    result = run_distill(config)
+    metrics_dir = Path(result.export_dir).parent / "metrics"
+    assert (metrics_dir / "resumes.log").read_text().strip() == "resumed at step 2"
+    metrics = [json.loads(x) for x in (metrics_dir / "metrics.jsonl").open()]
+    assert [m["step"] for m in metrics] == [2, 4] and all(m["loss_mc"] > 0 for m in metrics)
+    student = AutoModelForCausalLM.from_pretrained(result.export_dir)  # gathered, unsharded weights
+    assert not any(type(p).__name__ == "DTensor" for p in student.parameters())
+    assert result.val_loss < 20
+
+
 def test_student_that_does_not_fit_the_cache_gets_a_clear_error(cached_config: Config) -> None:
     config = with_overrides(cached_config, {"student.build.num_experts": 3})
     with pytest.raises(CacheError, match=r"divide"):
         run_distill(config)
+
+
+def _other_tokenizer(config: Config, out: Path):
+    """A tokenizer of the same size as the pipeline's but trained on other text: other ids for tokens."""
+    from pipeline.data.demo_tokenizer import train_demo_tokenizer
+
+    texts = [f"{w} {w[::-1]} zq{i} {i * 7}" for i, w in enumerate(["alpha", "kappa", "omega", "sigma"] * 50)]
+    return train_demo_tokenizer(texts, out, vocab_size=config.tokenizer.vocab_size)
+
+
+def test_student_with_another_tokenizer_is_refused_before_any_work(cached_config: Config, tmp_path: Path):
+    from pipeline.errors import ModelError
+    from pipeline.models.build import TinyMoEConfig, build_tiny_moe
+
+    student_dir = tmp_path / "student"
+    other = _other_tokenizer(cached_config, student_dir)
+    build_tiny_moe(
+        TinyMoEConfig(hidden_size=32, num_layers=1, num_experts=2, top_k=1), len(other), 0, 1, 2, 0
+    ).save_pretrained(student_dir)
+    config = with_overrides(cached_config, {"student.build": None, "student.path": str(student_dir)})
+    with pytest.raises(ModelError, match=r"student checkpoint .* ships a tokenizer that differs.*Fix:"):
+        run_distill(config)
+
+
+def test_cache_of_another_tokenizer_is_refused(cached_config: Config, tmp_path: Path) -> None:
+    from pipeline.cache.stage import locate_cache
+
+    cache_path = locate_cache(cached_config)
+    _other_tokenizer(cached_config, tmp_path / "tok")
+    config = with_overrides(cached_config, {"tokenizer.path": str(tmp_path / "tok")})
+    with pytest.raises(CacheError, match=r"built with another tokenizer.*Fix:"):
+        run_distill(config, cache_path=cache_path)
+
+
+def test_cache_of_a_retrained_teacher_is_refused(cached_config: Config) -> None:
+    marker = Path(cached_config.output_dir) / "teacher" / "final" / "moedistill_export.json"
+    original = marker.read_text()
+    marker.write_text(json.dumps({**json.loads(original), "time": 1.0}))  # as if exported again later
+    try:
+        with pytest.raises(CacheError, match=r"fine-tuned again after cache .* Fix: run `moedistill cache"):
+            run_distill(cached_config)
+    finally:
+        marker.write_text(original)
+
+
+def test_explicit_run_name_reused_with_other_settings_is_refused(cached_config: Config) -> None:
+    from pipeline.errors import ConfigError
+
+    config = with_overrides(
+        cached_config, {"distill.method": "sft", "distill.run_name": "named", "distill.train.max_steps": 2}
+    )
+    assert not run_distill(config).skipped
+    assert run_distill(with_overrides(config, {"distill.train.log_every": 1})).skipped  # runtime-only change
+    with pytest.raises(ConfigError, match=r"distill\.train\.lr: 0\.003 -> 0\.01.*Fix: choose another"):
+        run_distill(with_overrides(config, {"distill.train.lr": 0.01}))
 
 
 def test_missing_cache_names_the_command_to_run(cached_config: Config, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from pipeline.config import load_config, with_overrides
+from pipeline.errors import ConfigError
 from pipeline.training.finetune import run_finetune
 from pipeline.training.loop import FAIL_AT_STEP_ENV
 
@@ -35,8 +36,18 @@ def test_finetune_learns_exports_and_survives_a_worker_failure(
     model = AutoModelForCausalLM.from_pretrained(result.export_dir)
     assert model.config.model_type == "qwen3_moe"
     assert logged_steps(metrics_dir) == [2, 4, 6, 8, 10, 12]
-    # A second request finds the finished export and does not train again.
-    assert run_finetune(config, eval_examples=4).skipped
+    # A second request finds the finished export and does not train again, also when only runtime
+    # settings (logging, checkpoint cadence) change.
+    assert run_finetune(with_overrides(config, {"finetune.log_every": 5}), eval_examples=4).skipped
+    # Other training settings would make it another teacher: refused, naming the fix.
+    changed = with_overrides(config, {"finetune.max_steps": 4})
+    with pytest.raises(ConfigError, match=r"finetune\.max_steps: 12 -> 4.*--force"):
+        run_finetune(changed, eval_examples=4)
+    # --force retrains from scratch with the new settings (no resume from the old run's checkpoints).
+    monkeypatch.delenv(FAIL_AT_STEP_ENV)
+    forced = run_finetune(changed, force=True, eval_examples=4)
+    assert not forced.skipped
+    assert logged_steps(metrics_dir) == [2, 4] and not (metrics_dir / "resumes.log").exists()
 
 
 def test_killed_run_resumes_from_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

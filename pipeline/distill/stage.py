@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import Config, ModelConfig
+from pipeline.config import Config, ModelConfig, train_settings
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.distill.losses import layer_pairs
 from pipeline.distill.methods import MethodSpec, get_method
@@ -20,10 +20,12 @@ from pipeline.distill.objective import ObjectiveWeights, distill_objective
 from pipeline.distill.student import DistillStudent
 from pipeline.errors import CacheError
 from pipeline.evaluate.generate import validation_loss
+from pipeline.models.compat import check_models_share_tokenizer
 from pipeline.models.factory import materialize_model
-from pipeline.run_identity import claim_run_dir, settings_fingerprint, train_settings
+from pipeline.run_identity import claim_run_dir, settings_fingerprint
 from pipeline.training.finetune import export_hf_checkpoint, export_is_complete
 from pipeline.training.loop import LoopSpec, plan_total_steps
+from pipeline.training.parallel import decoder_layers
 from pipeline.training.runner import fit
 from pipeline.workspace import load_tokenizer, paths_for, prepare_data
 
@@ -86,6 +88,7 @@ class DistillTask:
         self.seed = seed
         self._tokenizer = None
         self._generator: torch.Generator | None = None
+        self._last_step, self._micro = -1, 0
 
     @property
     def tokenizer(self):
@@ -114,13 +117,31 @@ class DistillTask:
                     )
         return out
 
-    def compute_loss(self, model, batch, step):
-        if self._generator is None:  # MC draws: reproducible per worker, independent across workers
-            import ray.train
+    def fsdp_units(self, model: DistillStudent) -> list[torch.nn.Module]:
+        """Decoder layers FSDP may shard on their own: all but the paired ones when the MC term reads every
+        expert's weights after the forward (pipeline.training.parallel explains why)."""
+        layers = decoder_layers(model)
+        if not self.method.uses_mc:
+            return layers
+        paired = {id(model.student.model.layers[s]) for s, _ in self.pairs}
+        return [layer for layer in layers if id(layer) not in paired]
 
-            self._generator = torch.Generator().manual_seed(
-                self.seed * 1000 + ray.train.get_context().get_world_rank()
-            )
+    def mc_generator(self, device: torch.device, step: int) -> torch.Generator:
+        """MC draws seeded by (seed, rank, step, micro-batch): independent across workers and identical
+        after a resume, with no generator state to checkpoint. Lives on the gates' device (multinomial
+        refuses a CPU generator for CUDA probabilities)."""
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+        self._micro = self._micro + 1 if step == self._last_step else 0
+        self._last_step = step
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+        seed = hash((self.seed, rank, step, self._micro)) & 0x7FFF_FFFF_FFFF_FFFF
+        return self._generator.manual_seed(seed)
+
+    def compute_loss(self, model, batch, step):
+        generator = self.mc_generator(batch["input_ids"].device, step) if self.method.uses_mc else None
         token_mask = distill_positions(batch["response_mask"])
         forward = model(
             batch["input_ids"],
@@ -128,7 +149,7 @@ class DistillTask:
             token_mask,
             with_experts=self.method.uses_mc,
         )
-        return distill_objective(self.method, self.weights, forward, batch, token_mask, self._generator)
+        return distill_objective(self.method, self.weights, forward, batch, token_mask, generator)
 
     def export(self, model: torch.nn.Module, export_dir: str) -> None:
         # Only the HF student is exported; the projections P are training-only (DESIGN.md).
@@ -173,8 +194,10 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
     paths = paths_for(config)
     prepared = prepare_data(config)
     tokenizer = load_tokenizer(prepared.tokenizer_path)
+    check_models_share_tokenizer(config, tokenizer, roles=("student",))
     cache_path = cache_path or locate_cache(config)
     cache = open_cache(cache_path)
+    _check_cache_tokenizer(cache, prepared.tokenizer_path)
     student_probe = materialize_model(config.student, tokenizer)
     student_layers = student_probe.config.num_hidden_layers
     num_experts = (
@@ -259,6 +282,19 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2))
     return result
+
+
+def _check_cache_tokenizer(cache, tokenizer_path: str) -> None:
+    """The cached token ids and logits mean something only under the tokenizer the cache was built with."""
+    from pipeline.cache.key import tokenizer_digest
+
+    cached = cache.manifest["key_inputs"]["tokenizer_digest"]
+    if tokenizer_digest(tokenizer_path) != cached:
+        raise CacheError(
+            f"cache {cache.key} was built with another tokenizer than this config's ({tokenizer_path}): its "
+            "token ids and teacher logits would be misread. Fix: use the tokenizer the cache was built with "
+            "(tokenizer.path), or rebuild the cache with `moedistill cache --config <this config>`."
+        )
 
 
 def _validation_examples(config: Config, prepared, tokenizer) -> list[dict[str, Any]]:

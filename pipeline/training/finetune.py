@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import Config, ModelConfig, config_to_dict
+from pipeline.config import Config, ModelConfig, config_to_dict, train_settings
 from pipeline.data.collate import pad_batch
 from pipeline.data.tokenize import tokenize_records
 from pipeline.evaluate.generate import generate_responses, validation_loss
 from pipeline.evaluate.rouge import mean_rouge_l
+from pipeline.models.compat import check_models_share_tokenizer
 from pipeline.models.factory import materialize_model
-from pipeline.run_identity import SETTINGS_FILE, claim_run_dir, train_settings
+from pipeline.run_identity import SETTINGS_FILE, claim_run_dir
 from pipeline.training.loop import LoopSpec, plan_total_steps
 from pipeline.training.runner import fit
 from pipeline.workspace import load_tokenizer, paths_for, prepare_data
@@ -103,6 +104,8 @@ def run_finetune(config: Config, *, force: bool = False, eval_examples: int = 12
     paths = paths_for(config)
     prepared = prepare_data(config)
     tokenizer = load_tokenizer(prepared.tokenizer_path)
+    # The student is checked too: a tokenizer mismatch found after the teacher's fine-tuning wastes it.
+    check_models_share_tokenizer(config, tokenizer)
     train_examples, stats = tokenize_records(tokenizer, prepared.splits.train, config.data.max_length)
     val_examples, _ = tokenize_records(tokenizer, prepared.splits.validation, config.data.max_length)
     print(
@@ -120,6 +123,7 @@ def run_finetune(config: Config, *, force: bool = False, eval_examples: int = 12
         (teacher_dir / SETTINGS_FILE).unlink(missing_ok=True)
         shutil.rmtree(paths.ray_storage / ray_run_name, ignore_errors=True)
         shutil.rmtree(export_dir, ignore_errors=True)
+        shutil.rmtree(teacher_dir / "metrics", ignore_errors=True)
     claim_run_dir(
         teacher_dir,
         teacher_settings(config),
