@@ -32,7 +32,7 @@ class DataConfig:
     test_fraction: float = 0.05
     seed: int = 0
     strict: bool = False  # malformed records: error (strict) or skip and count
-    prompt_template: str = "dolly"
+    prompt_template: Literal["dolly"] = "dolly"  # pipeline.data.template (the one template so far)
 
 
 @dataclass(frozen=True)

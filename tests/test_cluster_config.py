@@ -110,6 +110,10 @@ def test_nodes_install_this_checkout_and_mount_the_shared_output_dir(raw_cluster
     setup = "\n".join(raw_cluster["setup_commands"])
     assert "jobs/bootstrap.sh" in setup and "torch==" in setup
     assert re.search(r"mount -t nfs4 .* /mnt/shared", setup)
+    # Nodes refuse any other release than the pinned one, and the pin is this checkout's version.
+    version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)[1]
+    pins = re.findall(r'test "\$v" = "([^"]+)"', setup)
+    assert pins == [version], (pins, version)
 
 
 @pytest.mark.parametrize("key", sorted(PRESETS))

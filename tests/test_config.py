@@ -51,6 +51,9 @@ def test_bad_literal_lists_allowed_values(tmp_path: Path) -> None:
     path = write(tmp_path, "name: x\ncache:\n  states_dtype: float8\n")
     with pytest.raises(ConfigError, match=r"cache\.states_dtype.*'float16', 'bfloat16'"):
         load_config(path)
+    path = write(tmp_path, "name: x\ndata:\n  prompt_template: alpaca\n")  # not silently ignored
+    with pytest.raises(ConfigError, match=r"data\.prompt_template='alpaca'; allowed values: 'dolly'"):
+        load_config(path)
 
 
 def test_missing_file_and_missing_model_path(tmp_path: Path) -> None:

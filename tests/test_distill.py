@@ -71,10 +71,8 @@ def test_two_worker_b_distill_from_cache_exports_a_working_student(cached_config
     assert run_distill(config).skipped
 
 
-def test_killed_distillation_resumes_from_its_checkpoint(
-    cached_config: Config, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    config = with_overrides(cached_config, {"distill.method": "kd", "distill.train.max_steps": 6})
+def killed_at_step_3_then_rerun(config: Config, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """A worker dies at step 3 (after the step-2 checkpoint); the same command again resumes. -> metrics."""
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "3")
     with pytest.raises(Exception, match=r"(?i)fail|error|died"):
         run_distill(config)
@@ -82,7 +80,15 @@ def test_killed_distillation_resumes_from_its_checkpoint(
     result = run_distill(config)
     metrics_dir = Path(result.export_dir).parent / "metrics"
     assert (metrics_dir / "resumes.log").read_text().strip() == "resumed at step 2"
-    assert [json.loads(x)["step"] for x in (metrics_dir / "metrics.jsonl").open()] == [2, 4, 6]
+    return [json.loads(x) for x in (metrics_dir / "metrics.jsonl").open()]
+
+
+def test_killed_distillation_resumes_from_its_checkpoint(
+    cached_config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = with_overrides(cached_config, {"distill.method": "kd", "distill.train.max_steps": 6})
+    metrics = killed_at_step_3_then_rerun(config, monkeypatch)
+    assert [m["step"] for m in metrics] == [2, 4, 6]
 
 
 def test_two_worker_fsdp_run_resumes_and_exports(
@@ -93,18 +99,12 @@ def test_two_worker_fsdp_run_resumes_and_exports(
         cached_config,
         {"distill.train.num_workers": 2, "distill.train.strategy": "fsdp", "distill.train.max_steps": 4},
     )
-    monkeypatch.setenv(FAIL_AT_STEP_ENV, "3")
-    with pytest.raises(Exception, match=r"(?i)fail|error|died"):
-        run_distill(config)
-    monkeypatch.delenv(FAIL_AT_STEP_ENV)
-    result = run_distill(config)
-    metrics_dir = Path(result.export_dir).parent / "metrics"
-    assert (metrics_dir / "resumes.log").read_text().strip() == "resumed at step 2"
-    metrics = [json.loads(x) for x in (metrics_dir / "metrics.jsonl").open()]
+    metrics = killed_at_step_3_then_rerun(config, monkeypatch)
     assert [m["step"] for m in metrics] == [2, 4] and all(m["loss_mc"] > 0 for m in metrics)
+    result = run_distill(config)  # finished: reused
+    assert result.skipped and result.val_loss < 20
     student = AutoModelForCausalLM.from_pretrained(result.export_dir)  # gathered, unsharded weights
     assert not any(type(p).__name__ == "DTensor" for p in student.parameters())
-    assert result.val_loss < 20
 
 
 def test_student_that_does_not_fit_the_cache_gets_a_clear_error(cached_config: Config) -> None:

@@ -43,6 +43,7 @@ from pipeline.placement import RAY_JOB_ENV, job_local_paths, ray_job_working_dir
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "jobs" / "configs" / "demo.yaml"
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
 # Not uploaded with --working-dir (.venv alone is GBs; Ray refuses packages over its size limit).
 EXCLUDES = [".venv/", "runs/", ".git/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/", "*.egg-info/"]
 START_TIMEOUT_S = 180  # a 2-core CI box shared with other test sessions starts a head in 15-60 s
@@ -313,26 +314,9 @@ def tiny_job_config(tmp_path: Path) -> Path:
     cfg["output_dir"] = str(tmp_path / "run")
     cfg["data"].update(num_demo_records=160, max_length=96, val_fraction=0.1, test_fraction=0.1)
     cfg["tokenizer"] = {"vocab_size": 384}
-    cfg["teacher"]["build"] = dict(
-        hidden_size=64,
-        num_layers=2,
-        num_experts=4,
-        top_k=2,
-        moe_intermediate_size=64,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=32,
-    )
-    cfg["student"]["build"] = dict(
-        hidden_size=32,
-        num_layers=1,
-        num_experts=2,
-        top_k=1,
-        moe_intermediate_size=32,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=16,
-    )
+    tiny = yaml.safe_load(TINY.read_text())  # the integration tests' model shapes
+    cfg["teacher"]["build"] = tiny["teacher"]["build"]
+    cfg["student"]["build"] = tiny["student"]["build"]
     small_train = dict(
         batch_size=8, warmup_steps=1, max_steps=3, checkpoint_every=3, log_every=3, max_failures=0
     )

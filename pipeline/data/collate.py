@@ -77,7 +77,7 @@ def _as_1d(value: Any, name: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         t = value.to(torch.long)
     else:
-        t = torch.from_numpy(np.asarray(value, dtype=np.int64))
+        t = torch.from_numpy(np.array(value, dtype=np.int64))  # a copy: Ray hands out read-only views
     if t.dim() != 1:
         raise DataError(f"{name} must be one flat sequence per row, got shape {tuple(t.shape)}.")
     return t

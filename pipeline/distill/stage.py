@@ -26,6 +26,7 @@ from pipeline.run_identity import claim_run_dir, settings_fingerprint
 from pipeline.training.finetune import export_hf_checkpoint, export_is_complete
 from pipeline.training.loop import LoopSpec, plan_total_steps
 from pipeline.training.parallel import decoder_layers
+from pipeline.training.placed import compute_device, run_placed_like
 from pipeline.training.runner import fit
 from pipeline.workspace import load_tokenizer, paths_for, prepare_data
 
@@ -268,20 +269,32 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
             datasets={"train": dataset},
         )
         wall = time.perf_counter() - started
-    student = materialize_model(ModelConfig(path=str(export_dir)), tokenizer).float()
+    if skipped and (run_dir / "summary.json").exists():  # measured when the run finished
+        val_loss = float(load_run_summary(run_dir)["val_loss"])
+    else:  # where the student trains, never on the job driver (pipeline.training.placed)
+        args = (str(export_dir), prepared.tokenizer_path, val_examples)
+        val_loss = run_placed_like(config.distill.train, _student_validation_loss, *args)
     result = DistillResult(
         run_name=run_name,
         method=method.name,
         export_dir=str(export_dir),
         skipped=skipped,
         wall_s=wall,
-        val_loss=validation_loss(student, val_examples, tokenizer.pad_token_id),
+        val_loss=val_loss,
         num_parameters=num_parameters,
         cache_path=cache_path,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2))
     return result
+
+
+def _student_validation_loss(export_dir: str, tokenizer_path: str, val_examples: list[dict]) -> float:
+    tokenizer = load_tokenizer(tokenizer_path)
+    device = compute_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    student = materialize_model(ModelConfig(path=export_dir), tokenizer).to(device=device, dtype=dtype)
+    return validation_loss(student, val_examples, tokenizer.pad_token_id)
 
 
 def _check_cache_tokenizer(cache, tokenizer_path: str) -> None:

@@ -21,6 +21,7 @@ from pipeline.models.compat import check_models_share_tokenizer
 from pipeline.models.factory import materialize_model
 from pipeline.run_identity import SETTINGS_FILE, claim_run_dir
 from pipeline.training.loop import LoopSpec, plan_total_steps
+from pipeline.training.placed import compute_device, run_placed_like
 from pipeline.training.runner import fit
 from pipeline.workspace import load_tokenizer, paths_for, prepare_data
 
@@ -115,8 +116,6 @@ def run_finetune(config: Config, *, force: bool = False, eval_examples: int = 12
     )
     export_dir = paths.teacher_final
     test_records = prepared.splits.test[:eval_examples]
-    initial = materialize_model(config.teacher, tokenizer).float()
-    num_parameters = sum(p.numel() for p in initial.parameters())
     teacher_dir = paths.root / "teacher"
     ray_run_name = f"{config.name}-finetune-teacher"
     if force:  # forget the old run entirely, or Ray Train would resume from its last checkpoint
@@ -171,13 +170,19 @@ def run_finetune(config: Config, *, force: bool = False, eval_examples: int = 12
             / max(1, len(train_examples))
         )
     )
-    before = _figures(initial, tokenizer, val_examples, test_records)
-    after = _figures(
-        materialize_model(ModelConfig(path=str(export_dir)), tokenizer).float(),
-        tokenizer,
-        val_examples,
-        test_records,
-    )
+    summary_path = teacher_dir / "finetune_summary.json"
+    earlier = json.loads(summary_path.read_text()) if skipped and summary_path.exists() else None
+    if earlier is not None:  # a reused teacher: its figures were measured when it was trained
+        num_parameters, before, after = earlier["num_parameters"], earlier["before"], earlier["after"]
+    else:
+
+        def measure(model_cfg: ModelConfig) -> tuple[int, dict[str, float]]:
+            # Where the teacher trains, never on the job driver (pipeline.training.placed).
+            args = (model_cfg, prepared.tokenizer_path, val_examples, test_records)
+            return run_placed_like(config.finetune, _figures, *args)
+
+        num_parameters, before = measure(config.teacher)
+        _, after = measure(ModelConfig(path=str(export_dir)))
     result = FinetuneResult(
         export_dir=str(export_dir),
         skipped=skipped,
@@ -189,16 +194,23 @@ def run_finetune(config: Config, *, force: bool = False, eval_examples: int = 12
         before=before,
         after=after,
     )
-    (paths.root / "teacher").mkdir(parents=True, exist_ok=True)
-    (paths.root / "teacher" / "finetune_summary.json").write_text(
+    teacher_dir.mkdir(parents=True, exist_ok=True)
+    summary_path.write_text(
         json.dumps({**dataclasses.asdict(result), "config": config_to_dict(config)}, indent=2, default=str)
     )
     return result
 
 
-def _figures(model, tokenizer, val_examples, test_records) -> dict[str, float]:
+def _figures(
+    model_cfg: ModelConfig, tokenizer_path: str, val_examples: list[dict], test_records: list
+) -> tuple[int, dict[str, float]]:
+    """(parameters, {val_loss, rouge_l}) of one teacher, greedy on the test records; runs as a placed task."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    device = compute_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = materialize_model(model_cfg, tokenizer).to(device=device, dtype=dtype)
     predictions = generate_responses(model, tokenizer, test_records, greedy=True, max_new_tokens=48)
-    return {
+    return sum(p.numel() for p in model.parameters()), {
         "val_loss": validation_loss(model, val_examples, tokenizer.pad_token_id),
         "rouge_l": mean_rouge_l(predictions, [r.response for r in test_records]),
     }
