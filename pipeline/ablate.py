@@ -138,16 +138,13 @@ def sweep_rows(
     """The sweep's own table: the teacher's and this sweep's runs' rows only (`run_evaluate` also returns
     models evaluated earlier in the output_dir), each run labelled with its grid point and its val loss.
     `runs` are DistillResults (run_name, val_loss) in the order of `points`."""
-    from pipeline.reports.results import rows_for_models
+    from pipeline.reports.results import rows_of_runs
 
-    by_name = {run.run_name: (point, run) for point, run in zip(points, runs, strict=True)}
-    rows = rows_for_models(evaluation_rows, ["teacher", *by_name])
+    setting = {run.run_name: grid_setting(point) for point, run in zip(points, runs, strict=True)}
+    rows = rows_of_runs(evaluation_rows, runs)
     for row in rows:
-        if row["model"] in by_name:
-            point, run = by_name[row["model"]]
-            row["setting"] = grid_setting(point)
-            if run.val_loss is not None:
-                row["val_loss"] = run.val_loss
+        if row["model"] in setting:
+            row["setting"] = setting[row["model"]]
     return rows
 
 

@@ -387,15 +387,12 @@ def train_settings(train: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(train).items() if k not in RUNTIME_ONLY_TRAIN_FIELDS}
 
 
-def teacher_cache_fields(config: Config) -> dict[str, Any]:
-    """Exactly the config fields that determine the teacher cache's content (DESIGN.md, "The teacher cache").
+def teacher_fields(config: Config) -> dict[str, Any]:
+    """The config fields that decide the fine-tuned teacher: its model, its training, its data and tokenizer.
 
-    Student-side choices (method, K, alpha, beta, lambdas, student experts, training) are deliberately absent
-    so that every ablation reuses one cache. The cache key itself also hashes the teacher weights and
-    tokenizer files, which a config cannot see.
+    `data.strict` is absent: it only decides whether bad records raise or are skipped and counted.
     """
     data = config.data
-    cache = config.cache
     return {
         "teacher": dataclasses.asdict(config.teacher),
         # The teacher the cache is built from is the one `finetune-teacher` trains with these settings.
@@ -415,6 +412,20 @@ def teacher_cache_fields(config: Config) -> dict[str, Any]:
                 "max_length",
             )
         },
+    }
+
+
+def teacher_cache_fields(config: Config) -> dict[str, Any]:
+    """Exactly the config fields that determine the teacher cache's content (DESIGN.md, "The teacher cache"):
+    the teacher's (`teacher_fields`) and the cache's own.
+
+    Student-side choices (method, K, alpha, beta, lambdas, student experts, training) are deliberately absent
+    so that every ablation reuses one cache. The cache key itself also hashes the teacher weights and
+    tokenizer files, which a config cannot see.
+    """
+    cache = config.cache
+    return {
+        **teacher_fields(config),
         "cache": {
             k: getattr(cache, k)
             for k in (

@@ -95,14 +95,10 @@ def write_demo_results(
 ) -> DemoResults:
     """results.csv|md|png under <output_dir>/reports for the teacher and `students` (DistillResults) only,
     with each student's validation loss from its run."""
-    from pipeline.reports.results import rows_for_models, write_results_csv, write_results_table
+    from pipeline.reports.results import rows_of_runs, write_results_csv, write_results_table
     from pipeline.workspace import paths_for
 
-    val_loss = {r.run_name: r.val_loss for r in students}
-    rows = rows_for_models(evaluation_rows, ["teacher", *val_loss])
-    for row in rows:
-        if val_loss.get(row["model"]) is not None:
-            row["val_loss"] = val_loss[row["model"]]
+    rows = rows_of_runs(evaluation_rows, students)
     out = paths_for(config).reports
     csv_path = write_results_csv(rows, out / "results.csv")
     md, png = write_results_table(rows, out, title=f"{config.name}: Rouge-L (%)")
@@ -129,21 +125,16 @@ def _reports(config: Config, summary: dict[str, Any]) -> list[Path]:
 
 def _final_summary(summary: dict[str, Any], total: float) -> str:
     results: DemoResults | None = summary.get("results")
-    students = summary.get("students", {})
-    finetune = summary.get("finetune")
     table: list[str] = []
     if results is not None and results.rows:
-        rows = results.rows
-        val_loss = {r.run_name: r.val_loss for r in students.values()}
-        if finetune is not None:
-            val_loss["teacher"] = finetune.after["val_loss"]
+        rows = results.rows  # students' val loss from their runs, the teacher's from its fine-tuning
         width = max(len("model"), *(len(str(r["model"])) for r in rows))
         test_sets = list(dict.fromkeys(r["test_set"] for r in rows))
         ts_width = max(len("test set"), *(len(str(t)) for t in test_sets)) if len(test_sets) > 1 else 0
         ts_head = f" {'test set':<{ts_width}}" if ts_width else ""
         table.append(f"{'model':<{width}}{ts_head} {'val loss':>9} {'Rouge-L (%)':>16}")
         for row in rows:
-            loss = val_loss.get(row["model"], row.get("val_loss"))
+            loss = row.get("val_loss")
             loss_text = f"{loss:9.3f}" if loss is not None else f"{'-':>9}"
             score = f"{row['rouge_l_mean']:.1f} ± {row['rouge_l_std'] or 0.0:.1f}"
             ts_cell = f" {row['test_set']:<{ts_width}}" if ts_width else ""

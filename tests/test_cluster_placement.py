@@ -18,9 +18,9 @@ import pytest
 
 from pipeline.config import TrainConfig, load_config, with_overrides
 from pipeline.errors import MoeDistillError
-from pipeline.placement import AUTOSCALED_RESOURCES_ENV
+from pipeline.placement import AUTOSCALED_RESOURCES_ENV, check_placement
 from pipeline.training.loop import LoopSpec
-from pipeline.training.runner import check_resources_exist, fit
+from pipeline.training.runner import fit
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -178,9 +178,9 @@ def test_training_workers_hold_student_node(tmp_path: Path) -> None:
 
 
 def test_resources_the_cluster_offers_pass(capsys: pytest.CaptureFixture[str]) -> None:
-    check_resources_exist({"teacher_node": 1}, what="teacher cache actors (cache.resources)")
-    check_resources_exist({"student_node": 1}, what="training workers (train.resources_per_worker)")
-    check_resources_exist({}, what="anything")
+    check_placement({"teacher_node": 1}, what="teacher cache actors (cache.resources)")
+    check_placement({"student_node": 1}, what="training workers (train.resources_per_worker)")
+    check_placement({}, what="anything")
     assert "autoscaler" not in capsys.readouterr().out
 
 
@@ -189,7 +189,7 @@ def test_a_resource_only_the_autoscaler_offers_waits_for_it(
 ) -> None:
     """A GPU group scaled to zero: absent from the live cluster, declared by the autoscaler (here the env)."""
     monkeypatch.setenv(AUTOSCALED_RESOURCES_ENV, "gpu_group_node")
-    check_resources_exist({"gpu_group_node": 1}, what="training workers (train.resources_per_worker)")
+    check_placement({"gpu_group_node": 1}, what="training workers (train.resources_per_worker)")
     lines = [line for line in capsys.readouterr().out.splitlines() if "autoscaler" in line]
     assert len(lines) == 1 and "gpu_group_node" in lines[0] and "waiting for the autoscaler" in lines[0]
 
@@ -207,7 +207,7 @@ def test_a_resource_no_node_offers_is_a_clear_error(
     monkeypatch.delenv(AUTOSCALED_RESOURCES_ENV, raising=False)
     missing = next(name for name in resources if name.endswith("_gpu_node"))
     with pytest.raises(MoeDistillError) as info:
-        check_resources_exist(resources, what=what)
+        check_placement(resources, what=what)
     message = str(info.value)
     assert what in message and repr(missing) in message, message
     assert "teacher_node" in message and "student_node" in message, message  # what the cluster does offer

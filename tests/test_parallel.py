@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pipeline.data.collate import distill_positions
 from pipeline.distill.methods import get_method
 from pipeline.distill.objective import ObjectiveWeights, distill_objective
 from pipeline.distill.student import DistillStudent
@@ -57,8 +58,7 @@ def _batch(rank: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     input_ids = torch.randint(3, VOCAB, (2, 10), generator=g)
     response = torch.zeros_like(input_ids)
     response[:, 4:] = 1
-    token_mask = response.bool() & torch.ones_like(response).bool()
-    token_mask[:, -1] = False  # the last position predicts nothing
+    token_mask = distill_positions(response)
     n = int(token_mask.sum())
     top = torch.log_softmax(torch.randn(n, VOCAB, generator=g), -1).topk(8, dim=-1)
     batch = {

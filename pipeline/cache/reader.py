@@ -132,6 +132,19 @@ class TeacherCache:
                 "projection, or use a student with the teacher's hidden size."
             )
 
+    def check_tokenizer(self, tokenizer_path: str) -> None:
+        """CacheError unless `tokenizer_path` holds the tokenizer the cache was built with: cached token ids
+        and teacher logits mean something only under that tokenizer."""
+        from pipeline.cache.key import tokenizer_digest
+
+        if tokenizer_digest(tokenizer_path) != self.manifest["key_inputs"]["tokenizer_digest"]:
+            raise CacheError(
+                f"cache {self.key} was built with another tokenizer than this config's ({tokenizer_path}): "
+                "its token ids and teacher logits would be misread. Fix: use the tokenizer the cache was "
+                "built with (tokenizer.path), or rebuild the cache with `moedistill cache --config <this "
+                "config>`."
+            )
+
     def layer_positions(self, teacher_layers: Sequence[int] | None) -> list[int]:
         """Positions along the cached layer axis of `teacher_layers` (None = all, in cached order)."""
         if teacher_layers is None:

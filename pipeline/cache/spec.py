@@ -81,9 +81,8 @@ class CacheRuntime:
     (build.STORED_LAYOUT), which keeps a resumed store byte-identical to an uninterrupted one."""
 
     num_actors: int = 1  # teacher actors (one model replica each)
-    batch_size: int = (
-        8  # sequences per teacher forward (micro-batch inside a shard); fixed by the first build
-    )
+    # Sequences per teacher forward (micro-batch inside a shard); fixed by the first build of a key.
+    batch_size: int = 8
     # Sequences per shard; fixed by the first build of a key. Size shards to ~100 MB-1 GB: rows_per_shard *
     # response tokens per sequence * bytes per token (see bytes_per_token_by_field).
     rows_per_shard: int = 64

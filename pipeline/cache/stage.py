@@ -91,13 +91,13 @@ def cache_runtime_from_config(config: Config) -> CacheRuntime:
 
 
 def run_cache(config: Config, runtime: CacheRuntime | None = None) -> CacheInfo:
-    from pipeline.training.runner import check_resources_exist
+    from pipeline.placement import check_placement
 
     prepared = prepare_data(config)
     check_models_share_tokenizer(config, load_tokenizer(prepared.tokenizer_path))
     spec = cache_spec_from_config(config, teacher_checkpoint(config), prepared.tokenizer_path)
     runtime = runtime or cache_runtime_from_config(config)
-    check_resources_exist(dict(config.cache.resources), what="teacher cache actors (cache.resources)")
+    check_placement(dict(config.cache.resources), what="teacher cache actors (cache.resources)")
     info = build_teacher_cache(spec, prepared.splits.train, config.cache.root, runtime)
     _remember(config, info)
     return info

@@ -26,7 +26,7 @@ from pipeline.run_identity import claim_run_dir, settings_fingerprint
 from pipeline.training.finetune import export_hf_checkpoint, export_is_complete
 from pipeline.training.loop import LoopSpec, plan_total_steps
 from pipeline.training.parallel import decoder_layers
-from pipeline.training.placed import compute_device, run_placed_like
+from pipeline.training.placed import load_for_evaluation, run_placed_like
 from pipeline.training.runner import fit
 from pipeline.workspace import load_tokenizer, paths_for, prepare_data
 
@@ -198,7 +198,7 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
     check_models_share_tokenizer(config, tokenizer, roles=("student",))
     cache_path = cache_path or locate_cache(config)
     cache = open_cache(cache_path)
-    _check_cache_tokenizer(cache, prepared.tokenizer_path)
+    cache.check_tokenizer(prepared.tokenizer_path)
     student_probe = materialize_model(config.student, tokenizer)
     student_layers = student_probe.config.num_hidden_layers
     num_experts = (
@@ -225,7 +225,6 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
     )
     export_dir = run_dir / "final"
     num_parameters = sum(p.numel() for p in student_probe.parameters())
-    val_examples = _validation_examples(config, prepared, tokenizer)
     if export_is_complete(export_dir):
         print(f"[distill] {run_name}: already finished at {export_dir}; reusing it", flush=True)
         skipped, wall = True, 0.0
@@ -272,7 +271,7 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
     if skipped and (run_dir / "summary.json").exists():  # measured when the run finished
         val_loss = float(load_run_summary(run_dir)["val_loss"])
     else:  # where the student trains, never on the job driver (pipeline.training.placed)
-        args = (str(export_dir), prepared.tokenizer_path, val_examples)
+        args = (str(export_dir), prepared.tokenizer_path, _validation_examples(config, prepared, tokenizer))
         val_loss = run_placed_like(config.distill.train, _student_validation_loss, *args)
     result = DistillResult(
         run_name=run_name,
@@ -291,23 +290,8 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
 
 def _student_validation_loss(export_dir: str, tokenizer_path: str, val_examples: list[dict]) -> float:
     tokenizer = load_tokenizer(tokenizer_path)
-    device = compute_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    student = materialize_model(ModelConfig(path=export_dir), tokenizer).to(device=device, dtype=dtype)
+    student = load_for_evaluation(ModelConfig(path=export_dir), tokenizer)
     return validation_loss(student, val_examples, tokenizer.pad_token_id)
-
-
-def _check_cache_tokenizer(cache, tokenizer_path: str) -> None:
-    """The cached token ids and logits mean something only under the tokenizer the cache was built with."""
-    from pipeline.cache.key import tokenizer_digest
-
-    cached = cache.manifest["key_inputs"]["tokenizer_digest"]
-    if tokenizer_digest(tokenizer_path) != cached:
-        raise CacheError(
-            f"cache {cache.key} was built with another tokenizer than this config's ({tokenizer_path}): its "
-            "token ids and teacher logits would be misread. Fix: use the tokenizer the cache was built with "
-            "(tokenizer.path), or rebuild the cache with `moedistill cache --config <this config>`."
-        )
 
 
 def _validation_examples(config: Config, prepared, tokenizer) -> list[dict[str, Any]]:

@@ -244,7 +244,7 @@ def _generate(
     from tqdm import tqdm
 
     from pipeline.evaluate.actor import GeneratorActor
-    from pipeline.placement import check_placement  # = runner.check_resources_exist, without torch
+    from pipeline.placement import check_placement
 
     ev = config.evaluate
     check_placement(dict(ev.resources), what="evaluation actors (evaluate.resources)")

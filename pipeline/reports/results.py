@@ -132,11 +132,16 @@ def collect_results(target: str | Path) -> list[dict[str, Any]]:
     return [row for f in files for row in read_results_csv(f)]
 
 
-def rows_for_models(rows: Iterable[Mapping[str, Any]], models: Iterable[str]) -> list[dict[str, Any]]:
-    """Only the rows of `models`, in their original order. `run_evaluate` also returns models evaluated
-    earlier under the same output_dir; a sweep's or the demo's own table must show only its own models."""
-    keep = set(models)
-    return [dict(r) for r in rows if r["model"] in keep]
+def rows_of_runs(rows: Iterable[Mapping[str, Any]], runs: Iterable[Any]) -> list[dict[str, Any]]:
+    """The teacher's rows and those of `runs` (objects with run_name and val_loss, e.g. DistillResults), in
+    their original order, each run's row carrying its run's validation loss. `run_evaluate` also returns
+    models evaluated earlier under the same output_dir; a sweep's or the demo's table shows its own only."""
+    val_loss = {run.run_name: run.val_loss for run in runs}
+    own = [dict(r) for r in rows if r["model"] == "teacher" or r["model"] in val_loss]
+    for row in own:
+        if val_loss.get(row["model"]) is not None:
+            row["val_loss"] = val_loss[row["model"]]
+    return own
 
 
 def format_setting(point: Mapping[str, Any]) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import Config, ModelConfig, config_to_dict, train_settings
+from pipeline.config import Config, ModelConfig, config_to_dict, teacher_fields
 from pipeline.data.collate import pad_batch
 from pipeline.data.tokenize import tokenize_records
 from pipeline.evaluate.generate import generate_responses, validation_loss
@@ -21,7 +21,7 @@ from pipeline.models.compat import check_models_share_tokenizer
 from pipeline.models.factory import materialize_model
 from pipeline.run_identity import SETTINGS_FILE, claim_run_dir
 from pipeline.training.loop import LoopSpec, plan_total_steps
-from pipeline.training.placed import compute_device, run_placed_like
+from pipeline.training.placed import load_for_evaluation, run_placed_like
 from pipeline.training.runner import fit
 from pipeline.workspace import load_tokenizer, paths_for, prepare_data
 
@@ -55,18 +55,6 @@ class SupervisedTask:
 
     def export(self, model: torch.nn.Module, export_dir: str) -> None:
         export_hf_checkpoint(model, self.tokenizer, export_dir, info={"stage": "finetune-teacher"})
-
-
-def teacher_settings(config: Config) -> dict:
-    """What decides the fine-tuned teacher's weights: its model, its training, its data and tokenizer."""
-    data = dataclasses.asdict(config.data)
-    data.pop("strict")  # strict only decides whether bad records raise or are skipped and counted
-    return {
-        "teacher": dataclasses.asdict(config.teacher),
-        "finetune": train_settings(config.finetune),
-        "data": data,
-        "tokenizer": dataclasses.asdict(config.tokenizer),
-    }
 
 
 def export_hf_checkpoint(model, tokenizer, export_dir: str | Path, info: dict) -> None:
@@ -125,7 +113,7 @@ def run_finetune(config: Config, *, force: bool = False, eval_examples: int = 12
         shutil.rmtree(teacher_dir / "metrics", ignore_errors=True)
     claim_run_dir(
         teacher_dir,
-        teacher_settings(config),
+        teacher_fields(config),
         what="the fine-tuned teacher",
         fix="rerun with `moedistill finetune-teacher --force` to retrain it (caches of the old teacher "
         "stay valid under their own keys), or give this config its own output_dir.",
@@ -206,9 +194,7 @@ def _figures(
 ) -> tuple[int, dict[str, float]]:
     """(parameters, {val_loss, rouge_l}) of one teacher, greedy on the test records; runs as a placed task."""
     tokenizer = load_tokenizer(tokenizer_path)
-    device = compute_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = materialize_model(model_cfg, tokenizer).to(device=device, dtype=dtype)
+    model = load_for_evaluation(model_cfg, tokenizer)
     predictions = generate_responses(model, tokenizer, test_records, greedy=True, max_new_tokens=48)
     return sum(p.numel() for p in model.parameters()), {
         "val_loss": validation_loss(model, val_examples, tokenizer.pad_token_id),

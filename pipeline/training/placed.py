@@ -29,8 +29,13 @@ def run_placed_like(train: TrainConfig, fn: Callable[..., T], *args: Any) -> T:
     return ray.get(task.remote(*args))
 
 
-def compute_device() -> Any:
-    """The device a placed task computes on: its GPU when Ray gave it one."""
+def load_for_evaluation(model_cfg: Any, tokenizer: Any) -> Any:
+    """The model of `model_cfg` (a ModelConfig) for one placed task: on its GPU in bfloat16 when Ray gave it
+    one (a teacher too large for fp32 on one GPU still fits), else on the CPU in float32."""
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from pipeline.models.factory import materialize_model
+
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    return materialize_model(model_cfg, tokenizer).to(device=device, dtype=dtype)

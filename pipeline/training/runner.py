@@ -8,6 +8,7 @@ from typing import Any
 
 from pipeline.config import TrainConfig
 from pipeline.errors import MoeDistillError
+from pipeline.placement import check_placement
 from pipeline.training.loop import FAIL_AT_STEP_ENV, LoopSpec, TrainingTask, run_training_loop
 
 
@@ -34,7 +35,7 @@ def fit(
     cfg: TrainConfig = spec.train
     if spec.fail_at_step is None and os.environ.get(FAIL_AT_STEP_ENV):
         spec = LoopSpec(**{**spec.__dict__, "fail_at_step": int(os.environ[FAIL_AT_STEP_ENV])})
-    check_resources_exist(cfg.resources_per_worker, what="training workers (train.resources_per_worker)")
+    check_placement(cfg.resources_per_worker, what="training workers (train.resources_per_worker)")
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={"task_factory": task_factory, "spec": spec},
@@ -92,13 +93,3 @@ def find_user_error(exc: BaseException) -> MoeDistillError | None:
                 stack.extend(failures.values())
         stack.append(getattr(current, "controller_failure", None))
     return None
-
-
-def check_resources_exist(resources: dict[str, float], what: str, **kwargs: Any) -> None:
-    """Fail before scheduling when no node offers a custom resource and no autoscaler can start one:
-    otherwise Ray waits forever, silently. A resource of an autoscaler node type (a GPU group scaled to
-    zero) passes with a one-line note. Details and keyword arguments: `pipeline.placement.check_placement`.
-    """
-    from pipeline.placement import check_placement
-
-    check_placement(resources, what, **kwargs)
