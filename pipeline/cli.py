@@ -32,8 +32,8 @@ def _parse_override(text: str) -> tuple[str, object]:
 
 
 def cmd_finetune_teacher(args: argparse.Namespace) -> None:
+    from pipeline.finetune.stage import format_finetune_result, run_finetune
     from pipeline.ray_session import connect
-    from pipeline.training.finetune import format_finetune_result, run_finetune
 
     config = load_cli_config(args)
     connect()
@@ -62,7 +62,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
-    from pipeline.ablate import run_ablate_cli
+    from pipeline.sweep import run_ablate_cli
 
     run_ablate_cli(args)
 
@@ -74,7 +74,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from pipeline.demo import run_demo_cli
+    from pipeline.flows import run_demo_cli
 
     run_demo_cli(args)
 

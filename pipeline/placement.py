@@ -1,5 +1,14 @@
-"""Where stages run on a Ray cluster, checked before anything is scheduled.
+"""Where every stage runs: the one module that decides the resources of teacher actors, training workers and
+the one-off tasks placed like them, and checks them before anything is scheduled.
 
+* Teacher side: cache actors and teacher-service actors ask for `cache.resources` (e.g. `teacher_node`) and
+  `cache.num_gpus_per_actor`; `teacher_placement` decides CPU, one GPU, or one teacher split over several
+  GPUs (`device_map`), and `check_no_offload` refuses a teacher that would not fit.
+* Student side: Ray Train workers ask for `train.resources_per_worker` (e.g. `student_node`) plus a GPU when
+  `train.use_gpu`; `worker_resources` leaves one CPU to Ray Data on small clusters. `run_placed_like` runs a
+  model-sized one-off (validation loss, before/after figures) where those workers run, never on the driver.
+* Evaluation actors ask for `evaluate.resources` and `evaluate.num_gpus_per_actor`
+  (`evaluation_actor_options`).
 * Custom resources (`teacher_node`, `student_node`) pin a stage to a node group. `check_placement` accepts a
   resource that a running node offers, or one the cluster's autoscaler can start a node for (cluster.yaml's
   GPU groups scale to zero, so their resources are absent until a stage asks for them); anything else is a
@@ -12,12 +21,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
-from pipeline.errors import MoeDistillError
+from pipeline.config import Config, TrainConfig
+from pipeline.errors import CacheError, ConfigError, MoeDistillError
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -252,3 +264,116 @@ def config_output_paths(config: Any) -> dict[str, str]:
 def warn_if_job_local(config: Any) -> list[str]:
     """What every stage calls once it has its config: a no-op outside `ray job submit`."""
     return warn_job_local_paths(config_output_paths(config))
+
+
+# --- training workers and tasks placed like them ----------------------------------------------------------
+def worker_resources(cfg: TrainConfig) -> dict[str, float] | None:
+    """Leave one CPU to Ray Data: workers that hold every CPU starve the dataset feeding them (a hang)."""
+    import ray
+
+    resources = dict(cfg.resources_per_worker)
+    if "CPU" in resources or not ray.is_initialized():
+        return resources or None
+    total_cpus = ray.cluster_resources().get("CPU", 0.0)
+    if total_cpus - cfg.num_workers < 1:
+        resources["CPU"] = max(0.1, round((total_cpus - 1) / cfg.num_workers, 2))
+    return resources or None
+
+
+def run_placed_like(train: TrainConfig, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a Ray task placed like one worker of `train` (GPU, resources_per_worker)."""
+    import ray
+
+    task = ray.remote(fn).options(
+        num_cpus=1,
+        num_gpus=1 if train.use_gpu else 0,
+        resources=dict(train.resources_per_worker) or None,
+        max_retries=0,  # deterministic work: a failure would fail again
+    )
+    return ray.get(task.remote(*args))
+
+
+# --- the teacher (cache actors, teacher service) -----------------------------------------------------------
+# Share of each GPU that a multi-GPU (device_map) teacher's weights may fill; the rest holds activations (a
+# micro-batch's all-expert outputs [N, E, H] per cached layer dominate: lower cache.batch_size if they OOM).
+DEVICE_MAP_WEIGHT_FRACTION = 0.8
+
+PlacementKind = Literal["cpu", "cuda", "device_map"]
+
+
+@dataclass(frozen=True)
+class TeacherPlacement:
+    """Where one teacher replica runs: decided by `teacher_placement`, applied by `load_teacher`."""
+
+    kind: PlacementKind
+    max_memory: dict[int, int] | None = None  # device_map: weight budget in bytes per visible GPU index
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        """Extra `from_pretrained` arguments: accelerate places the layers over the GPUs (device_map)."""
+        if self.kind != "device_map":
+            return {}
+        return {"device_map": "auto", "max_memory": dict(self.max_memory or {})}
+
+
+def placement_kind(num_gpus_per_actor: float) -> PlacementKind:
+    if num_gpus_per_actor <= 0:
+        return "cpu"
+    return "cuda" if num_gpus_per_actor <= 1 else "device_map"
+
+
+def teacher_placement(num_gpus_per_actor: float, gpu_total_memory: Sequence[int]) -> TeacherPlacement:
+    """Pure placement rule. gpu_total_memory: total bytes of each CUDA device this process sees (a Ray actor
+    sees exactly its assigned GPUs). A device_map teacher gets no CPU or disk budget: it fits on its GPUs or
+    fails loudly, never runs silently offloaded."""
+    kind = placement_kind(num_gpus_per_actor)
+    if kind == "cpu":
+        return TeacherPlacement("cpu")
+    if not gpu_total_memory:
+        raise CacheError(
+            f"num_gpus_per_actor={num_gpus_per_actor} but this process sees no CUDA device. Fix: run on a "
+            "GPU node with a CUDA build of torch, or set cache.num_gpus_per_actor: 0 for a CPU teacher."
+        )
+    if kind == "cuda":
+        return TeacherPlacement("cuda")
+    if not float(num_gpus_per_actor).is_integer():
+        raise ConfigError(
+            f"num_gpus_per_actor={num_gpus_per_actor}: above 1 a teacher is split over whole GPUs. Fix: use "
+            f"a whole number ({int(num_gpus_per_actor) + 1}), or <= 1 for one (shared) GPU."
+        )
+    n = int(num_gpus_per_actor)
+    if len(gpu_total_memory) < n:
+        raise CacheError(
+            f"num_gpus_per_actor={n} but this process sees only {len(gpu_total_memory)} CUDA device(s). Fix: "
+            "check CUDA_VISIBLE_DEVICES, or lower cache.num_gpus_per_actor to the GPUs a node has."
+        )
+    budget = {i: int(gpu_total_memory[i] * DEVICE_MAP_WEIGHT_FRACTION) for i in range(n)}
+    return TeacherPlacement("device_map", budget)
+
+
+def visible_gpu_memory() -> list[int]:
+    """Total memory (bytes) of each CUDA device this process sees; [] without CUDA."""
+    import torch  # only inside a teacher actor: the CLI and drivers import this module without torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [int(torch.cuda.get_device_properties(i).total_memory) for i in range(torch.cuda.device_count())]
+
+
+def check_no_offload(device_map: dict[str, Any] | None, num_gpus: int) -> None:
+    """CacheError if accelerate put any module on the CPU or disk (the teacher does not fit its GPUs)."""
+    offloaded = sorted(
+        name for name, dev in (device_map or {}).items() if str(dev) in ("cpu", "disk", "meta")
+    )
+    if offloaded:
+        raise CacheError(
+            f"the teacher does not fit in {num_gpus} GPUs at {DEVICE_MAP_WEIGHT_FRACTION:.0%} of their "
+            f"memory: {len(offloaded)} module(s) would be offloaded ({', '.join(offloaded[:3])}). Fix: raise "
+            "cache.num_gpus_per_actor, or use GPUs with more memory."
+        )
+
+
+# --- evaluation actors -------------------------------------------------------------------------------------
+def evaluation_actor_options(config: Config) -> dict[str, Any]:
+    """Ray Data `map_batches` placement of one evaluation actor: its GPU share and node-group resources."""
+    ev = config.evaluate
+    return {"num_gpus": ev.num_gpus_per_actor, "resources": dict(ev.resources) or None}

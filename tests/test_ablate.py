@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from pipeline.ablate import grid_setting, load_sweep, plan_runs, sweep_results_dir, sweep_rows
 from pipeline.errors import ConfigError
-from pipeline.reports.results import format_results_markdown, format_setting
+from pipeline.evaluate.results import format_results_markdown, format_setting
+from pipeline.sweep import grid_setting, load_sweep, plan_runs, sweep_results_dir, sweep_rows
 
 TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 

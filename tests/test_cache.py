@@ -39,19 +39,13 @@ from pipeline.cache import (
 from pipeline.cache.build import stored_runtime
 from pipeline.cache.fs import get_fs
 from pipeline.cache.shard import committed_shards
-from pipeline.cache.teacher import (
-    TeacherShardStage,
-    check_no_offload,
-    decode_states,
-    encode_states,
-    input_device,
-    teacher_placement,
-)
+from pipeline.cache.teacher import TeacherShardStage, decode_states, encode_states, input_device
 from pipeline.data.demo_dataset import generate_demo_records
 from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
 from pipeline.data.template import TEMPLATE_SPEC
 from pipeline.errors import CacheError, ConfigError
 from pipeline.models.build import TinyMoEConfig, build_tiny_moe
+from pipeline.placement import check_no_offload, teacher_placement
 
 NUM_RECORDS = 36
 ROWS_PER_SHARD = 8  # -> 5 shards, the last one partial

@@ -51,9 +51,10 @@ def actors_of(class_fragment: str) -> list[dict[str, Any]]:
 def workspace(tmp_path_factory: pytest.TempPathFactory):
     """tests/configs/tiny.yaml, smaller, pinned like the paper presets: the cache to `teacher_node`,
     evaluation to `student_node`; its 'fine-tuned' teacher is a freshly built tiny MoE (no training)."""
+    from pipeline.data.stage import load_tokenizer, prepare_data
     from pipeline.models.build import TinyMoEConfig, build_tiny_moe
-    from pipeline.training.finetune import EXPORT_MARKER
-    from pipeline.workspace import load_tokenizer, paths_for, prepare_data
+    from pipeline.models.export import EXPORT_MARKER
+    from pipeline.workspace import paths_for
 
     root = tmp_path_factory.mktemp("placement")
     config = with_overrides(

@@ -20,8 +20,8 @@ from pipeline.distill.objective import ObjectiveWeights, distill_objective
 from pipeline.distill.stage import DistillTask, run_distill
 from pipeline.distill.student import DistillStudent
 from pipeline.errors import CacheError
+from pipeline.finetune.stage import run_finetune
 from pipeline.models.adapter import MoEAdapter
-from pipeline.training.finetune import run_finetune
 from pipeline.training.loop import FAIL_AT_STEP_ENV
 
 TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
@@ -265,7 +265,7 @@ def test_sweep_reuses_the_one_cache_for_every_run(cached_config: Config, tmp_pat
 
     import yaml
 
-    from pipeline.ablate import run_ablate
+    from pipeline.sweep import run_ablate
 
     caches_before = sorted(Path(cached_config.cache.root).glob("*/manifest.json"))
     sweep = {

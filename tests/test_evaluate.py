@@ -13,8 +13,10 @@ from rouge_score import rouge_scorer
 
 from pipeline.config import load_config, with_overrides
 from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
+from pipeline.data.rouge import mean_rouge_l, rouge_l
+from pipeline.data.stage import prepare_data
 from pipeline.errors import ConfigError, DataError
-from pipeline.evaluate.rouge import mean_rouge_l, rouge_l
+from pipeline.evaluate.results import read_results_csv
 from pipeline.evaluate.stage import (
     default_models,
     describe_checkpoint,
@@ -24,8 +26,6 @@ from pipeline.evaluate.stage import (
 )
 from pipeline.evaluate.test_sets import load_test_set, read_examples_jsonl
 from pipeline.models.build import TinyMoEConfig, build_tiny_moe
-from pipeline.reports.results import read_results_csv
-from pipeline.workspace import prepare_data
 
 TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.config import load_config, with_overrides
 from pipeline.errors import ConfigError
-from pipeline.training.finetune import run_finetune
+from pipeline.finetune.stage import run_finetune
 from pipeline.training.loop import FAIL_AT_STEP_ENV
 
 TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"

@@ -94,7 +94,7 @@ def check_student(out: Path) -> None:
 
 
 def _results(path: Path) -> list[dict]:
-    from pipeline.reports.results import read_results_csv
+    from pipeline.evaluate.results import read_results_csv
 
     rows = read_results_csv(path)
     assert rows and all(0.0 <= r["rouge_l_mean"] <= 100.0 for r in rows), rows

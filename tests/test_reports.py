@@ -13,8 +13,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import config_from_dict, load_config
 from pipeline.errors import ConfigError, DataError
-from pipeline.reports.gates import format_gate_table, load_gate_metrics, write_gate_report
-from pipeline.reports.results import (
+from pipeline.evaluate.results import (
     RESULT_COLUMNS,
     collect_results,
     format_results_markdown,
@@ -22,6 +21,7 @@ from pipeline.reports.results import (
     write_results_csv,
     write_results_table,
 )
+from pipeline.reports.gates import format_gate_table, load_gate_metrics, write_gate_report
 from pipeline.reports.storage import (
     GIB,
     format_storage_report,
@@ -412,7 +412,7 @@ def test_report_results_on_a_sweep_file(tmp_path: Path, capsys: pytest.CaptureFi
 def test_demo_results_and_summary_hold_only_its_models(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from pipeline.demo import _final_summary, write_demo_results
+    from pipeline.flows import _final_summary, write_demo_results
 
     config = load_config(REPO / "tests/configs/tiny.yaml", {"output_dir": str(tmp_path / "run")})
     names = [f"{m}-k3-a0.2-b0.1-e2-s0-0a1b2c" for m in ("sft", "kd", "b-distill-no-erd")]

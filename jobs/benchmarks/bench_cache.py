@@ -53,18 +53,17 @@ from pipeline.cache.teacher import (
     compute_shard,
     input_device,
     load_teacher,
-    load_tokenizer,
-    teacher_placement,
     tokenize_shard,
-    visible_gpu_memory,
 )
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.data.demo_dataset import generate_demo_records
 from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
+from pipeline.data.stage import load_tokenizer
 from pipeline.data.template import TEMPLATE_SPEC
-from pipeline.distill.losses import layer_pairs
 from pipeline.models.adapter import MoEAdapter
+from pipeline.models.alignment import layer_pairs
 from pipeline.models.build import TinyMoEConfig, build_tiny_moe
+from pipeline.placement import teacher_placement, visible_gpu_memory
 
 DEMO_TEACHER = TinyMoEConfig(
     hidden_size=256,

@@ -34,17 +34,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runnable as a pl
 import torch
 
 from pipeline.cache import CacheRuntime, build_teacher_cache, open_cache
+from pipeline.cache.sparsify import topk_sparsify
 from pipeline.cache.stage import cache_spec_from_config
 from pipeline.config import load_config, with_overrides
 from pipeline.data.collate import distill_positions, pad_batch
-from pipeline.distill.losses import aggregate_expert_states, aggregate_gates, layer_pairs
+from pipeline.data.stage import load_tokenizer, prepare_data
 from pipeline.distill.methods import get_method
 from pipeline.distill.objective import ObjectiveWeights, distill_objective
 from pipeline.distill.student import DistillStudent
-from pipeline.distill.token_losses import topk_sparsify
 from pipeline.models.adapter import MoEAdapter
-from pipeline.models.factory import materialize_model
-from pipeline.workspace import load_tokenizer, prepare_data
+from pipeline.models.alignment import aggregate_expert_states, aggregate_gates, layer_pairs
+from pipeline.models.stage import materialize_model
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -27,7 +27,8 @@ from pipeline.cache.manifest import finalize_manifest, new_manifest, read_manife
 from pipeline.cache.shard import ShardMeta, committed_shards, remove_staging
 from pipeline.cache.sink import ProgressActor, ProgressBar, TeacherCacheDatasink
 from pipeline.cache.spec import CacheInfo, CacheRuntime, CacheSpec
-from pipeline.cache.teacher import TeacherShardStage, compute_shard, load_tokenizer, tokenize_shard
+from pipeline.cache.teacher import TeacherShardStage, compute_shard, tokenize_shard
+from pipeline.data.stage import load_tokenizer
 from pipeline.errors import CacheError, ConfigError
 
 logger = logging.getLogger(__name__)

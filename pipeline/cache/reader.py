@@ -103,7 +103,7 @@ class TeacherCache:
                     "cached."
                 )
         if num_student_experts is not None:
-            from pipeline.distill.losses import check_reaggregation
+            from pipeline.models.alignment import check_reaggregation
 
             try:
                 check_reaggregation(self.width, int(num_student_experts))
@@ -295,7 +295,7 @@ def _read_token_arrays(
         arr = group["expert_states"]
         states_w = decode_states(_layers(arr, rows, positions), arr.attrs["logical_dtype"])
         if e_s != cache.width:
-            from pipeline.distill.losses import aggregate_expert_states
+            from pipeline.models.alignment import aggregate_expert_states
 
             assert gates_w is not None
             # Composition: W-width gates weight the W-width states; equals folding E_T -> E_S directly.
@@ -318,7 +318,7 @@ def _layers(arr: Any, rows: slice, positions: list[int]) -> np.ndarray:
 def _agg_gates(gates_w: torch.Tensor, e_s: int, width: int) -> torch.Tensor:
     if e_s == width:
         return gates_w
-    from pipeline.distill.losses import aggregate_gates
+    from pipeline.models.alignment import aggregate_gates
 
     return aggregate_gates(gates_w, e_s)
 

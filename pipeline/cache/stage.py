@@ -13,12 +13,13 @@ from pipeline.cache import fs as cfs
 from pipeline.cache.build import build_teacher_cache, teacher_dims
 from pipeline.cache.spec import CacheInfo, CacheRuntime, CacheSpec
 from pipeline.config import Config, ModelConfig, teacher_cache_hash
+from pipeline.data.stage import load_tokenizer, prepare_data
 from pipeline.data.template import TEMPLATE_SPEC
-from pipeline.distill.losses import layer_pairs
 from pipeline.errors import CacheError, ConfigError
+from pipeline.models.alignment import layer_pairs
 from pipeline.models.compat import check_models_share_tokenizer
-from pipeline.training.finetune import EXPORT_MARKER, export_is_complete
-from pipeline.workspace import load_tokenizer, paths_for, prepare_data
+from pipeline.models.export import EXPORT_MARKER, export_is_complete
+from pipeline.workspace import paths_for
 
 log = logging.getLogger(__name__)
 

@@ -17,15 +17,17 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from pipeline.cache.shard import ShardData, rows_to_table, shard_to_row
+from pipeline.cache.sparsify import sparsify_logits
 from pipeline.cache.spec import CacheSpec
-from pipeline.errors import CacheError, ConfigError
+from pipeline.errors import CacheError
+from pipeline.placement import TeacherPlacement, check_no_offload, teacher_placement, visible_gpu_memory
 
 
 @dataclass(frozen=True)
@@ -80,26 +82,6 @@ def tokenize_shard(
 
 
 # --- the teacher computation --------------------------------------------------------------------------------
-def sparsify_logits(
-    logits: torch.Tensor, mode: str, k: int, seeds: Sequence[int], counts: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sparse teacher distribution for rows of `logits` [N, V] -> (indices [N,k], logprobs [N,k], tail [N]).
-
-    Sampled mode draws per sequence from a generator seeded by its seq_id, so the draws do not depend on how
-    sequences are grouped into micro-batches.
-    """
-    from pipeline.distill.token_losses import sample_sparsify, topk_sparsify
-
-    logits = logits.float()
-    if mode == "topk":
-        return topk_sparsify(logits, k)
-    parts = []
-    for rows, seed in zip(torch.split(logits, list(counts)), seeds, strict=True):
-        gen = torch.Generator(device=logits.device).manual_seed(int(seed))
-        parts.append(sample_sparsify(rows, k, generator=gen))
-    return tuple(torch.cat([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
-
-
 def encode_states(states: torch.Tensor, dtype: str) -> np.ndarray:
     """float tensor -> numpy in the storage dtype (bfloat16 as uint16 bits: zarr has no bfloat16)."""
     if dtype == "bfloat16":
@@ -126,7 +108,7 @@ def teacher_targets(
     output embedding's device, where `sparsify_logits` runs; only the sparse result moves to the CPU.
     """
     from pipeline.data.collate import distill_positions
-    from pipeline.distill.losses import aggregate_expert_states, aggregate_gates
+    from pipeline.models.alignment import aggregate_expert_states, aggregate_gates
 
     token_mask = distill_positions(batch["response_mask"])
     fwd = adapter.forward_with_experts(
@@ -260,86 +242,9 @@ def generate_responses(
     return out
 
 
-# --- placement ----------------------------------------------------------------------------------------------
-# Share of each GPU that a multi-GPU (device_map) teacher's weights may fill; the rest holds activations (a
-# micro-batch's all-expert outputs [N, E, H] per cached layer dominate: lower cache.batch_size if they OOM).
-DEVICE_MAP_WEIGHT_FRACTION = 0.8
-
-PlacementKind = Literal["cpu", "cuda", "device_map"]
-
-
-@dataclass(frozen=True)
-class TeacherPlacement:
-    """Where one teacher replica runs: decided by `teacher_placement`, applied by `load_teacher`."""
-
-    kind: PlacementKind
-    max_memory: dict[int, int] | None = None  # device_map: weight budget in bytes per visible GPU index
-
-    def from_pretrained_kwargs(self) -> dict[str, Any]:
-        """Extra `from_pretrained` arguments: accelerate places the layers over the GPUs (device_map)."""
-        if self.kind != "device_map":
-            return {}
-        return {"device_map": "auto", "max_memory": dict(self.max_memory or {})}
-
-
-def placement_kind(num_gpus_per_actor: float) -> PlacementKind:
-    if num_gpus_per_actor <= 0:
-        return "cpu"
-    return "cuda" if num_gpus_per_actor <= 1 else "device_map"
-
-
-def teacher_placement(num_gpus_per_actor: float, gpu_total_memory: Sequence[int]) -> TeacherPlacement:
-    """Pure placement rule. gpu_total_memory: total bytes of each CUDA device this process sees (a Ray actor
-    sees exactly its assigned GPUs). A device_map teacher gets no CPU or disk budget: it fits on its GPUs or
-    fails loudly, never runs silently offloaded."""
-    kind = placement_kind(num_gpus_per_actor)
-    if kind == "cpu":
-        return TeacherPlacement("cpu")
-    if not gpu_total_memory:
-        raise CacheError(
-            f"num_gpus_per_actor={num_gpus_per_actor} but this process sees no CUDA device. Fix: run on a "
-            "GPU node with a CUDA build of torch, or set cache.num_gpus_per_actor: 0 for a CPU teacher."
-        )
-    if kind == "cuda":
-        return TeacherPlacement("cuda")
-    if not float(num_gpus_per_actor).is_integer():
-        raise ConfigError(
-            f"num_gpus_per_actor={num_gpus_per_actor}: above 1 a teacher is split over whole GPUs. Fix: use "
-            f"a whole number ({int(num_gpus_per_actor) + 1}), or <= 1 for one (shared) GPU."
-        )
-    n = int(num_gpus_per_actor)
-    if len(gpu_total_memory) < n:
-        raise CacheError(
-            f"num_gpus_per_actor={n} but this process sees only {len(gpu_total_memory)} CUDA device(s). Fix: "
-            "check CUDA_VISIBLE_DEVICES, or lower cache.num_gpus_per_actor to the GPUs a node has."
-        )
-    budget = {i: int(gpu_total_memory[i] * DEVICE_MAP_WEIGHT_FRACTION) for i in range(n)}
-    return TeacherPlacement("device_map", budget)
-
-
-def visible_gpu_memory() -> list[int]:
-    """Total memory (bytes) of each CUDA device this process sees; [] without CUDA."""
-    if not torch.cuda.is_available():
-        return []
-    return [int(torch.cuda.get_device_properties(i).total_memory) for i in range(torch.cuda.device_count())]
-
-
 def input_device(model: Any) -> torch.device:
     """Where a batch must go: the input embedding's device (the first GPU of a device_map teacher)."""
     return model.get_input_embeddings().weight.device
-
-
-def check_no_offload(device_map: dict[str, Any] | None, num_gpus: int) -> None:
-    """CacheError if accelerate put any module on the CPU or disk (the teacher does not fit its GPUs)."""
-    offloaded = sorted(
-        name for name, dev in (device_map or {}).items() if str(dev) in ("cpu", "disk", "meta")
-    )
-    if offloaded:
-        raise CacheError(
-            f"the teacher does not fit in {num_gpus} GPUs at {DEVICE_MAP_WEIGHT_FRACTION:.0%} of their "
-            f"memory: {len(offloaded)} module(s) would be offloaded ({', '.join(offloaded[:3])}). Fix: raise "
-            "cache.num_gpus_per_actor, or use GPUs with more memory."
-        )
 
 
 def load_teacher(teacher_path: str, compute_dtype: str, placement: TeacherPlacement) -> Any:

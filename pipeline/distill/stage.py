@@ -14,21 +14,22 @@ import torch
 
 from pipeline.config import Config, ModelConfig, train_settings
 from pipeline.data.collate import distill_positions, pad_batch
-from pipeline.distill.losses import layer_pairs
+from pipeline.data.stage import load_tokenizer, prepare_data
 from pipeline.distill.methods import MethodSpec, get_method
 from pipeline.distill.objective import ObjectiveWeights, distill_objective
 from pipeline.distill.student import DistillStudent
 from pipeline.errors import CacheError
-from pipeline.evaluate.generate import validation_loss
+from pipeline.models.alignment import layer_pairs
 from pipeline.models.compat import check_models_share_tokenizer
-from pipeline.models.factory import materialize_model
+from pipeline.models.export import export_hf_checkpoint, export_is_complete
+from pipeline.models.generate import validation_loss
+from pipeline.models.stage import load_for_evaluation, materialize_model
+from pipeline.placement import run_placed_like
 from pipeline.run_identity import claim_run_dir, settings_fingerprint
-from pipeline.training.finetune import export_hf_checkpoint, export_is_complete
 from pipeline.training.loop import LoopSpec, plan_total_steps
 from pipeline.training.parallel import decoder_layers
-from pipeline.training.placed import load_for_evaluation, run_placed_like
 from pipeline.training.runner import fit
-from pipeline.workspace import load_tokenizer, paths_for, prepare_data
+from pipeline.workspace import paths_for
 
 PER_TOKEN_COLUMNS = ("logit_indices", "logit_values", "logit_tail_logmass", "gates", "expert_states")
 

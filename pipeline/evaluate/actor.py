@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.records import Record
-from pipeline.evaluate.rouge import rouge_l
+from pipeline.data.rouge import rouge_l
 
 # Different (seed, first item) groups must get independent sampling streams.
 _SEED_STRIDE = 1_000_003
@@ -49,8 +49,8 @@ class GeneratorActor:
             return
         import torch
 
+        from pipeline.data.stage import load_tokenizer
         from pipeline.models.build import load_causal_lm
-        from pipeline.workspace import load_tokenizer
 
         self.model = None  # free the previous replica before loading the next one
         if self.device == "cuda":
@@ -61,7 +61,7 @@ class GeneratorActor:
         self._loaded = index
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from pipeline.evaluate.generate import generate_responses
+        from pipeline.models.generate import generate_responses
 
         row_ids = [int(r) for r in batch["row_id"]]
         groups: dict[tuple[int, int], list[int]] = {}

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, stable_hash
+from pipeline.data.stage import PreparedData, prepare_data
 from pipeline.errors import ConfigError, DataError, ModelError
+from pipeline.evaluate.results import format_results_markdown, write_results_csv, write_results_table
 from pipeline.evaluate.test_sets import EvalSet, examples_from_records, load_test_set
-from pipeline.reports.results import format_results_markdown, write_results_csv, write_results_table
-from pipeline.workspace import PreparedData, paths_for, prepare_data
+from pipeline.workspace import paths_for
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +437,7 @@ def _checkpoint_identity(checkpoint: str) -> dict[str, Any]:
 def _reusable(
     model_dir: Path, fingerprint: str
 ) -> tuple[list[dict[str, Any]], dict[str, list[float]]] | None:
-    from pipeline.reports.results import read_results_csv
+    from pipeline.evaluate.results import read_results_csv
 
     protocol = _read_json(model_dir / "protocol.json")
     if not protocol or protocol.get("fingerprint") != fingerprint:
@@ -448,7 +449,7 @@ def _reusable(
 
 def _earlier_results(eval_dir: Path, protocol_hash: str, exclude: set[str]) -> list[dict[str, Any]]:
     """Rows of models evaluated by earlier calls with the same protocol and test sets (comparable numbers)."""
-    from pipeline.reports.results import read_results_csv
+    from pipeline.evaluate.results import read_results_csv
 
     rows: list[dict[str, Any]] = []
     for protocol_file in sorted(eval_dir.glob("*/protocol.json")):

@@ -30,7 +30,7 @@ def run_report_cli(args: argparse.Namespace) -> list[Path]:
             print(format_gate_table(g))
         return _done([md, png])
     if kind == "results":
-        from pipeline.reports.results import collect_results, format_results_markdown, write_results_table
+        from pipeline.evaluate.results import collect_results, format_results_markdown, write_results_table
 
         target = Path(args.target)
         if target.suffix in (".yaml", ".yml"):
@@ -44,7 +44,7 @@ def run_report_cli(args: argparse.Namespace) -> list[Path]:
 
 def _sweep_results(sweep_file: Path) -> Path:
     """A sweep YAML -> the results.csv `moedistill ablate` wrote for it (<output_dir>/sweeps/<name>/)."""
-    from pipeline.ablate import load_sweep, sweep_results_dir
+    from pipeline.sweep import load_sweep, sweep_results_dir
 
     sweep = load_sweep(sweep_file)
     csv_path = sweep_results_dir(sweep) / "results.csv"

@@ -130,7 +130,7 @@ def format_gate_table(g: GateLoad) -> str:
 
 def plot_gate_heatmaps(loads: list[GateLoad], png_path: str | Path) -> Path:
     """One annotated heat map per run, stacked vertically on one colour scale (Figure 10 layout)."""
-    from pipeline.reports.plotting import pyplot
+    from pipeline.plotting import pyplot
 
     plt = pyplot()
     vmax = max(float(np.nanmax(g.load)) for g in loads)

@@ -232,7 +232,7 @@ def project_from_config(
     config: Any, projected_tokens: float | None = None, usd_per_gb_month: float = 0.023, source: str = ""
 ) -> StorageReport:
     """Bytes per token of the cache `config` would build, from dimensions alone (no model is loaded)."""
-    from pipeline.distill.losses import layer_pairs
+    from pipeline.models.alignment import layer_pairs
 
     t = config.teacher
     if t.build is not None:
@@ -439,7 +439,7 @@ def _ratio(x: float | None) -> str:
 
 def plot_storage(report: StorageReport, png_path: str | Path) -> Path:
     """Grouped horizontal bars per field (log scale): logical, on disk and the dense fp32 baseline."""
-    from pipeline.reports.plotting import pyplot
+    from pipeline.plotting import pyplot
 
     plt = pyplot()
     fields = [f for f in report.fields if f.logical_per_token or f.disk_per_token or f.dense_fp32_per_token]

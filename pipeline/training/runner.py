@@ -8,7 +8,7 @@ from typing import Any
 
 from pipeline.config import TrainConfig
 from pipeline.errors import MoeDistillError
-from pipeline.placement import check_placement
+from pipeline.placement import check_placement, worker_resources
 from pipeline.training.loop import FAIL_AT_STEP_ENV, LoopSpec, TrainingTask, run_training_loop
 
 
@@ -60,19 +60,6 @@ def fit(
         if user_error is not None:
             raise user_error from None
         raise
-
-
-def worker_resources(cfg: TrainConfig) -> dict[str, float] | None:
-    """Leave one CPU to Ray Data: workers that hold every CPU starve the dataset feeding them (a hang)."""
-    import ray
-
-    resources = dict(cfg.resources_per_worker)
-    if "CPU" in resources or not ray.is_initialized():
-        return resources or None
-    total_cpus = ray.cluster_resources().get("CPU", 0.0)
-    if total_cpus - cfg.num_workers < 1:
-        resources["CPU"] = max(0.1, round((total_cpus - 1) / cfg.num_workers, 2))
-    return resources or None
 
 
 def find_user_error(exc: BaseException) -> MoeDistillError | None:

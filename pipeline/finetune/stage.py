@@ -7,70 +7,21 @@ import json
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
-import torch
 
 from pipeline.config import Config, ModelConfig, config_to_dict, teacher_fields
-from pipeline.data.collate import pad_batch
+from pipeline.data.rouge import mean_rouge_l
+from pipeline.data.stage import load_tokenizer, prepare_data
 from pipeline.data.tokenize import tokenize_records
-from pipeline.evaluate.generate import generate_responses, validation_loss
-from pipeline.evaluate.rouge import mean_rouge_l
+from pipeline.finetune.task import SupervisedTask
 from pipeline.models.compat import check_models_share_tokenizer
-from pipeline.models.factory import materialize_model
+from pipeline.models.export import export_is_complete
+from pipeline.models.generate import generate_responses, validation_loss
+from pipeline.models.stage import load_for_evaluation
+from pipeline.placement import run_placed_like
 from pipeline.run_identity import SETTINGS_FILE, claim_run_dir
 from pipeline.training.loop import LoopSpec, plan_total_steps
-from pipeline.training.placed import load_for_evaluation, run_placed_like
 from pipeline.training.runner import fit
-from pipeline.workspace import load_tokenizer, paths_for, prepare_data
-
-EXPORT_MARKER = "moedistill_export.json"  # written last: an export without it is incomplete
-
-
-class SupervisedTask:
-    """Plain next-token cross-entropy on response tokens (the teacher's SFT; also the `sft` baseline)."""
-
-    def __init__(self, model_cfg: ModelConfig, tokenizer_path: str) -> None:
-        self.model_cfg = model_cfg
-        self.tokenizer_path = tokenizer_path
-        self._tokenizer = None
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_path)
-        return self._tokenizer
-
-    def build_model(self) -> torch.nn.Module:
-        return materialize_model(self.model_cfg, self.tokenizer).float()
-
-    def collate(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        padded = pad_batch(batch, self.tokenizer.pad_token_id)
-        return {k: padded[k] for k in ("input_ids", "attention_mask", "labels")}
-
-    def compute_loss(self, model, batch, step):
-        loss = model(**batch).loss
-        return loss, {"loss": float(loss.detach())}
-
-    def export(self, model: torch.nn.Module, export_dir: str) -> None:
-        export_hf_checkpoint(model, self.tokenizer, export_dir, info={"stage": "finetune-teacher"})
-
-
-def export_hf_checkpoint(model, tokenizer, export_dir: str | Path, info: dict) -> None:
-    """save_pretrained + tokenizer into a temporary folder, then rename: never a half-written export."""
-    export_dir = Path(export_dir)
-    tmp = export_dir.with_name(export_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / EXPORT_MARKER).write_text(json.dumps({**info, "time": time.time()}, indent=2))
-    shutil.rmtree(export_dir, ignore_errors=True)
-    tmp.rename(export_dir)
-
-
-def export_is_complete(export_dir: str | Path) -> bool:
-    return (Path(export_dir) / EXPORT_MARKER).exists()
+from pipeline.workspace import paths_for
 
 
 @dataclass(frozen=True)

@@ -272,7 +272,7 @@ def format_results_markdown(rows: Sequence[Mapping[str, Any]], title: str | None
 
 
 def plot_results(rows: Sequence[Mapping[str, Any]], png_path: str | Path, title: str | None = None) -> Path:
-    from pipeline.reports.plotting import pyplot
+    from pipeline.plotting import pyplot
 
     plt = pyplot()
     table = build_table(rows)

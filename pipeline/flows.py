@@ -41,8 +41,8 @@ def run_demo(
     from pipeline.cache.stage import format_cache_info, run_cache
     from pipeline.distill.stage import format_distill_result, run_distill
     from pipeline.evaluate.stage import run_evaluate
+    from pipeline.finetune.stage import format_finetune_result, run_finetune
     from pipeline.ray_session import connect
-    from pipeline.training.finetune import format_finetune_result, run_finetune
     from pipeline.workspace import paths_for
 
     started = time.perf_counter()
@@ -95,7 +95,7 @@ def write_demo_results(
 ) -> DemoResults:
     """results.csv|md|png under <output_dir>/reports for the teacher and `students` (DistillResults) only,
     with each student's validation loss from its run."""
-    from pipeline.reports.results import rows_of_runs, write_results_csv, write_results_table
+    from pipeline.evaluate.results import rows_of_runs, write_results_csv, write_results_table
     from pipeline.workspace import paths_for
 
     rows = rows_of_runs(evaluation_rows, students)

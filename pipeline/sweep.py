@@ -127,7 +127,7 @@ def sweep_results_dir(sweep: Sweep, base: Config | None = None) -> Path:
 
 def grid_setting(point: dict[str, Any]) -> str | None:
     """The `setting` label of a grid point (None when only the method and/or seed vary)."""
-    from pipeline.reports.results import format_setting
+    from pipeline.evaluate.results import format_setting
 
     return format_setting({k: v for k, v in point.items() if k not in UNLABELLED_KEYS}) or None
 
@@ -138,7 +138,7 @@ def sweep_rows(
     """The sweep's own table: the teacher's and this sweep's runs' rows only (`run_evaluate` also returns
     models evaluated earlier in the output_dir), each run labelled with its grid point and its val loss.
     `runs` are DistillResults (run_name, val_loss) in the order of `points`."""
-    from pipeline.reports.results import rows_of_runs
+    from pipeline.evaluate.results import rows_of_runs
 
     setting = {run.run_name: grid_setting(point) for point, run in zip(points, runs, strict=True)}
     rows = rows_of_runs(evaluation_rows, runs)
@@ -151,11 +151,11 @@ def sweep_rows(
 def run_ablate(sweep_path: str | Path) -> dict[str, Any]:
     from pipeline.cache.stage import format_cache_info, run_cache
     from pipeline.distill.stage import format_distill_result, run_distill
+    from pipeline.evaluate.results import write_results_csv, write_results_table
     from pipeline.evaluate.stage import run_evaluate
+    from pipeline.finetune.stage import run_finetune
     from pipeline.placement import warn_if_job_local
     from pipeline.ray_session import connect
-    from pipeline.reports.results import write_results_csv, write_results_table
-    from pipeline.training.finetune import run_finetune
     from pipeline.workspace import paths_for
 
     sweep = load_sweep(sweep_path)

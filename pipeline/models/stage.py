@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from transformers import PreTrainedModel
 
@@ -35,3 +36,15 @@ def materialize_model(model_cfg: ModelConfig, tokenizer) -> PreTrainedModel:
         eos_token_id=tokenizer.eos_token_id,
         seed=model_cfg.seed,
     )
+
+
+def load_for_evaluation(model_cfg: Any, tokenizer: Any) -> Any:
+    """The model of `model_cfg` (a ModelConfig) for one placed task: on its GPU in bfloat16 when Ray gave it
+    one (a teacher too large for fp32 on one GPU still fits), else on the CPU in float32."""
+    import torch
+
+    from pipeline.models.stage import materialize_model
+
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    return materialize_model(model_cfg, tokenizer).to(device=device, dtype=dtype)
