@@ -1,5 +1,9 @@
-"""`moedistill`: one subcommand per stage. Each stage's logic lives in its own module; this file only
-parses arguments, connects to Ray and prints results. Errors users can act on print without a traceback."""
+"""`moedistill`: every subcommand's arguments and dispatch, in one table (SUBCOMMANDS).
+
+Stage modules expose `run_<stage>(config, ...)` and return results; this file parses arguments, loads the
+config, connects to Ray where a stage needs it and prints what came back. Errors users can act on print as
+one line without a traceback (exit code 2); `cache verify` exits 1 when the store is damaged.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,27 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.errors import MoeDistillError
+import yaml
+
+from pipeline.config import Config, load_config
+from pipeline.errors import ConfigError, DataError, MoeDistillError
+from pipeline.placement import warn_if_job_local, warn_job_local_paths
+from pipeline.ray_session import connect
+from pipeline.workspace import paths_for
+
+if TYPE_CHECKING:  # the evaluation stage imports Ray Data and torch
+    from pipeline.evaluate.stage import EvalResults
+
+# Heavy stage modules (torch, transformers, Ray) are imported inside the command that runs them, so
+# `moedistill --help`, `cache verify` and `report` start in a fraction of a second.
 
 
-def load_cli_config(args: argparse.Namespace):
+def load_cli_config(args: argparse.Namespace) -> Config:
     """--config plus --set overrides, as every stage's subcommand reads them."""
-    from pipeline.config import load_config
-    from pipeline.placement import warn_if_job_local
-
     overrides = dict(_parse_override(o) for o in (getattr(args, "set", None) or []))
     config = load_config(args.config, overrides)
     warn_if_job_local(config)  # relative output paths under `ray job submit` land in a temporary dir
@@ -23,17 +39,15 @@ def load_cli_config(args: argparse.Namespace):
 
 
 def _parse_override(text: str) -> tuple[str, object]:
-    import yaml
-
     if "=" not in text:
         raise MoeDistillError(f"--set expects KEY=VALUE (e.g. distill.k=2), got {text!r}")
     key, value = text.split("=", 1)
     return key.strip(), yaml.safe_load(value)
 
 
+# --- commands -----------------------------------------------------------------------------------------------
 def cmd_finetune_teacher(args: argparse.Namespace) -> None:
     from pipeline.finetune.stage import format_finetune_result, run_finetune
-    from pipeline.ray_session import connect
 
     config = load_cli_config(args)
     connect()
@@ -41,14 +55,36 @@ def cmd_finetune_teacher(args: argparse.Namespace) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
-    from pipeline.cache import cli as cache_cli
+    if args.action == "build":
+        from pipeline.cache.stage import format_cache_info, run_cache
 
-    cache_cli.run(args, load_cli_config)
+        if not args.config:
+            raise ConfigError(
+                "`moedistill cache` needs a config to build from. Fix: pass --config C (or run `cache "
+                "verify PATH` / `cache ls ROOT`)."
+            )
+        config = load_cli_config(args)
+        connect()
+        print(format_cache_info(run_cache(config)))
+        return
+    if not args.target:
+        what = "a cache directory (ROOT/<key>)" if args.action == "verify" else "a cache root"
+        raise ConfigError(
+            f"`moedistill cache {args.action}` needs {what}. Fix: `moedistill cache {args.action} PATH`."
+        )
+    from pipeline.cache.verify import format_cache_list, format_verify_report, list_caches, verify_cache
+
+    if args.action == "verify":
+        report = verify_cache(args.target)
+        print(format_verify_report(report))
+        if not report.ok:
+            sys.exit(1)
+        return
+    print(format_cache_list(list_caches(args.target)))
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
     from pipeline.distill.stage import format_distill_result, run_distill
-    from pipeline.ray_session import connect
 
     config = load_cli_config(args)
     connect()
@@ -56,86 +92,210 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from pipeline.evaluate.stage import run_evaluate_cli
+    evaluate_models(load_cli_config(args), args.model)
 
-    run_evaluate_cli(args, load_cli_config(args))
+
+def evaluate_models(config: Config, model_specs: list[str] | None) -> EvalResults:
+    """`moedistill evaluate`: `--model NAME=PATH` specs (default: the teacher and every finished student)."""
+    from pipeline.evaluate.stage import check_models, default_models, parse_model_args, run_evaluate
+
+    models = parse_model_args(model_specs) if model_specs else default_models(config)
+    check_models(config, models)  # fail before starting Ray
+    connect()
+    results = run_evaluate(config, models)
+    print(results.markdown())
+    print(f"wrote {results.csv_path}, {results.md_path}, {results.png_path}")
+    for name, d in results.model_dirs.items():
+        print(f"  {name}: {d / 'predictions.jsonl'}")
+    return results
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
-    from pipeline.sweep import run_ablate_cli
+    from pipeline.flows import run_ablate
 
-    run_ablate_cli(args)
-
-
-def cmd_report(args: argparse.Namespace) -> None:
-    from pipeline.reports.cli import run_report_cli
-
-    run_report_cli(args)
+    run_ablate(args.config)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from pipeline.flows import run_demo_cli
+    from pipeline.flows import STAGES, run_demo
 
-    run_demo_cli(args)
+    config = load_cli_config(args)
+    stages = STAGES if args.stages == "all" else tuple(s.strip() for s in args.stages.split(","))
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ConfigError(f"unknown demo stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    run_demo(config, stages)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moedistill", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_report(args: argparse.Namespace) -> list[Path]:
+    """Each report writes a markdown file and a PNG and prints its text; returns the written files."""
+    if args.kind == "storage":
+        return _done(_report_storage(args))
+    if not args.target:
+        what = (
+            "a student run directory"
+            if args.kind == "gates"
+            else "a results CSV, an eval or sweep results directory, or a sweep YAML file"
+        )
+        raise ConfigError(f"`moedistill report {args.kind}` needs a TARGET: {what}")
+    if args.kind == "gates":
+        from pipeline.reports.gates import format_gate_table, write_gate_report
 
-    def stage(name: str, func: Callable, help_text: str, config: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if config:
-            p.add_argument("--config", required=True, help="YAML preset, e.g. jobs/configs/demo.yaml")
-            p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. distill.k=2")
-        p.set_defaults(func=func)
-        return p
+        loads, md, png = write_gate_report(args.target, args.out)
+        for g in loads:
+            print(format_gate_table(g))
+        return _done([md, png])
+    from pipeline.evaluate.results import collect_results, format_results_markdown, write_results_table
 
-    ft = stage("finetune-teacher", cmd_finetune_teacher, "SFT of the MoE teacher with Ray Train")
-    ft.add_argument("--force", action="store_true", help="retrain even if a finished export exists")
+    target = Path(args.target)
+    if target.suffix in (".yaml", ".yml"):
+        target = _sweep_results(target)
+    rows = collect_results(target)
+    out = Path(args.out) if args.out else (target.parent if target.is_file() else target)
+    print(format_results_markdown(rows))
+    return _done(list(write_results_table(rows, out)))
 
-    cache = sub.add_parser(
-        "cache",
-        help="build, verify or list teacher caches",
-        description="`cache --config C` builds (or resumes) the teacher cache; "
-        "`cache verify PATH` re-checks a store; `cache ls ROOT` lists caches.",
+
+def _sweep_results(sweep_file: Path) -> Path:
+    """A sweep YAML -> the results.csv `moedistill ablate` wrote for it (<output_dir>/sweeps/<name>/)."""
+    from pipeline.sweep import load_sweep, sweep_results_dir
+
+    sweep = load_sweep(sweep_file)
+    csv_path = sweep_results_dir(sweep) / "results.csv"
+    if not csv_path.is_file():
+        raise DataError(
+            f"sweep {sweep.name} has no results yet: {csv_path} does not exist. Fix: run "
+            f"`moedistill ablate --config {sweep_file}` first (with `evaluate: true` in the sweep file)."
+        )
+    return csv_path
+
+
+def _report_storage(args: argparse.Namespace) -> list[Path]:
+    from pipeline.reports.storage import (
+        format_storage_report,
+        measure_store,
+        project_from_config,
+        write_storage_report,
     )
-    cache.add_argument("action", nargs="?", default="build", choices=["build", "verify", "ls"])
-    cache.add_argument("target", nargs="?", help="cache path (verify) or cache root (ls)")
-    cache.add_argument("--config", help="YAML preset (build)")
-    cache.add_argument("--set", action="append", metavar="KEY=VALUE")
-    cache.set_defaults(func=cmd_cache)
 
-    stage("distill", cmd_distill, "distil a student from the teacher cache with Ray Train")
-    ev = stage("evaluate", cmd_evaluate, "generate + Rouge-L for the teacher and/or students")
-    ev.add_argument(
+    if args.config and args.target:
+        raise ConfigError("`report storage` takes a cache PATH or --config CONFIG, not both")
+    if args.config:
+        config = load_config(args.config)
+        warn_job_local_paths({"output_dir": str(config.out)})  # a projection writes no cache
+        report = project_from_config(
+            config, args.tokens, args.usd_per_gb_month, source=f"config {args.config}"
+        )
+        out = Path(args.out) if args.out else paths_for(config).reports / "storage"
+        stem = "storage-projection"
+    elif args.target:
+        report = measure_store(args.target, args.tokens, args.usd_per_gb_month)
+        # Never inside the store (its bytes are what we measure) and always local (stores may be on s3://).
+        out = Path(args.out) if args.out else Path("reports") / "storage" / report.dims["key"]
+        stem = "storage"
+    else:
+        raise ConfigError(
+            "`moedistill report storage` needs a cache PATH (a built store) or --config CONFIG (a projection)"
+        )
+    print(format_storage_report(report))
+    return list(write_storage_report(report, out, stem=stem))
+
+
+def _done(paths: list[Path]) -> list[Path]:
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return paths
+
+
+# --- the table of subcommands -------------------------------------------------------------------------------
+def _config_args(p: argparse.ArgumentParser, required: bool = True, default: str | None = None) -> None:
+    p.add_argument(
+        "--config", required=required, default=default, help="YAML preset, e.g. jobs/configs/demo.yaml"
+    )
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. distill.k=2")
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--force", action="store_true", help="retrain even if a finished export exists")
+
+
+def _cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", nargs="?", default="build", choices=["build", "verify", "ls"])
+    p.add_argument("target", nargs="?", help="cache path (verify) or cache root (ls)")
+    _config_args(p, required=False)
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument(
         "--model",
         action="append",
         metavar="NAME=PATH",
         help="checkpoint(s) to evaluate; default: the config's teacher and every exported student",
     )
 
-    ab = sub.add_parser("ablate", help="sweep student runs over one teacher cache")
-    ab.add_argument("--config", required=True, help="sweep YAML (see jobs/configs/demo-sweep.yaml)")
-    ab.set_defaults(func=cmd_ablate)
 
-    rep = sub.add_parser("report", help="storage cost, gate heat maps, results tables")
-    rep.add_argument("kind", choices=["storage", "gates", "results"])
-    rep.add_argument(
+def _ablate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="sweep YAML (see jobs/configs/demo-sweep.yaml)")
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kind", choices=["storage", "gates", "results"])
+    p.add_argument(
         "target", nargs="?", help="cache path (storage), run dir (gates), sweep file/dir (results)"
     )
-    rep.add_argument("--config", help="project storage from a config alone (storage)")
-    rep.add_argument("--tokens", type=float, default=None, help="projected token count (storage)")
-    rep.add_argument("--usd-per-gb-month", type=float, default=0.023, help="storage price (storage)")
-    rep.add_argument("--out", help="output folder for PNG/markdown (default: beside the target)")
-    rep.set_defaults(func=cmd_report)
+    p.add_argument("--config", help="project storage from a config alone (storage)")
+    p.add_argument("--tokens", type=float, default=None, help="projected token count (storage)")
+    p.add_argument("--usd-per-gb-month", type=float, default=0.023, help="storage price (storage)")
+    p.add_argument("--out", help="output folder for PNG/markdown (default: beside the target)")
 
-    demo = sub.add_parser("demo", help="the whole pipeline on the embedded demo, offline, on a CPU")
-    demo.add_argument("--config", default="jobs/configs/demo.yaml")
-    demo.add_argument("--set", action="append", metavar="KEY=VALUE")
-    demo.add_argument("--stages", default="all", help="comma list: finetune,cache,distill,evaluate,report")
-    demo.set_defaults(func=cmd_demo)
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p, required=False, default="jobs/configs/demo.yaml")
+    p.add_argument("--stages", default="all", help="comma list: finetune,cache,distill,evaluate,report")
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    run: Callable[[argparse.Namespace], object]
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    help: str
+    description: str | None = None
+
+
+SUBCOMMANDS: tuple[Subcommand, ...] = (
+    Subcommand(
+        "finetune-teacher", cmd_finetune_teacher, _finetune_args, "SFT of the MoE teacher with Ray Train"
+    ),
+    Subcommand(
+        "cache",
+        cmd_cache,
+        _cache_args,
+        "build, verify or list teacher caches",
+        "`cache --config C` builds (or resumes) the teacher cache; `cache verify PATH` re-checks a store; "
+        "`cache ls ROOT` lists caches.",
+    ),
+    Subcommand(
+        "distill", cmd_distill, _config_args, "distil a student from the teacher cache with Ray Train"
+    ),
+    Subcommand(
+        "evaluate", cmd_evaluate, _evaluate_args, "generate + Rouge-L for the teacher and/or students"
+    ),
+    Subcommand("ablate", cmd_ablate, _ablate_args, "sweep student runs over one teacher cache"),
+    Subcommand("report", cmd_report, _report_args, "storage cost, gate heat maps, results tables"),
+    Subcommand("demo", cmd_demo, _demo_args, "the whole pipeline on the embedded demo, offline, on a CPU"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moedistill", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in SUBCOMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.description or command.help)
+        command.add_arguments(p)
+        p.set_defaults(func=command.run)
     return parser
 
 

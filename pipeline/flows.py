@@ -1,29 +1,45 @@
-"""`moedistill demo`: every stage on the embedded demo, in order, each one reusing finished work.
+"""One flow for the demo and for sweeps: fine-tune the teacher -> cache it once -> distil every student run
+from that one cache -> evaluate teacher and students -> one results table holding only those models.
 
-fine-tune teacher -> cache it once -> distil SFT, KD and B-Distill students from that cache -> evaluate
-teacher and students -> results table, storage report and plots under <output_dir>/reports.
+`run_demo` (`moedistill demo`) runs it for the demo's methods and adds the storage report, gate heat maps and
+a final summary; `run_ablate` (`moedistill ablate`) runs it for the grid points of a sweep file. Every stage
+reuses finished work, so a rerun after a kill resumes and a finished flow is a quick no-op.
 
 The demo's results table (<output_dir>/reports/results.csv|md|png and the final summary) holds the teacher and
-this demo's students only; <output_dir>/eval/results.* also lists students evaluated earlier there.
+this demo's students only; <output_dir>/eval/results.* also lists students evaluated earlier there. A sweep's
+table lives under <output_dir>/sweeps/<name>/ (pipeline.sweep).
 """
 
 from __future__ import annotations
 
-import argparse
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.cache.spec import CacheInfo
+from pipeline.cache.stage import format_cache_info, run_cache
 from pipeline.config import Config, with_overrides
+from pipeline.distill.stage import DistillResult, format_distill_result, run_distill
+from pipeline.evaluate.results import rows_of_runs, write_results_csv, write_results_table
+from pipeline.evaluate.stage import EvalResults, run_evaluate
+from pipeline.finetune.stage import FinetuneResult, format_finetune_result, run_finetune
+from pipeline.placement import warn_if_job_local
+from pipeline.ray_session import connect
+from pipeline.reports.gates import write_gate_report
+from pipeline.reports.storage import format_storage_report, measure_store, write_storage_report
+from pipeline.sweep import load_sweep, plan_runs, sweep_results_dir, sweep_rows
+from pipeline.workspace import paths_for
 
 DEMO_METHODS = ("sft", "kd", "b-distill")
 STAGES = ("finetune", "cache", "distill", "evaluate", "report")
 
 
 @dataclass
-class DemoTimer:
+class StageTimer:
+    """Runs one stage with a header and records its wall time (the demo's summary lists them)."""
+
     wall: dict[str, float] = field(default_factory=dict)
 
     def run(self, stage: str, fn: Callable[[], Any]) -> Any:
@@ -35,46 +51,103 @@ class DemoTimer:
         return result
 
 
+@dataclass(frozen=True)
+class ResultsFiles:
+    rows: list[dict[str, Any]]  # the teacher's and this flow's runs' rows only
+    csv_path: Path
+    md_path: Path
+    png_path: Path
+
+
+@dataclass
+class FlowResult:
+    finetune: FinetuneResult | None = None
+    cache: CacheInfo | None = None
+    runs: list[DistillResult] = field(default_factory=list)
+    evaluation: EvalResults | None = None
+    results: ResultsFiles | None = None
+
+
+def run_flow(
+    base: Config,
+    runs: Sequence[tuple[dict[str, Any], Config]],
+    results_dir: Path,
+    title: str,
+    stages: Sequence[str] = STAGES,
+    timer: StageTimer | None = None,
+) -> FlowResult:
+    """The stages of `stages` for the teacher of `base` and each student run (grid point, config).
+
+    Every run reads the one teacher cache of `base` (the callers check that their runs share it). The
+    results table holds the teacher and these runs only, each row labelled by its grid point."""
+    timer = timer or StageTimer()
+    flow = FlowResult()
+    if "finetune" in stages:
+        flow.finetune = timer.run("fine-tune the teacher (Ray Train)", lambda: run_finetune(base))
+        print(format_finetune_result(flow.finetune), flush=True)
+    if "cache" in stages:
+        flow.cache = timer.run("cache the teacher once (Ray Data)", lambda: run_cache(base))
+        print(format_cache_info(flow.cache), flush=True)
+    if "distill" in stages:
+        cache_path = flow.cache.path if flow.cache is not None else None
+        for i, (point, config) in enumerate(runs):
+            what = ", ".join(f"{k}={v}" for k, v in point.items()) or config.distill.method
+            result = timer.run(
+                f"distil student {i + 1}/{len(runs)}: {what} (Ray Train)",
+                lambda c=config: run_distill(c, cache_path=cache_path),
+            )
+            print(format_distill_result(result), flush=True)
+            flow.runs.append(result)
+    if "evaluate" in stages:
+        models = {"teacher": str(paths_for(base).teacher_final)}
+        models.update({r.run_name: r.export_dir for r in flow.runs})
+        flow.evaluation = timer.run(
+            "evaluate teacher and students (Ray Data)", lambda: run_evaluate(base, models)
+        )
+        points = [point for point, _ in runs][: len(flow.runs)]
+        rows = sweep_rows(points, flow.runs, flow.evaluation.rows)
+        flow.results = write_results(rows, results_dir, title)
+    return flow
+
+
+def write_results(rows: list[dict[str, Any]], out: Path, title: str) -> ResultsFiles:
+    """results.csv|md|png in `out` for exactly `rows`."""
+    csv_path = write_results_csv(rows, out / "results.csv")
+    md, png = write_results_table(rows, out, title=title)
+    return ResultsFiles(rows, csv_path, md, png)
+
+
+def write_demo_results(
+    config: Config, evaluation_rows: list[dict[str, Any]], students: Iterable[Any]
+) -> ResultsFiles:
+    """results.csv|md|png under <output_dir>/reports for the teacher and `students` (DistillResults) only,
+    with each student's validation loss from its run."""
+    rows = rows_of_runs(evaluation_rows, students)
+    return write_results(rows, paths_for(config).reports, title=f"{config.name}: Rouge-L (%)")
+
+
+# --- the demo -----------------------------------------------------------------------------------------------
 def run_demo(
     config: Config, stages: tuple[str, ...] = STAGES, methods: tuple[str, ...] = DEMO_METHODS
-) -> dict:
-    from pipeline.cache.stage import format_cache_info, run_cache
-    from pipeline.distill.stage import format_distill_result, run_distill
-    from pipeline.evaluate.stage import run_evaluate
-    from pipeline.finetune.stage import format_finetune_result, run_finetune
-    from pipeline.ray_session import connect
-    from pipeline.workspace import paths_for
-
+) -> dict[str, Any]:
     started = time.perf_counter()
     connect()
-    timer = DemoTimer()
+    timer = StageTimer()
+    runs = [({}, with_overrides(config, {"distill.method": m})) for m in methods]
+    flow = run_flow(
+        config, runs, paths_for(config).reports, f"{config.name}: Rouge-L (%)", stages=stages, timer=timer
+    )
     summary: dict[str, Any] = {"stages": timer.wall}
-    if "finetune" in stages:
-        finetune = timer.run("fine-tune the teacher (Ray Train)", lambda: run_finetune(config))
-        print(format_finetune_result(finetune))
-        summary["finetune"] = finetune
-    if "cache" in stages:
-        cache = timer.run("cache the teacher once (Ray Data)", lambda: run_cache(config))
-        print(format_cache_info(cache))
-        summary["cache"] = cache
-    students: dict[str, Any] = {}
+    if flow.finetune is not None:
+        summary["finetune"] = flow.finetune
+    if flow.cache is not None:
+        summary["cache"] = flow.cache
     if "distill" in stages:
-        for method in methods:
-            run_config = with_overrides(config, {"distill.method": method})
-            result = timer.run(
-                f"distil the {method} student (Ray Train)", lambda c=run_config: run_distill(c)
-            )
-            print(format_distill_result(result))
-            students[method] = result
-        summary["students"] = students
-    if "evaluate" in stages:
-        models = {"teacher": str(paths_for(config).teacher_final)}
-        models.update({r.run_name: r.export_dir for r in students.values()})
-        evaluation = timer.run(
-            "evaluate teacher and students (Ray Data)", lambda: run_evaluate(config, models)
-        )
-        summary["evaluation"] = evaluation
-        summary["results"] = write_demo_results(config, evaluation.rows, students.values())
+        methods_run = [c.distill.method for _, c in runs]
+        summary["students"] = dict(zip(methods_run, flow.runs, strict=True))
+    if flow.evaluation is not None:
+        summary["evaluation"] = flow.evaluation
+        summary["results"] = flow.results
     if "report" in stages:
         summary["reports"] = timer.run("reports", lambda: _reports(config, summary))
     total = time.perf_counter() - started
@@ -82,34 +155,7 @@ def run_demo(
     return summary
 
 
-@dataclass(frozen=True)
-class DemoResults:
-    rows: list[dict[str, Any]]  # the teacher's and this demo's students' rows only
-    csv_path: Path
-    md_path: Path
-    png_path: Path
-
-
-def write_demo_results(
-    config: Config, evaluation_rows: list[dict[str, Any]], students: Iterable[Any]
-) -> DemoResults:
-    """results.csv|md|png under <output_dir>/reports for the teacher and `students` (DistillResults) only,
-    with each student's validation loss from its run."""
-    from pipeline.evaluate.results import rows_of_runs, write_results_csv, write_results_table
-    from pipeline.workspace import paths_for
-
-    rows = rows_of_runs(evaluation_rows, students)
-    out = paths_for(config).reports
-    csv_path = write_results_csv(rows, out / "results.csv")
-    md, png = write_results_table(rows, out, title=f"{config.name}: Rouge-L (%)")
-    return DemoResults(rows, csv_path, md, png)
-
-
 def _reports(config: Config, summary: dict[str, Any]) -> list[Path]:
-    from pipeline.reports.gates import write_gate_report
-    from pipeline.reports.storage import format_storage_report, measure_store, write_storage_report
-    from pipeline.workspace import paths_for
-
     out = paths_for(config).reports
     written: list[Path] = []
     if "cache" in summary:
@@ -124,7 +170,7 @@ def _reports(config: Config, summary: dict[str, Any]) -> list[Path]:
 
 
 def _final_summary(summary: dict[str, Any], total: float) -> str:
-    results: DemoResults | None = summary.get("results")
+    results: ResultsFiles | None = summary.get("results")
     table: list[str] = []
     if results is not None and results.rows:
         rows = results.rows  # students' val loss from their runs, the teacher's from its fine-tuning
@@ -156,14 +202,30 @@ def _final_summary(summary: dict[str, Any], total: float) -> str:
     return "\n".join(lines)
 
 
-def run_demo_cli(args: argparse.Namespace) -> None:
-    from pipeline.cli import load_cli_config
-
-    config = load_cli_config(args)
-    stages = STAGES if args.stages == "all" else tuple(s.strip() for s in args.stages.split(","))
-    unknown = set(stages) - set(STAGES)
-    if unknown:
-        from pipeline.errors import ConfigError
-
-        raise ConfigError(f"unknown demo stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
-    run_demo(config, stages)
+# --- sweeps -------------------------------------------------------------------------------------------------
+def run_ablate(sweep_path: str | Path) -> dict[str, Any]:
+    """`moedistill ablate`: the flow over a sweep file's grid points (pipeline.sweep), one cache for all."""
+    sweep = load_sweep(sweep_path)
+    base, configs = plan_runs(sweep)
+    warn_if_job_local(base)
+    print(f"[ablate] sweep {sweep.name}: {len(configs)} student runs over one teacher cache", flush=True)
+    connect()
+    stages = ("finetune", "cache", "distill", *(("evaluate",) if sweep.evaluate else ()))
+    out = sweep_results_dir(sweep, base)
+    flow = run_flow(
+        base, list(zip(sweep.runs(), configs, strict=True)), out, f"sweep {sweep.name}: Rouge-L (%)", stages
+    )
+    assert flow.cache is not None
+    trained = sum(not r.skipped for r in flow.runs)
+    print(
+        f"[ablate] teacher cache {flow.cache.key}: {'built' if flow.cache.status != 'exists' else 'found'} "
+        f"once, read by {trained} student run(s); {len(flow.runs) - trained} finished run(s) skipped",
+        flush=True,
+    )
+    summary: dict[str, Any] = {"cache": flow.cache, "runs": flow.runs, "trained": trained}
+    if flow.results is not None:
+        print(flow.results.md_path.read_text())
+        print(f"[ablate] results: {flow.results.md_path}, {flow.results.png_path}, {flow.results.csv_path}")
+        files = flow.results
+        summary.update(rows=files.rows, results_md=files.md_path, results_png=files.png_path)
+    return summary

@@ -1,5 +1,6 @@
-"""`moedistill ablate`: one sweep file -> one teacher cache (built once or found) -> many student runs ->
-evaluation -> one results table. Finished runs are skipped when a sweep is rerun.
+"""Sweep files for `moedistill ablate`: one sweep file -> one teacher cache (built once or found) -> many
+student runs -> evaluation -> one results table (the flow itself is pipeline.flows.run_ablate). Finished runs
+are skipped when a sweep is rerun.
 
 Sweep file (YAML):
 
@@ -14,7 +15,7 @@ Sweep file (YAML):
 Leave `distill.run_name` unset: each run is then named `<method>-k..-s<seed>-<settings fingerprint>`, so
 grid points never share a run directory (a fixed run_name is refused up front).
 
-Outputs, under `<output_dir>/sweeps/<name>/`: results.csv (schema: pipeline/reports/results.py), results.md
+Outputs, under `<output_dir>/sweeps/<name>/`: results.csv (schema: pipeline/evaluate/results.py), results.md
 and results.png, holding the teacher and this sweep's runs only (never students evaluated earlier in the
 same output_dir). Each run's row is labelled "method (grid point)", the grid point written with the
 shortest unambiguous key suffixes (`lambda_mc=0.5, num_experts=2`); `distill.method` is the method itself
@@ -24,7 +25,6 @@ and `distill.train.seed` is left out, so several seeds of one grid point are agg
 
 from __future__ import annotations
 
-import argparse
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,8 @@ import yaml
 
 from pipeline.config import Config, load_config, teacher_cache_hash, with_overrides
 from pipeline.errors import ConfigError
+from pipeline.evaluate.results import format_setting, rows_of_runs
+from pipeline.workspace import paths_for
 
 SWEEP_KEYS = {"base", "set", "grid", "evaluate", "name"}
 # Grid keys that are not part of a row's `setting` label: the method has its own column, and training seeds
@@ -119,16 +121,12 @@ def _check_distinct_runs(sweep: Sweep, points: list[dict[str, Any]], configs: li
 
 def sweep_results_dir(sweep: Sweep, base: Config | None = None) -> Path:
     """`<output_dir>/sweeps/<sweep name>`: where `run_ablate` writes results.csv, results.md, results.png."""
-    from pipeline.workspace import paths_for
-
     base = base or load_config(sweep.base, sweep.overrides)
     return paths_for(base).root / "sweeps" / sweep.name
 
 
 def grid_setting(point: dict[str, Any]) -> str | None:
     """The `setting` label of a grid point (None when only the method and/or seed vary)."""
-    from pipeline.evaluate.results import format_setting
-
     return format_setting({k: v for k, v in point.items() if k not in UNLABELLED_KEYS}) or None
 
 
@@ -138,61 +136,9 @@ def sweep_rows(
     """The sweep's own table: the teacher's and this sweep's runs' rows only (`run_evaluate` also returns
     models evaluated earlier in the output_dir), each run labelled with its grid point and its val loss.
     `runs` are DistillResults (run_name, val_loss) in the order of `points`."""
-    from pipeline.evaluate.results import rows_of_runs
-
     setting = {run.run_name: grid_setting(point) for point, run in zip(points, runs, strict=True)}
     rows = rows_of_runs(evaluation_rows, runs)
     for row in rows:
         if row["model"] in setting:
             row["setting"] = setting[row["model"]]
     return rows
-
-
-def run_ablate(sweep_path: str | Path) -> dict[str, Any]:
-    from pipeline.cache.stage import format_cache_info, run_cache
-    from pipeline.distill.stage import format_distill_result, run_distill
-    from pipeline.evaluate.results import write_results_csv, write_results_table
-    from pipeline.evaluate.stage import run_evaluate
-    from pipeline.finetune.stage import run_finetune
-    from pipeline.placement import warn_if_job_local
-    from pipeline.ray_session import connect
-    from pipeline.workspace import paths_for
-
-    sweep = load_sweep(sweep_path)
-    base, configs = plan_runs(sweep)
-    warn_if_job_local(base)
-    print(f"[ablate] sweep {sweep.name}: {len(configs)} student runs over one teacher cache", flush=True)
-    connect()
-    run_finetune(base)
-    cache = run_cache(base)
-    print(format_cache_info(cache), flush=True)
-    results = []
-    points = sweep.runs()
-    for i, (point, config) in enumerate(zip(points, configs, strict=True)):
-        print(f"[ablate] run {i + 1}/{len(configs)}: {point}", flush=True)
-        result = run_distill(config, cache_path=cache.path)
-        print(format_distill_result(result), flush=True)
-        results.append(result)
-    trained = sum(not r.skipped for r in results)
-    print(
-        f"[ablate] teacher cache {cache.key}: {'built' if cache.status != 'exists' else 'found'} once, "
-        f"read by {trained} student run(s); {len(results) - trained} finished run(s) skipped",
-        flush=True,
-    )
-    summary: dict[str, Any] = {"cache": cache, "runs": results, "trained": trained}
-    if sweep.evaluate:
-        models = {"teacher": str(paths_for(base).teacher_final)}
-        models.update({r.run_name: r.export_dir for r in results})
-        evaluation = run_evaluate(base, models)
-        rows = sweep_rows(points, results, evaluation.rows)
-        out = sweep_results_dir(sweep, base)
-        write_results_csv(rows, out / "results.csv")
-        md, png = write_results_table(rows, out, title=f"sweep {sweep.name}: Rouge-L (%)")
-        print(md.read_text())
-        print(f"[ablate] results: {md}, {png}, {out / 'results.csv'}")
-        summary.update(rows=rows, results_md=md, results_png=png)
-    return summary
-
-
-def run_ablate_cli(args: argparse.Namespace) -> None:
-    run_ablate(args.config)

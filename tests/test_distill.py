@@ -265,7 +265,7 @@ def test_sweep_reuses_the_one_cache_for_every_run(cached_config: Config, tmp_pat
 
     import yaml
 
-    from pipeline.sweep import run_ablate
+    from pipeline.flows import run_ablate
 
     caches_before = sorted(Path(cached_config.cache.root).glob("*/manifest.json"))
     sweep = {

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from rouge_score import rouge_scorer
 
+from pipeline.cli import evaluate_models
 from pipeline.config import load_config, with_overrides
 from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
 from pipeline.data.rouge import mean_rouge_l, rouge_l
@@ -22,7 +23,6 @@ from pipeline.evaluate.stage import (
     describe_checkpoint,
     parse_model_args,
     run_evaluate,
-    run_evaluate_cli,
 )
 from pipeline.evaluate.test_sets import load_test_set, read_examples_jsonl
 from pipeline.models.build import TinyMoEConfig, build_tiny_moe
@@ -176,7 +176,7 @@ def test_run_evaluate_through_the_actor_pool(workspace) -> None:
 
     # The same request again (through the CLI entry) reuses the finished results instead of regenerating.
     args = argparse.Namespace(model=[f"teacher={root / 'run/teacher/final'}"])
-    again = run_evaluate_cli(args, config)
+    again = evaluate_models(config, args.model)
     assert again.reused == ["teacher"] and again.score("teacher", "demo-test") == pytest.approx((mean, std))
     # The combined table keeps the student evaluated earlier under the same protocol.
     assert [r["model"] for r in again.rows] == ["teacher", student]

@@ -19,7 +19,6 @@ Outputs under runs/<name>/eval/:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -474,18 +473,3 @@ def _has_tokenizer(checkpoint: str) -> bool:
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", name) or "model"
-
-
-# --- CLI ---------------------------------------------------------------------------------------------------
-def run_evaluate_cli(args: argparse.Namespace, config: Config) -> EvalResults:
-    from pipeline.ray_session import connect
-
-    models = parse_model_args(args.model) if getattr(args, "model", None) else default_models(config)
-    check_models(config, models)  # fail before starting Ray
-    connect()
-    results = run_evaluate(config, models)
-    print(results.markdown())
-    print(f"wrote {results.csv_path}, {results.md_path}, {results.png_path}")
-    for name, d in results.model_dirs.items():
-        print(f"  {name}: {d / 'predictions.jsonl'}")
-    return results
