@@ -26,7 +26,11 @@ import torch
 from pipeline.cache.shard import ShardData, rows_to_table, shard_to_row
 from pipeline.cache.sparsify import sparsify_logits
 from pipeline.cache.spec import CacheSpec
+from pipeline.data.collate import distill_positions, pad_batch
+from pipeline.data.tokenize import tokenize_records
 from pipeline.errors import CacheError
+from pipeline.models.alignment import aggregate_expert_states, aggregate_gates
+from pipeline.models.generate import generate_token_ids
 from pipeline.placement import TeacherPlacement, check_no_offload, teacher_placement, visible_gpu_memory
 
 
@@ -58,23 +62,10 @@ class TeacherOutputSpec:
 
 
 # --- tokenisation (CPU tasks) -------------------------------------------------------------------------------
-_TOKENIZERS: dict[str, Any] = {}
-
-
-def load_tokenizer(path: str) -> Any:
-    if path not in _TOKENIZERS:  # one load per worker process, not per shard
-        from transformers import AutoTokenizer
-
-        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
-    return _TOKENIZERS[path]
-
-
 def tokenize_shard(
     tokenizer: Any, records: Sequence[Any], first_seq_id: int, max_length: int
 ) -> list[dict[str, Any]]:
     """Tokenised examples of one shard; seq_id = index of the record in the full record list."""
-    from pipeline.data.tokenize import tokenize_records
-
     examples, _stats = tokenize_records(tokenizer, list(records), max_length)
     for ex in examples:
         ex["seq_id"] += first_seq_id
@@ -107,9 +98,6 @@ def teacher_targets(
     different GPUs; the all-expert outputs are freed as soon as their layer is folded). Logits stay on the
     output embedding's device, where `sparsify_logits` runs; only the sparse result moves to the CPU.
     """
-    from pipeline.data.collate import distill_positions
-    from pipeline.models.alignment import aggregate_expert_states, aggregate_gates
-
     token_mask = distill_positions(batch["response_mask"])
     fwd = adapter.forward_with_experts(
         batch["input_ids"], batch["attention_mask"], out.cached_layers, token_mask
@@ -129,6 +117,21 @@ def teacher_targets(
     return result
 
 
+def score_sequences(
+    adapter: Any, batch: dict[str, torch.Tensor], out: TeacherOutputSpec, seeds: Sequence[int]
+) -> dict[str, torch.Tensor]:
+    """The sparse targets of one padded micro-batch, as the cache stores them: logit_indices, logit_values,
+    logit_tail_logmass (rows = distillation positions in (sequence, position) order), gates and, when the
+    spec keeps them, expert_states. The one scoring path of both the cache stage (`compute_shard`) and the
+    teacher service; `seeds` (one per sequence, its seq_id) seed sampled-mode draws. Sparse arrays may still
+    be on the teacher's output device (`to_storage` moves them)."""
+    targets = teacher_targets(adapter, batch, out)
+    counts = distill_positions(batch["response_mask"]).sum(dim=1).tolist()
+    ind, val, tail = sparsify_logits(targets.pop("logits"), out.logits_mode, out.logits_k, seeds, counts)
+    targets.update(logit_indices=ind, logit_values=val, logit_tail_logmass=tail)
+    return targets
+
+
 def compute_shard(
     adapter: Any,
     examples: Sequence[dict[str, Any]],
@@ -140,8 +143,6 @@ def compute_shard(
 ) -> ShardData:
     """All cached arrays of one shard. Sequences are micro-batched longest-first (less padding) and the rows
     put back in seq_id order, so results depend on the shard's content only."""
-    from pipeline.data.collate import pad_batch
-
     t0 = time.perf_counter()
     device = input_device(adapter.model)
     counts = [int(sum(e["response_mask"][1:])) for e in examples]
@@ -156,21 +157,17 @@ def compute_shard(
     for start in range(0, len(order), micro_batch):
         idx = order[start : start + micro_batch]
         batch = {k: v.to(device) for k, v in pad_batch([examples[i] for i in idx], pad_id).items()}
-        targets = teacher_targets(adapter, batch, out)
         splits = [counts[i] for i in idx]
-        logits = targets.pop("logits")
-        seeds = [examples[i]["seq_id"] for i in idx]
-        ind, val, tail = sparsify_logits(logits, out.logits_mode, out.logits_k, seeds, splits)
-        targets.update(logit_indices=ind, logit_values=val, logit_tail_logmass=tail)  # _to_storage: to CPU
+        targets = score_sequences(adapter, batch, out, [examples[i]["seq_id"] for i in idx])
         for name, t in targets.items():
-            stored = _to_storage(name, t, out.states_dtype)
+            stored = to_storage(name, t, out.states_dtype)
             row = 0  # rows of a micro-batch are in (sequence, position) order
             for i, n in zip(idx, splits, strict=True):
                 arrays[name][offsets[i] : offsets[i] + n] = stored[row : row + n]
                 row += n
     responses = None
     if out.teacher_responses != "none":
-        responses = generate_responses(
+        responses = teacher_responses(
             adapter.model, examples, out.teacher_responses, out.max_new_tokens, pad_id
         )
     return ShardData(
@@ -203,42 +200,33 @@ def _storage_layout(out: TeacherOutputSpec, hidden_size: int) -> dict[str, tuple
     return layout
 
 
-def _to_storage(name: str, t: torch.Tensor, states_dtype: str) -> np.ndarray:
+def to_storage(name: str, t: torch.Tensor, states_dtype: str) -> np.ndarray:
+    """One scored array in its storage dtype (what a shard holds and the teacher service sends)."""
     if name == "expert_states":
         return encode_states(t, states_dtype)
     dtype = {"logit_indices": torch.int32, "logit_tail_logmass": torch.float32}.get(name, torch.float16)
     return t.to(dtype).cpu().numpy()  # the dtype cast first: a GPU -> CPU copy of the storage size only
 
 
-@torch.no_grad()
-def generate_responses(
+def teacher_responses(
     model: Any, examples: Sequence[dict[str, Any]], mode: str, max_new_tokens: int, pad_id: int
 ) -> list[list[int]]:
     """Teacher responses for SeqKD, one sequence at a time (no padding effects); sampling is seeded by seq_id
     (temperature 1, no top-k/top-p truncation) so a resumed build regenerates identical responses."""
-    device = input_device(model)
-    # fork_rng over every GPU the teacher uses: sampling draws on the output embedding's device.
-    cuda_ids = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    eos = model.config.eos_token_id
     out = []
     for ex in examples:
         mask = list(ex["response_mask"])
         prompt_len = mask.index(1) if 1 in mask else len(mask)
-        prompt = torch.tensor([list(ex["input_ids"])[:prompt_len]], dtype=torch.long, device=device)
-        kwargs: dict[str, Any] = {"do_sample": False}
-        if mode == "sample":
-            kwargs = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-        with torch.random.fork_rng(devices=cuda_ids):
-            torch.manual_seed(int(ex["seq_id"]))
-            gen = model.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos,
-                pad_token_id=pad_id,
-                **kwargs,
-            )
-        out.append([int(t) for t in gen[0, prompt_len:].tolist()])
+        out += generate_token_ids(
+            model,
+            [list(ex["input_ids"])[:prompt_len]],
+            max_new_tokens=max_new_tokens,
+            pad_id=pad_id,
+            eos_id=model.config.eos_token_id,
+            greedy=mode != "sample",
+            seed=int(ex["seq_id"]),
+            batch_size=1,
+        )
     return out
 
 
@@ -249,6 +237,7 @@ def input_device(model: Any) -> torch.device:
 
 def load_teacher(teacher_path: str, compute_dtype: str, placement: TeacherPlacement) -> Any:
     """The teacher in eval mode on its placement."""
+    # why: transformers stays out of this module's import, which cache read tasks pull in (decode_states)
     from pipeline.models.build import load_causal_lm
 
     if placement.kind != "device_map":
@@ -285,7 +274,7 @@ class TeacherShardStage:
         num_gpus: float,
         cpu_threads: int | None = None,
     ) -> None:
-        from pipeline.models.adapter import MoEAdapter
+        from pipeline.models.adapter import MoEAdapter  # why: as in load_teacher (no transformers on import)
 
         if cpu_threads is not None:
             torch.set_num_threads(int(cpu_threads))

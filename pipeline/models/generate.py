@@ -1,7 +1,7 @@
-"""Batched generation and validation loss for one model on one process (CPU or one GPU).
+"""Batched generation and validation loss for one model on one process (CPU or GPUs).
 
-The Ray Data evaluation stage runs these inside its actor pool; the fine-tuning stage calls them directly
-for its before/after figures.
+The evaluation stage's actors, the fine-tuning stage's before/after figures and the cache stage's teacher
+responses (SeqKD) all generate through `generate_token_ids`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,53 @@ from pipeline.data.tokenize import tokenize_prompt
 
 
 @torch.no_grad()
+def generate_token_ids(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    eos_id: int | None,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[list[int]]:
+    """The one generator: left-padded batched `model.generate` over token-id prompts -> new token ids.
+
+    Sampling is pure temperature/top-p sampling (top-k off: transformers' default top_k=50 would silently
+    truncate the distribution), reproducible per (seed, batch start) and without touching the caller's RNG.
+    Inputs go to the input embedding's device (the first GPU of a device_map model)."""
+    model.eval()
+    device = model.get_input_embeddings().weight.device
+    # fork_rng over every GPU the model uses: sampling draws on the output embedding's device.
+    cuda_ids = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
+    outputs: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [list(p) for p in prompts[start : start + batch_size]]
+        width = max(len(p) for p in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for i, p in enumerate(chunk):
+            input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attention[i, width - len(p) :] = 1
+        with torch.random.fork_rng(devices=cuda_ids):
+            torch.manual_seed(seed + start)
+            generated = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=not greedy,
+                pad_token_id=pad_id,
+                eos_token_id=eos_id,
+                **sampling,
+            )
+        outputs += [[int(t) for t in row] for row in generated[:, width:].tolist()]
+    return outputs
+
+
 def generate_responses(
     model,
     tokenizer,
@@ -28,34 +75,21 @@ def generate_responses(
     seed: int = 0,
     batch_size: int = 16,
 ) -> list[str]:
-    """Left-padded batched `model.generate`; returns decoded responses (special tokens stripped)."""
-    model.eval()
-    device = next(model.parameters()).device
+    """Decoded responses (special tokens stripped) to the records' prompts (`generate_token_ids`)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    outputs: list[str] = []
-    generator_seed = seed
-    for start in range(0, len(records), batch_size):
-        prompts = [tokenize_prompt(tokenizer, r) for r in records[start : start + batch_size]]
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for i, p in enumerate(prompts):
-            input_ids[i, width - len(p) :] = torch.tensor(p)
-            attention[i, width - len(p) :] = 1
-        torch.manual_seed(generator_seed + start)  # sampling is reproducible per seed and batch
-        generated = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=not greedy,
-            temperature=temperature if not greedy else None,
-            top_p=top_p if not greedy else None,
-            pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        for row in generated[:, width:]:
-            outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return outputs
+    ids = generate_token_ids(
+        model,
+        [tokenize_prompt(tokenizer, r) for r in records],
+        max_new_tokens=max_new_tokens,
+        pad_id=pad_id,
+        eos_id=tokenizer.eos_token_id,
+        greedy=greedy,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
 
 @torch.no_grad()
