@@ -16,6 +16,7 @@ from pipeline.config import load_config, with_overrides
 from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
 from pipeline.data.rouge import mean_rouge_l, rouge_l
 from pipeline.data.stage import prepare_data
+from pipeline.distill.stage import run_settings
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluate.results import read_results_csv
 from pipeline.evaluate.stage import (
@@ -26,6 +27,7 @@ from pipeline.evaluate.stage import (
 )
 from pipeline.evaluate.test_sets import load_test_set, read_examples_jsonl
 from pipeline.models.build import TinyMoEConfig, build_tiny_moe
+from pipeline.run_identity import claim_run_dir
 
 TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 
@@ -115,6 +117,10 @@ def workspace(tmp_path_factory: pytest.TempPathFactory):
     run = root / "run" / "students" / "kd-k3-a0.2-b0.1-e2-s0"
     _save_checkpoint(run / "final", tokenizer, {"stage": "distill", "method": "kd"}, 1, always_empty=True)
     (run / "summary.json").write_text(json.dumps({"run_name": run.name, "method": "kd", "val_loss": 4.25}))
+    # The run's identity as `moedistill distill` records it: evaluation reads it there, never from the name.
+    settings = {"distill.method": "kd", "distill.k": 3, "distill.alpha": 0.2, "distill.beta": 0.1}
+    distilled = with_overrides(config, {**settings, "distill.train.seed": 0})
+    claim_run_dir(run, run_settings(distilled, "key"), what="student run", fix="")
     (root / "run" / "students" / "unfinished" / "final").mkdir(parents=True)  # no export marker: skipped
     return config, root
 

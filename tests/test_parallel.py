@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pipeline.config import DistillConfig
 from pipeline.data.collate import distill_positions
 from pipeline.distill.methods import get_method
-from pipeline.distill.objective import ObjectiveWeights, distill_objective
+from pipeline.distill.objective import distill_objective
 from pipeline.distill.student import DistillStudent
 from pipeline.models.build import TinyMoEConfig, build_tiny_moe
 from pipeline.training.parallel import (
@@ -84,7 +85,7 @@ def _step(model, optimizer, rank: int) -> float:
     forward = model(batch["input_ids"], batch["attention_mask"], token_mask)
     generator = torch.Generator().manual_seed(7 + rank)  # the same MC draws under both strategies
     loss, _ = distill_objective(
-        get_method("b-distill"), ObjectiveWeights(), forward, batch, token_mask, generator
+        get_method("b-distill"), DistillConfig(), forward, batch, token_mask, generator
     )
     loss.backward()
     norm = clip_gradients(model, max_norm=0.05)  # small: clipping must actually scale the update

@@ -188,7 +188,7 @@ def test_projection_from_a_config_alone() -> None:
     assert (d["hidden_size"], d["num_layers"], d["vocab_size"], d["num_experts"]) == (2560, 36, 151936, 4)
     assert d["cached_layers"] == 28 and d["width"] == 4  # every Qwen3-0.6B layer is paired with a teacher one
     states = report.field_bytes("expert_states")
-    assert states.logical_per_token == 28 * 4 * 2560 * 2 == 573_440  # DESIGN.md's ~573 KB/token
+    assert states.logical_per_token == 28 * 4 * 2560 * 2 == 573_440  # ~573 KB/token (docs/cache-format.md)
     assert states.dense_fp32_per_token == 36 * 4 * 2560 * 4
     assert report.field_bytes("gates").logical_per_token == 28 * 4 * 2
     assert report.field_bytes("logits").logical_per_token == 64 * 6 + 4

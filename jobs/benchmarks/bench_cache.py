@@ -21,7 +21,7 @@ tokenizer; cached layers = the pairs of a 2-layer student) in a temp dir, then m
 --num-gpus G places every teacher as the cache stage does (pipeline.cache.teacher.teacher_placement): 0 = CPU,
 <= 1 = one GPU, > 1 = one teacher split over G GPUs with device_map="auto".
 
-Absolute numbers are only meaningful on the target hardware (see DESIGN.md "Measured, not assumed").
+Absolute numbers are only meaningful on the target hardware; the ratios are the result.
 """
 
 from __future__ import annotations

@@ -36,11 +36,11 @@ import torch
 from pipeline.cache import CacheRuntime, build_teacher_cache, open_cache
 from pipeline.cache.sparsify import topk_sparsify
 from pipeline.cache.stage import cache_spec_from_config
-from pipeline.config import load_config, with_overrides
+from pipeline.config import DistillConfig, load_config, with_overrides
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.data.stage import load_tokenizer, prepare_data
 from pipeline.distill.methods import get_method
-from pipeline.distill.objective import ObjectiveWeights, distill_objective
+from pipeline.distill.objective import distill_objective
 from pipeline.distill.student import DistillStudent
 from pipeline.models.adapter import MoEAdapter
 from pipeline.models.alignment import aggregate_expert_states, aggregate_gates, layer_pairs
@@ -109,7 +109,7 @@ def main() -> None:
             materialize_model(config.student, tokenizer).float(), [s for s, _ in pairs], cache.hidden_size
         )
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
-        method, weights = get_method("b-distill"), ObjectiveWeights()
+        method, weights = get_method("b-distill"), DistillConfig()
         generator = torch.Generator().manual_seed(0)
 
         def sft_step(batch):

@@ -4,7 +4,7 @@ records.py       Record, load_records (JSONL / `datasets`), write_jsonl, records
 template.py      format_prompt and the template text (part of the teacher-cache key)
 tokenize.py      tokenize_record(s), tokenize_prompt: exact response masks, too-long examples dropped
 split.py         split_records: deterministic train/validation/test
-collate.py       pad_batch, distill_positions (CONTRACTS.md)
+collate.py       pad_batch, distill_positions (docs/cache-format.md)
 demo_dataset.py  generate_demo_records: the generated, license-clean demo dataset
 demo_tokenizer.py train_demo_tokenizer: byte-level BPE for the demo
 

@@ -1,4 +1,4 @@
-"""Batching tokenised examples (CONTRACTS.md): right padding, labels, distillation positions."""
+"""Batching tokenised examples (docs/cache-format.md): right padding, labels, distillation positions."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The student as one trainable module: the HF MoE model plus per-layer projections to the teacher's size.
 
 Wrapping both in one `nn.Module` lets DDP/FSDP synchronise the projections with the student, and keeps the
-export trivial: only `.student` is saved (the projections P of DESIGN.md are training-only).
+export trivial: only `.student` is saved (the projections P of docs/method.md are training-only).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class DistillStudent(nn.Module):
         self.student = student
         self.student_layers = list(student_layers)
         hidden = MoEAdapter(student).hidden_size
-        # Identity when sizes match (DESIGN.md): nothing to learn there.
+        # Identity when sizes match (docs/method.md): nothing to learn there.
         self.projections = nn.ModuleList(
             nn.Identity()
             if hidden == teacher_hidden_size
@@ -37,8 +37,15 @@ class DistillStudent(nn.Module):
         )
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, token_mask: Tensor, with_experts: bool = True
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        token_mask: Tensor,
+        with_experts: bool = True,
+        detach_expert_inputs: bool = False,
     ) -> StudentForward:
+        """`detach_expert_inputs`: expert outputs on the detached MoE input (distill.mc_grad_scope: experts),
+        so a loss on `projected_states` trains only the experts and the projections P."""
         if not with_experts:
             # Baselines need no expert outputs; router logits alone still give the gate metrics cheaply.
             out = self.student(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
@@ -49,7 +56,11 @@ class DistillStudent(nn.Module):
             ]
             return StudentForward(logits=out.logits, router_probs=probs, projected_states=[])
         out = MoEAdapter(self.student).forward_with_experts(
-            input_ids, attention_mask, layers=self.student_layers, token_mask=token_mask
+            input_ids,
+            attention_mask,
+            layers=self.student_layers,
+            token_mask=token_mask,
+            detach_expert_inputs=detach_expert_inputs,
         )
         probs = [out.router_probs[layer] for layer in self.student_layers]
         states = [

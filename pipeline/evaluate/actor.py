@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.data.records import Record
 from pipeline.data.rouge import rouge_l
+from pipeline.data.stage import load_tokenizer
 
 # Different (seed, first item) groups must get independent sampling streams.
 _SEED_STRIDE = 1_000_003
@@ -49,7 +50,7 @@ class GeneratorActor:
             return
         import torch
 
-        from pipeline.data.stage import load_tokenizer
+        # why: torch stays out of this module's import (the evaluation driver only hands the class to Ray)
         from pipeline.models.build import load_causal_lm
 
         self.model = None  # free the previous replica before loading the next one
@@ -61,7 +62,7 @@ class GeneratorActor:
         self._loaded = index
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from pipeline.models.generate import generate_responses
+        from pipeline.models.generate import generate_responses  # why: torch, as in _use
 
         row_ids = [int(r) for r in batch["row_id"]]
         groups: dict[tuple[int, int], list[int]] = {}

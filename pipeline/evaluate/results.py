@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DataError
+from pipeline.plotting import pyplot
 
 log = logging.getLogger(__name__)
 
@@ -272,8 +273,6 @@ def format_results_markdown(rows: Sequence[Mapping[str, Any]], title: str | None
 
 
 def plot_results(rows: Sequence[Mapping[str, Any]], png_path: str | Path, title: str | None = None) -> Path:
-    from pipeline.plotting import pyplot
-
     plt = pyplot()
     table = build_table(rows)
     n_labels, n_sets = len(table.labels), len(table.test_sets)

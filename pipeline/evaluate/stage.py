@@ -33,16 +33,14 @@ from pipeline.data.stage import PreparedData, prepare_data
 from pipeline.errors import ConfigError, DataError, ModelError
 from pipeline.evaluate.results import format_results_markdown, write_results_csv, write_results_table
 from pipeline.evaluate.test_sets import EvalSet, examples_from_records, load_test_set
+from pipeline.models.dims import read_dims
+from pipeline.models.export import EXPORT_MARKER
+from pipeline.placement import check_placement, evaluation_actor_options
+from pipeline.run_identity import SETTINGS_FILE
 from pipeline.workspace import paths_for
 
 log = logging.getLogger(__name__)
 
-EXPORT_MARKER = "moedistill_export.json"  # pipeline.training.finetune.EXPORT_MARKER (no torch import here)
-# pipeline.distill.stage.default_run_name: "<method>-k<k>-a<alpha>-b<beta>-e<E_S>-s<seed>-<fingerprint>"
-_RUN_NAME = re.compile(
-    r"^(?P<method>.+)-k(?P<k>\d+)-a(?P<alpha>[0-9.e+-]+)-b(?P<beta>[0-9.e+-]+)-e(?P<e>\d+)-s(?P<seed>\d+)"
-    r"(-[0-9a-f]{6})?$"
-)
 
 
 @dataclass
@@ -244,7 +242,6 @@ def _generate(
     from tqdm import tqdm
 
     from pipeline.evaluate.actor import GeneratorActor
-    from pipeline.placement import check_placement
 
     ev = config.evaluate
     check_placement(dict(ev.resources), what="evaluation actors (evaluate.resources)")
@@ -273,10 +270,8 @@ def _generate(
             "top_p": ev.top_p,
         },
         compute=ActorPoolStrategy(size=max(1, ev.num_actors)),
-        num_gpus=ev.num_gpus_per_actor,
         batch_size=ev.batch_size,
-        # pins the actors to a node group, e.g. {"student_node": 1} -> cluster.yaml's student_gpu nodes
-        **({"resources": dict(ev.resources)} if ev.resources else {}),
+        **evaluation_actor_options(config),
     )
     outputs: dict[str, dict[int, tuple[str, float]]] = {n: {} for n in names}
     try:
@@ -360,46 +355,48 @@ def _write_protocol(
 
 
 def describe_checkpoint(name: str, checkpoint: str) -> dict[str, Any]:
-    """Schema columns known from the checkpoint's run: method and hyper-parameters, validation loss."""
+    """Schema columns known from the checkpoint's run, never from its name (a label only): method, K, alpha,
+    beta and seed from the run's settings.json, the validation loss from its summary.json, and the student's
+    expert count from the exported model's config."""
     ckpt = Path(checkpoint)
     info: dict[str, Any] = {"model": name, "checkpoint": str(checkpoint)}
     marker = _read_json(ckpt / EXPORT_MARKER) or {}
-    summary = _read_json(ckpt.parent / "summary.json") or {}
     if marker.get("stage") == "finetune-teacher" or name == "teacher":
         info["method"] = "teacher"
         finetune = _read_json(ckpt.parent / "finetune_summary.json") or {}  # runs/<name>/teacher/
         info["val_loss"] = (finetune.get("after") or {}).get("val_loss")
-    else:
-        match = _RUN_NAME.match(summary.get("run_name") or ckpt.parent.name)
-        info["method"] = summary.get("method") or marker.get("method") or (match["method"] if match else None)
-        if match:
-            info.update(
-                k=int(match["k"]),
-                alpha=float(match["alpha"]),
-                beta=float(match["beta"]),
-                student_experts=int(match["e"]),
-                seed=int(match["seed"]),
-            )
-            info["setting"] = _setting(info)
-        info["val_loss"] = summary.get("val_loss")
+        return info
+    run_dir = ckpt.parent  # runs/<name>/students/<run>/final
+    summary = _read_json(run_dir / "summary.json") or {}
+    distill = (_read_json(run_dir / SETTINGS_FILE) or {}).get("distill") or {}
+    info["method"] = summary.get("method") or marker.get("method") or distill.get("method")
+    if (ckpt / "config.json").is_file():
+        info["student_experts"] = read_dims(str(ckpt), role="evaluated model").num_experts
+    if distill:
+        seed = (distill.get("train") or {}).get("seed")
+        info.update({key: distill.get(key) for key in ("k", "alpha", "beta")}, seed=seed)
+        info["setting"] = _setting(info)
+    info["val_loss"] = summary.get("val_loss")
     return info
 
 
 def _setting(info: dict[str, Any]) -> str:
     """The hyper-parameters that matter for the method (K/alpha only with MC, beta only with ERD)."""
-    try:
-        from pipeline.distill.methods import get_method
+    # distill.methods imports the token losses (torch); evaluation's driver is otherwise torch-free.
+    from pipeline.distill.methods import get_method
 
+    try:
         method = get_method(str(info["method"]))
         uses_mc, uses_erd = method.uses_mc, method.uses_erd
-    except Exception:  # unknown method name: show everything
+    except ConfigError:  # a method this version does not know: show everything
         uses_mc = uses_erd = True
     parts = []
     if uses_mc:
         parts += [f"K={info['k']}", f"α={info['alpha']:g}"]
     if uses_erd:
         parts.append(f"β={info['beta']:g}")
-    parts.append(f"E={info['student_experts']}")
+    if info.get("student_experts") is not None:
+        parts.append(f"E={info['student_experts']}")
     return ", ".join(parts)
 
 

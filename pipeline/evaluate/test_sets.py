@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.records import Record
+from pipeline.data.records import Record, load_records
 from pipeline.errors import DataError
 
 
@@ -93,8 +93,6 @@ def load_test_set(spec: str, max_examples: int | None = None) -> EvalSet:
     elif Path(source).suffix.lower() in (".jsonl", ".json"):
         examples = read_examples_jsonl(source)
     else:
-        from pipeline.data.records import load_records
-
         records, _ = load_records(source, split="test")
         examples = examples_from_records(records)
     if max_examples is not None:

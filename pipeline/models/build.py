@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen3Config, Qwen3MoeConfig
 
+from pipeline.config import ArchitectureConfig
 from pipeline.errors import ConfigError, ModelError
 
 
-@dataclass
-class TinyMoEConfig:
-    """Architecture of a from-scratch Qwen3-MoE student; every decoder layer is MoE."""
+@dataclass(frozen=True)
+class TinyMoEConfig(ArchitectureConfig):
+    """Architecture of a from-scratch Qwen3-MoE; every decoder layer is MoE.
+
+    The config's `build:` section (ArchitectureConfig) plus initialisation details no config sets. Its size
+    defaults are smaller than the section's (which describe the demo student) so that tests build in
+    milliseconds; `materialize_model` always passes the section's values.
+    """
 
     hidden_size: int = 64
     num_layers: int = 2
-    num_experts: int = 4
-    top_k: int = 2
     moe_intermediate_size: int = 64
-    num_heads: int = 4
-    num_kv_heads: int = 2
     head_dim: int = 16
-    max_position_embeddings: int = 256
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
@@ -66,15 +69,13 @@ class TinyMoEConfig:
             )
 
 
-def tiny_moe_hf_config(
+def _shared_hf_kwargs(
     cfg: TinyMoEConfig, vocab_size: int, pad_token_id: int, bos_token_id: int, eos_token_id: int
-) -> Qwen3MoeConfig:
-    """The transformers config `build_tiny_moe` instantiates."""
-    return Qwen3MoeConfig(
+) -> dict[str, Any]:
+    """What a tiny MoE and its dense counterpart (`build_tiny_dense`) share: all but the MLP."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.moe_intermediate_size,  # unused: no dense MLP layers
-        moe_intermediate_size=cfg.moe_intermediate_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
@@ -83,6 +84,21 @@ def tiny_moe_hf_config(
         rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
         rms_norm_eps=cfg.rms_norm_eps,
         initializer_range=cfg.initializer_range,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+    )
+
+
+def tiny_moe_hf_config(
+    cfg: TinyMoEConfig, vocab_size: int, pad_token_id: int, bos_token_id: int, eos_token_id: int
+) -> Qwen3MoeConfig:
+    """The transformers config `build_tiny_moe` instantiates."""
+    return Qwen3MoeConfig(
+        **_shared_hf_kwargs(cfg, vocab_size, pad_token_id, bos_token_id, eos_token_id),
+        intermediate_size=cfg.moe_intermediate_size,  # unused: no dense MLP layers
+        moe_intermediate_size=cfg.moe_intermediate_size,
         num_experts=cfg.num_experts,
         num_experts_per_tok=cfg.top_k,
         norm_topk_prob=cfg.norm_topk_prob,
@@ -90,10 +106,6 @@ def tiny_moe_hf_config(
         mlp_only_layers=[],
         output_router_logits=cfg.router_aux_loss_coef > 0,
         router_aux_loss_coef=cfg.router_aux_loss_coef,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        pad_token_id=pad_token_id,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
     )
 
 
@@ -110,6 +122,22 @@ def build_tiny_moe(
     hf_config = tiny_moe_hf_config(cfg, vocab_size, pad_token_id, bos_token_id, eos_token_id)
     # A private RNG scope: deterministic weights without disturbing the caller's global torch RNG.
     with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    return model.eval()
+
+
+def build_tiny_dense(arch: ArchitectureConfig, tokenizer: Any, seed: int) -> PreTrainedModel:
+    """The dense Qwen3 counterpart of a tiny MoE (same width, depth, attention; one MLP as wide as one
+    expert): what `student.init: upcycle` pretrains and `upcycle_dense_to_moe` turns back into that MoE."""
+    cfg = TinyMoEConfig(**dataclasses.asdict(arch))
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    hf_config = Qwen3Config(
+        **_shared_hf_kwargs(cfg, len(tokenizer), tokenizer.pad_token_id, bos, tokenizer.eos_token_id),
+        intermediate_size=cfg.moe_intermediate_size,
+        use_sliding_window=False,
+    )
+    with torch.random.fork_rng(devices=[]):  # deterministic weights, the caller's RNG untouched
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     return model.eval()

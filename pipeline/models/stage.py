@@ -8,17 +8,15 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from pipeline.config import ModelConfig
+from pipeline.models.build import TinyMoEConfig, build_tiny_moe, load_causal_lm
+from pipeline.models.upcycle import upcycle_dense_to_moe
 
 
 def materialize_model(model_cfg: ModelConfig, tokenizer) -> PreTrainedModel:
     """Deterministic for a given config: every Ray worker that calls it gets identical weights."""
-    from pipeline.models.build import TinyMoEConfig, build_tiny_moe, load_causal_lm
-
     if model_cfg.path is not None:
         return load_causal_lm(model_cfg.path, torch_dtype=model_cfg.torch_dtype)
     if model_cfg.upcycle_from is not None:
-        from pipeline.models.upcycle import upcycle_dense_to_moe
-
         return upcycle_dense_to_moe(
             model_cfg.upcycle_from,
             num_experts=model_cfg.num_experts,
@@ -42,8 +40,6 @@ def load_for_evaluation(model_cfg: Any, tokenizer: Any) -> Any:
     """The model of `model_cfg` (a ModelConfig) for one placed task: on its GPU in bfloat16 when Ray gave it
     one (a teacher too large for fp32 on one GPU still fits), else on the CPU in float32."""
     import torch
-
-    from pipeline.models.stage import materialize_model
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)

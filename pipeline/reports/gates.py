@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import DataError
+from pipeline.plotting import pyplot
 
 _LOAD = re.compile(r"^load/pair(\d+)/e(\d+)$")
 _ENTROPY = re.compile(r"^gate_entropy/pair(\d+)$")
@@ -130,8 +131,6 @@ def format_gate_table(g: GateLoad) -> str:
 
 def plot_gate_heatmaps(loads: list[GateLoad], png_path: str | Path) -> Path:
     """One annotated heat map per run, stacked vertically on one colour scale (Figure 10 layout)."""
-    from pipeline.plotting import pyplot
-
     plt = pyplot()
     vmax = max(float(np.nanmax(g.load)) for g in loads)
     vmin = min(float(np.nanmin(g.load)) for g in loads)

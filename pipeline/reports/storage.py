@@ -18,13 +18,19 @@ Costs use GB = 2^30 bytes, the unit object stores bill in.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.cache import fs as cfs
+from pipeline.cache.codecs import StatesCodec
 from pipeline.errors import CacheError, ConfigError
+from pipeline.models.dims import ModelDims, model_dims, read_dims
+from pipeline.plotting import pyplot
 
 GIB = 2**30
 DEFAULT_PROJECTED_TOKENS = 1e9
@@ -35,22 +41,22 @@ _ARRAY_FIELD = {
     "logit_tail_logmass": "logits",
     "gates": "gates",
     "expert_states": "expert_states",
+    "expert_state_scales": "expert_states",  # schema 2: fp8/int8 per-row scales
+    "expert_state_rows": "expert_states",  # schema 2: rows kept by token subsampling
 }
 
 
-@dataclass(frozen=True)
-class Arch:
-    hidden_size: int
-    num_layers: int
-    vocab_size: int
+
+def _dense(model_type: str, num_layers: int, hidden_size: int, vocab_size: int) -> ModelDims:
+    return ModelDims(model_type, num_layers, None, hidden_size, vocab_size)
 
 
 # Dense hub models the presets upcycle (transformers config.json values), so a projection needs no download.
-KNOWN_ARCHITECTURES: dict[str, Arch] = {
-    "qwen3-4b": Arch(hidden_size=2560, num_layers=36, vocab_size=151936),
-    "qwen3-0.6b": Arch(hidden_size=1024, num_layers=28, vocab_size=151936),
-    "llama-3.1-8b": Arch(hidden_size=4096, num_layers=32, vocab_size=128256),
-    "llama-3.2-1b": Arch(hidden_size=2048, num_layers=16, vocab_size=128256),
+KNOWN_ARCHITECTURES: dict[str, ModelDims] = {
+    "qwen3-4b": _dense("qwen3", num_layers=36, hidden_size=2560, vocab_size=151936),
+    "qwen3-0.6b": _dense("qwen3", num_layers=28, hidden_size=1024, vocab_size=151936),
+    "llama-3.1-8b": _dense("llama", num_layers=32, hidden_size=4096, vocab_size=128256),
+    "llama-3.2-1b": _dense("llama", num_layers=16, hidden_size=2048, vocab_size=128256),
 }
 
 
@@ -107,7 +113,7 @@ def measure_store(
     path: str, projected_tokens: float | None = None, usd_per_gb_month: float = 0.023
 ) -> StorageReport:
     """Bytes on disk by field (walking every file under `path`) and logical bytes from the cache's dims."""
-    from pipeline.cache import fs as cfs
+    # The store's readers pull pyarrow and torch, which a projection from a config never needs.
     from pipeline.cache.manifest import read_manifest
     from pipeline.cache.shard import committed_shards, read_index
     from pipeline.cache.verify import bytes_by_field
@@ -142,10 +148,11 @@ def measure_store(
     k = int(inputs["logit_sparsification"]["k"])
     p, w, d = len(inputs["cached_layers"]), int(inputs["width"]), int(teacher["hidden_size"])
     states = bool(inputs["stored_fields"]["expert_states"])
+    codec = StatesCodec.from_key_inputs(inputs.get("states_codec"), inputs["dtypes"]["expert_states"])
     logical = {
         "logits": k * (4 + 2) + 4,
         "gates": p * w * 2,
-        "expert_states": p * w * d * 2 if states else 0,
+        "expert_states": codec.stored_bytes_per_token(p, w, d) if states else 0,
         "index": index_logical / tokens,
         "metadata": disk["metadata"] / tokens,  # JSON text: stored as is
         "other": disk["other"] / tokens,
@@ -159,9 +166,20 @@ def measure_store(
             f"{disk['other']} bytes in files that are not part of the cache layout (e.g. leftovers of killed "
             "writes: the next `moedistill cache` run removes shards/.tmp-*)"
         )
+    basis = manifest.get("state_basis")
+    if basis is not None:
+        basis_bytes = sum(int(f["bytes"]) for f in basis["files"].values())
+        notes.append(
+            f"expert_states on disk include the rank-{basis['rank']} state basis ({basis_bytes} bytes, once "
+            "per cache: its share per token shrinks as the cache grows)"
+        )
+        disk_basis = basis_bytes
+    else:
+        disk_basis = 0
     recorded = bytes_by_field(manifest) if manifest["complete"] else {}
     for name in ("logits", "gates", "expert_states", "index"):
         want = sum(v for a, v in recorded.items() if _ARRAY_FIELD.get(a, a) == name)
+        want += disk_basis if name == "expert_states" else 0
         if recorded and want != disk[name]:
             notes.append(
                 f"{name}: {disk[name]} bytes on disk but the manifest records {want}: the store was "
@@ -186,6 +204,8 @@ def _classify(rel: str) -> str:
     parts = rel.split("/")
     if rel == "manifest.json":
         return "metadata"
+    if parts[0] == "state_basis":
+        return "expert_states"  # the low-rank basis (one per cache) is what the coefficients need
     if len(parts) < 3 or parts[0] != "shards" or not parts[1].startswith("shard-"):
         return "other"  # includes staging directories shards/.tmp-*
     if parts[2:] == ["_SHARD.json"]:
@@ -212,9 +232,29 @@ def _dims_from_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
         "cached_layers": len(inputs["cached_layers"]),
         "width": inputs["width"],
         "logits": f"{inputs['logit_sparsification']['mode']}-{inputs['logit_sparsification']['k']}",
-        "states": inputs["dtypes"]["expert_states"] or "not stored",
+        "states": describe_states(
+            StatesCodec.from_key_inputs(inputs.get("states_codec"), inputs["dtypes"]["expert_states"])
+        )
+        if inputs["stored_fields"]["expert_states"]
+        else "not stored",
         "key": manifest["key"],
     }
+
+
+def config_states_codec(cache: Any) -> StatesCodec:
+    """The states codec a config's cache section asks for (states_codec null = states_dtype)."""
+    return StatesCodec(
+        codec=cache.states_codec or cache.states_dtype,
+        rank=cache.states_rank,
+        basis_tokens=cache.states_basis_tokens,
+        token_fraction=cache.states_token_fraction,
+    )
+
+
+def describe_states(codec: StatesCodec) -> str:
+    """'fp8 rank 32, 50% of tokens' -- the states codec as the report header names it."""
+    text = codec.codec + (f" rank {codec.rank}" if codec.rank is not None else "")
+    return text + (f", {codec.token_fraction:.0%} of tokens" if codec.subsampled else "")
 
 
 def _dense_fp32(teacher: dict[str, Any], index_per_token: float) -> dict[str, float]:
@@ -232,18 +272,17 @@ def project_from_config(
     config: Any, projected_tokens: float | None = None, usd_per_gb_month: float = 0.023, source: str = ""
 ) -> StorageReport:
     """Bytes per token of the cache `config` would build, from dimensions alone (no model is loaded)."""
-    from pipeline.models.alignment import layer_pairs
+    from pipeline.models.alignment import layer_pairs  # imports torch, which measure_store never needs
 
     t = config.teacher
+    vocab = _tokenizer_vocab(config) if t.build is not None else None  # a built model's logits: its tokenizer
+    arch = model_dims(t, vocab, read=functools.partial(resolve_architecture, role="teacher"))
+    experts = arch.num_experts or t.num_experts  # a checkpoint without an expert count: the config's
+    model_type = arch.model_type
     if t.build is not None:
-        arch = Arch(t.build.hidden_size, t.build.num_layers, _tokenizer_vocab(config))
-        experts, model_type = t.build.num_experts, "qwen3_moe (built)"
-    else:
-        name = t.path or t.upcycle_from
-        arch, native_experts, model_type = resolve_architecture(name, role="teacher")
-        experts = native_experts if t.path is not None and native_experts else t.num_experts
-        if t.upcycle_from is not None:
-            model_type += f" upcycled to {experts} experts"
+        model_type += " (built)"
+    elif t.upcycle_from is not None:
+        model_type += f" upcycled to {experts} experts"
     layers_cfg = config.cache.layers
     if layers_cfg == "all":
         cached = arch.num_layers
@@ -258,10 +297,15 @@ def project_from_config(
     # token, 20 B of per-sequence columns, Arrow list offsets).
     seq = config.data.max_length
     index = (seq * 5 + 20 + 8) / (seq / 2)
+    codec = config_states_codec(config.cache)
     logical = {
         "logits": k * (4 + 2) + 4.0,
         "gates": cached * width * 2.0,
-        "expert_states": cached * width * arch.hidden_size * 2.0 if config.cache.store_expert_states else 0.0,
+        "expert_states": (
+            codec.stored_bytes_per_token(cached, width, arch.hidden_size)
+            if config.cache.store_expert_states
+            else 0.0
+        ),
         "index": index,
     }
     dense = _dense_fp32(
@@ -280,8 +324,20 @@ def project_from_config(
         "cached_layers": cached,
         "width": width,
         "logits": f"{config.cache.logits_mode}-{k}",
-        "states": config.cache.states_dtype if config.cache.store_expert_states else "not stored",
+        "states": describe_states(codec) if config.cache.store_expert_states else "not stored",
     }
+    notes = [
+        "projection from the config alone: uncompressed sizes (compression needs data; a built store's "
+        "report shows the measured ratio)",
+        f"index estimated for {seq}-token sequences with half of the tokens in the response",
+    ]
+    if codec.rank is not None and config.cache.store_expert_states:
+        basis = cached * width * arch.hidden_size * (codec.rank + 1) * 4
+        notes.append(
+            f"plus the rank-{codec.rank} state basis, once per cache: {human_bytes(basis)} (not per token); "
+            "what low rank and fp8/int8 cost the student (MC-loss error, gradient cosine) is measured on the "
+            "demo teacher by jobs/benchmarks/bench_state_codecs.py, not for this model"
+        )
     return StorageReport(
         source=source or f"config {config.name}",
         measured=False,
@@ -289,11 +345,7 @@ def project_from_config(
         fields=fields,
         projected_tokens=DEFAULT_PROJECTED_TOKENS if projected_tokens is None else float(projected_tokens),
         usd_per_gb_month=usd_per_gb_month,
-        notes=[
-            "projection from the config alone: uncompressed sizes (compression needs data; a built store's "
-            "report shows the measured ratio)",
-            f"index estimated for {seq}-token sequences with half of the tokens in the response",
-        ],
+        notes=notes,
     )
 
 
@@ -305,46 +357,27 @@ def normalize_model_name(name: str) -> str:
     return re.sub(r"(-(instruct|base|hf|chat|moe))+$", "", base)
 
 
-def resolve_architecture(name: str, role: str = "teacher") -> tuple[Arch, int | None, str]:
-    """(dims, native expert count or None, model type) from a local config.json, the known-architecture
-    table or the local Hugging Face cache -- never a download, never the weights."""
-    local = Path(name).expanduser()
-    if (local / "config.json").is_file():
-        import json
-
-        return _arch_from_hf_config(json.loads((local / "config.json").read_text()), name)
+def resolve_architecture(name: str, role: str = "teacher") -> ModelDims:
+    """Dimensions from a local config.json, the known-architecture table or the local Hugging Face cache --
+    never a download, never the weights."""
+    if (Path(name).expanduser() / "config.json").is_file():
+        return read_dims(name, role=role)
     known = KNOWN_ARCHITECTURES.get(normalize_model_name(name))
     if known is not None:
-        return known, None, normalize_model_name(name)
+        return known
     try:
-        from transformers import AutoConfig
-
-        cfg = AutoConfig.from_pretrained(name, local_files_only=True).to_dict()
-    except Exception:
+        return read_dims(name, role=role, local_files_only=True)
+    except ConfigError:
         raise ConfigError(
             f"unknown {role} {name!r}: its dimensions are not in the table of known architectures "
             f"({', '.join(sorted(KNOWN_ARCHITECTURES))}) nor in the local Hugging Face cache. Fix: give a "
             f"local path (a directory with the model's config.json) as {role}.path / {role}.upcycle_from, "
             "or report on a built store instead."
         ) from None
-    return _arch_from_hf_config(cfg, name)
-
-
-def _arch_from_hf_config(cfg: dict[str, Any], name: str) -> tuple[Arch, int | None, str]:
-    cfg = cfg.get("text_config", cfg)
-    try:
-        arch = Arch(int(cfg["hidden_size"]), int(cfg["num_hidden_layers"]), int(cfg["vocab_size"]))
-    except KeyError as exc:
-        raise ConfigError(f"config.json of {name!r} has no {exc}: not a decoder LM config") from None
-    experts = cfg.get("num_experts") or cfg.get("num_local_experts")
-    return arch, (int(experts) if experts else None), str(cfg.get("model_type", "?"))
 
 
 def _student_layers(config: Any) -> int:
-    s = config.student
-    if s.build is not None:
-        return s.build.num_layers
-    return resolve_architecture(s.path or s.upcycle_from, role="student")[0].num_layers
+    return model_dims(config.student, read=functools.partial(resolve_architecture, role="student")).num_layers
 
 
 def _tokenizer_vocab(config: Any) -> int:
@@ -353,11 +386,11 @@ def _tokenizer_vocab(config: Any) -> int:
         return config.tokenizer.vocab_size  # the demo tokenizer is trained to this size
     local = Path(path).expanduser()
     if (local / "tokenizer.json").is_file():
-        import json
-
         tok = json.loads((local / "tokenizer.json").read_text())
         return len(tok["model"]["vocab"]) + len(tok.get("added_tokens", []))
-    return resolve_architecture(path, role="tokenizer")[0].vocab_size
+    vocab = resolve_architecture(path, role="tokenizer").vocab_size
+    assert vocab is not None  # a checkpoint's config always has one
+    return vocab
 
 
 # --- rendering ----------------------------------------------------------------------------------------------
@@ -439,8 +472,6 @@ def _ratio(x: float | None) -> str:
 
 def plot_storage(report: StorageReport, png_path: str | Path) -> Path:
     """Grouped horizontal bars per field (log scale): logical, on disk and the dense fp32 baseline."""
-    from pipeline.plotting import pyplot
-
     plt = pyplot()
     fields = [f for f in report.fields if f.logical_per_token or f.disk_per_token or f.dense_fp32_per_token]
     names = [*(f.name for f in fields), "total"]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pipeline.config import TrainConfig
@@ -54,12 +55,33 @@ def fit(
         datasets=datasets,
     )
     try:
-        return trainer.fit()
+        with _ordered_ingest():
+            return trainer.fit()
     except Exception as exc:  # translate Ray's wrapper into the user's own error where there is one
         user_error = find_user_error(exc)
         if user_error is not None:
             raise user_error from None
         raise
+
+
+@contextlib.contextmanager
+def _ordered_ingest() -> Iterator[None]:
+    """Ray Data's default ingest hands blocks to training in completion order, which varies run to run (and
+    with it every batch after the seeded local shuffle); preserve_order makes the same config give the same
+    batches, hence bit-identical weights, at the cost of waiting for the slowest read task. Ray Train takes
+    its ingest options from the driver's DataContext when fit() starts.
+
+    Still free to differ: another train.num_workers (other rows per worker, other gradient sums), another
+    torch thread count or CPU/BLAS build (float reduction order), GPUs (non-deterministic kernels, bf16
+    autocast), and a cache rebuilt on other hardware (same key, other teacher floats)."""
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    saved, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = saved
 
 
 def find_user_error(exc: BaseException) -> MoeDistillError | None:

@@ -1,0 +1,96 @@
+"""A model's dimensions from its config alone, never from its weights.
+
+The one probe for every stage that must know a model's shape without loading it: the cache stage (the
+teacher's layers, experts and sizes for the cache key and manifest), the student side (layer pairing, expert
+count, logits width), evaluation (an exported student's expert count) and the storage report. Light on
+purpose: a local checkpoint's config.json is read as JSON, and only a hub id goes through transformers'
+AutoConfig, so report and evaluation paths stay free of torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ModelConfig
+from pipeline.errors import ConfigError
+
+# What pipeline.models.build.tiny_moe_hf_config instantiates for a `build` model.
+BUILT_MODEL_TYPE = "qwen3_moe"
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    model_type: str  # the config's model_type (for `upcycle_from`: the dense source's)
+    num_layers: int  # decoder layers
+    num_experts: int | None  # routed experts per MoE layer; None for a dense model
+    hidden_size: int
+    vocab_size: int | None  # logits width; None only for a `build` model probed without its tokenizer
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def dims_from_config(cfg: Mapping[str, Any], name: str) -> ModelDims:
+    """Dimensions from a config.json mapping (`name` only names the model in errors)."""
+    cfg = cfg.get("text_config") or cfg  # multimodal wrappers keep the language model's config there
+    try:
+        num_layers, hidden_size = int(cfg["num_hidden_layers"]), int(cfg["hidden_size"])
+        vocab_size = int(cfg["vocab_size"])
+    except KeyError as exc:
+        raise ConfigError(
+            f"config.json of {name!r} has no {exc}: not a decoder LM config. Fix: point at a causal LM "
+            "checkpoint (a directory with its config.json) or its hub id."
+        ) from None
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts")  # Qwen-MoE / Mixtral spelling
+    return ModelDims(
+        model_type=str(cfg.get("model_type", "?")),
+        num_layers=num_layers,
+        num_experts=int(experts) if experts else None,
+        hidden_size=hidden_size,
+        vocab_size=vocab_size,
+    )
+
+
+def read_dims(
+    name_or_path: str,
+    *,
+    role: str = "model",
+    fix: str = "check the path (a directory with config.json) or the hub id.",
+    local_files_only: bool = False,
+) -> ModelDims:
+    """Dimensions of a checkpoint directory or hub id; ConfigError naming `role` and `fix` when its config
+    cannot be read. `local_files_only`: never download a hub config (the local Hugging Face cache only)."""
+    config_json = Path(name_or_path).expanduser() / "config.json"
+    try:
+        if config_json.is_file():
+            raw = json.loads(config_json.read_text())
+        else:
+            from transformers import AutoConfig  # hub ids only: local checkpoints need no transformers
+
+            raw = AutoConfig.from_pretrained(name_or_path, local_files_only=local_files_only).to_dict()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the {role} config at {name_or_path!r}: {exc}. Fix: {fix}") from None
+    return dims_from_config(raw, name_or_path)
+
+
+def model_dims(
+    model: ModelConfig, vocab_size: int | None = None, *, read: Callable[[str], ModelDims] = read_dims
+) -> ModelDims:
+    """Dimensions of the model `model` describes, without building it.
+
+    `build`: the architecture section, with `vocab_size` (the tokenizer's size, which a built model's logits
+    have); `path`: that checkpoint's config; `upcycle_from`: the dense config with `model.num_experts`.
+    `read` resolves a path or hub id (default `read_dims`; the storage report adds offline fallbacks).
+    """
+    if model.build is not None:
+        b = model.build
+        return ModelDims(BUILT_MODEL_TYPE, b.num_layers, b.num_experts, b.hidden_size, vocab_size)
+    if model.path is not None:
+        return read(model.path)
+    assert model.upcycle_from is not None  # validate_config guarantees exactly one source
+    return dataclasses.replace(read(model.upcycle_from), num_experts=model.num_experts)
