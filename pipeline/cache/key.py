@@ -1,6 +1,6 @@
 """The content-addressed cache key: sha256 over exactly the inputs that decide the cached bytes.
 
-Hashed (DESIGN.md "The teacher cache"): teacher weights digest, tokenizer digest, dataset fingerprint, prompt
+Hashed (docs/cache-format.md): teacher weights digest, tokenizer digest, dataset fingerprint, prompt
 template, max length, cached layers, cached width, logit sparsification, dtypes, schema version -- plus which
 optional fields are stored (expert states, teacher responses), since they change the store's content too.
 Never hashed: anything student-side (K, alpha, beta, lambdas, loss, E_S) or runtime-only (actors, batch size).
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cache.fs import canonical_json
-from pipeline.cache.schema import SCHEMA_VERSION
 from pipeline.cache.spec import CacheSpec
+from pipeline.data.records import Record, records_fingerprint
 from pipeline.errors import CacheError
 
 KEY_LENGTH = 20  # hex digits (80 bits): collision-free for any realistic number of caches under one root
@@ -134,8 +134,6 @@ def tokenizer_digest(tokenizer_path: str) -> str:
 
 def dataset_fingerprint(records: Sequence[Any]) -> str:
     """sha256 over the records' content and order (pipeline.data.records_fingerprint for Records)."""
-    from pipeline.data.records import Record, records_fingerprint
-
     if all(isinstance(r, Record) for r in records):
         return records_fingerprint(records)
     h = hashlib.sha256()
@@ -146,9 +144,15 @@ def dataset_fingerprint(records: Sequence[Any]) -> str:
 
 
 def key_inputs(spec: CacheSpec, records: Sequence[Any], width: int) -> dict[str, Any]:
-    """The readable key inputs (stored in manifest.json); `width` is the resolved W."""
-    return {
-        "schema_version": SCHEMA_VERSION,
+    """The readable key inputs (stored in manifest.json); `width` is the resolved W.
+
+    A cache without an expert-state codec (float16/bfloat16, full rank, every token) keeps schema 1 and its
+    schema-1 inputs, so its key -- and every cache already built -- stays the same; any codec setting makes a
+    schema-2 cache whose inputs add "states_codec"."""
+    states = spec.states if spec.store_expert_states else None
+    version = states.schema_version if states is not None else 1
+    inputs = {
+        "schema_version": version,
         "teacher_weights_digest": teacher_weights_digest(spec.teacher_path),
         "tokenizer_digest": tokenizer_digest(spec.tokenizer_path),
         "dataset_fingerprint": dataset_fingerprint(records),
@@ -163,7 +167,7 @@ def key_inputs(spec: CacheSpec, records: Sequence[Any], width: int) -> dict[str,
             "logit_indices": "int32",
             "logit_tail_logmass": "float32",
             "gates": "float16",
-            "expert_states": spec.states_dtype if spec.store_expert_states else None,
+            "expert_states": states.codec if states is not None else None,
         },
         "stored_fields": {
             "expert_states": spec.store_expert_states,
@@ -174,6 +178,12 @@ def key_inputs(spec: CacheSpec, records: Sequence[Any], width: int) -> dict[str,
             ),
         },
     }
+    if version >= 2:
+        assert states is not None
+        inputs["states_codec"] = states.key_inputs()
+    if not spec.knowledge_augmentation.is_plain:  # plain KA computes the plain bytes: the plain key
+        inputs["knowledge_augmentation"] = spec.knowledge_augmentation.key_inputs()
+    return inputs
 
 
 def cache_key(inputs: dict[str, Any]) -> str:

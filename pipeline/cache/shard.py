@@ -13,17 +13,18 @@ import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import zarr
-from zarr.codecs import BloscCodec
-from zarr.storage import LocalStore
 
 from pipeline.cache import fs as cfs
 from pipeline.cache import schema
+from pipeline.cache.codecs import StatesCodec
+
+if TYPE_CHECKING:
+    import zarr
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class ShardMeta:
     states_dtype: str
     store_expert_states: bool
     teacher_responses: bool
+    states: StatesCodec = field(default_factory=StatesCodec)  # a schema-2 shard unless plain
 
 
 @dataclass
@@ -158,10 +160,17 @@ def _write_index(data: ShardData, meta: ShardMeta, path: str) -> None:
 
 
 def _write_arrays(data: ShardData, meta: ShardMeta, path: str) -> None:
+    # why lazy: the shard computation (teacher.py) imports this module on GPU images without zarr
+    import zarr
+    from zarr.codecs import BloscCodec
+    from zarr.storage import LocalStore
+
     tokens = data.total_tokens
+    version = meta.states.schema_version if meta.store_expert_states else 1
+    state_tokens = len(data.arrays["expert_states"]) if meta.store_expert_states else tokens
     attrs = {
         "schema": schema.SCHEMA_NAME,
-        "schema_version": schema.SCHEMA_VERSION,
+        "schema_version": version,
         "shard_id": data.shard_id,
         "num_rows": len(data.seq_ids),
         "num_tokens": tokens,
@@ -172,6 +181,15 @@ def _write_arrays(data: ShardData, meta: ShardMeta, path: str) -> None:
         "logits_mode": meta.logits_mode,
         "logits_k": meta.logits_k,
     }
+    codec = meta.states.codec if version > 1 else meta.states_dtype
+    if version > 1:
+        attrs.update(
+            states_codec=codec,
+            states_rank=meta.states.rank,
+            states_token_fraction=float(meta.states.token_fraction),
+            states_seed=meta.states.seed,
+            num_state_tokens=state_tokens,
+        )
     group = zarr.open_group(LocalStore(path), mode="w-", attributes=attrs)
     dims = {
         "tokens": tokens,
@@ -179,13 +197,16 @@ def _write_arrays(data: ShardData, meta: ShardMeta, path: str) -> None:
         "P": len(meta.cached_layers),
         "W": meta.width,
         "D": meta.hidden_size,
+        "S": meta.states.row_length(meta.hidden_size) if version > 1 else meta.hidden_size,
+        "state_tokens": state_tokens,
     }
     comp = schema.compressor_config()
     compressor = BloscCodec(cname=comp["cname"], clevel=comp["clevel"], shuffle=comp["shuffle"])
-    defs = schema.array_fields()
-    for name in schema.array_names(meta.store_expert_states):
-        shape, chunks, shards = schema.shapes(name, dims)
-        dtype = schema.storage_dtype(name, meta.states_dtype)
+    defs = schema.array_fields(version)
+    names = schema.array_names(meta.store_expert_states, version, meta.states.scaled, meta.states.subsampled)
+    for name in names:
+        shape, chunks, shards = schema.shapes(name, dims, version)
+        dtype = schema.storage_dtype(name, codec, version)
         arr = data.arrays[name]
         if tuple(arr.shape) != shape or arr.dtype != np.dtype(dtype):
             raise ValueError(
@@ -201,9 +222,9 @@ def _write_arrays(data: ShardData, meta: ShardMeta, path: str) -> None:
             compressors=[compressor],
             fill_value=0,
             dimension_names=defs[name]["dimension_names"],
-            attributes={"logical_dtype": schema.logical_dtype(name, meta.states_dtype)},
+            attributes=schema.array_attributes(name, codec, version, meta.states.rank),
         )
-        if tokens:
+        if len(arr):
             z[...] = arr
 
 
@@ -294,6 +315,9 @@ def remove_staging(cache_url: str) -> int:
 
 def open_arrays(shard_url: str) -> zarr.Group:
     """The shard's zarr group, read-only, for a local path or fsspec URL."""
+    import zarr  # lazy: see _write_arrays
+    from zarr.storage import LocalStore
+
     fs, path = cfs.get_fs(shard_url)
     group_path = cfs.join(path, schema.ARRAYS_DIR)
     if cfs.is_local(fs):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pipeline.cache.augment import KnowledgeAugmentation
+from pipeline.cache.codecs import StatesCodec
 from pipeline.errors import ConfigError
 
 LogitsMode = Literal["topk", "sampled"]
@@ -34,10 +36,29 @@ class CacheSpec:
     max_new_tokens: int = 64
     # dtype the teacher runs in: changes the cached numbers, so it is part of the key.
     compute_dtype: ComputeDtype = "float32"
+    # KA: R stochastic-routing teacher forwards averaged (pipeline/cache/augment.py); plain by default
+    knowledge_augmentation: KnowledgeAugmentation = field(default_factory=KnowledgeAugmentation)
+    # Expert-state codec (pipeline/cache/codecs.py). states_codec None = states_dtype (the schema-1 setting);
+    # when set it replaces states_dtype. Rank, basis sample and token fraction need schema 2.
+    states_codec: str | None = None
+    states_rank: int | None = None
+    states_basis_tokens: int = 65536
+    states_token_fraction: float = 1.0
+
+    @property
+    def states(self) -> StatesCodec:
+        return StatesCodec(
+            codec=self.states_codec or self.states_dtype,
+            rank=self.states_rank,
+            basis_tokens=self.states_basis_tokens,
+            token_fraction=self.states_token_fraction,
+        )
 
     def __post_init__(self) -> None:
         # Normalise lists from YAML into a tuple so the spec stays hashable and its key canonical.
         object.__setattr__(self, "cached_layers", tuple(int(i) for i in self.cached_layers))
+        if self.states_codec in ("float16", "bfloat16"):  # the schema-1 codecs: states_dtype names them
+            object.__setattr__(self, "states_dtype", self.states_codec)
         problems = []
         if not self.cached_layers:
             problems.append("cached_layers is empty (list the teacher layers paired with student layers)")
@@ -61,6 +82,8 @@ class CacheSpec:
             )
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        problems += self.states.problems()
+        problems += self.knowledge_augmentation.problems()
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             problems.append(
                 f"compute_dtype={self.compute_dtype!r} must be 'float32', 'bfloat16' or 'float16'"

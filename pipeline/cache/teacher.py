@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.cache.augment import KnowledgeAugmentation, augmented_targets
+from pipeline.cache.codecs import ShardStateRows, StateBasis, StatesCodec, decode_rows, encode_rows
 from pipeline.cache.shard import ShardData, rows_to_table, shard_to_row
 from pipeline.cache.sparsify import sparsify_logits
 from pipeline.cache.spec import CacheSpec
@@ -46,6 +48,8 @@ class TeacherOutputSpec:
     store_expert_states: bool
     teacher_responses: str
     max_new_tokens: int
+    states: StatesCodec = field(default_factory=StatesCodec)  # schema 2 when not plain float16/bfloat16
+    augmentation: KnowledgeAugmentation = field(default_factory=KnowledgeAugmentation)
 
     @classmethod
     def from_spec(cls, spec: CacheSpec, width: int) -> TeacherOutputSpec:
@@ -58,6 +62,8 @@ class TeacherOutputSpec:
             store_expert_states=spec.store_expert_states,
             teacher_responses=spec.teacher_responses,
             max_new_tokens=spec.max_new_tokens,
+            states=spec.states,
+            augmentation=spec.knowledge_augmentation,
         )
 
 
@@ -74,17 +80,13 @@ def tokenize_shard(
 
 # --- the teacher computation --------------------------------------------------------------------------------
 def encode_states(states: torch.Tensor, dtype: str) -> np.ndarray:
-    """float tensor -> numpy in the storage dtype (bfloat16 as uint16 bits: zarr has no bfloat16)."""
-    if dtype == "bfloat16":
-        return states.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-    return states.to(torch.float16).cpu().numpy()
+    """float tensor -> numpy in the schema-1 storage dtype (bfloat16 as uint16 bits: zarr has no bfloat16)."""
+    return encode_rows(states, dtype)[0]
 
 
 def decode_states(arr: np.ndarray, logical: str) -> torch.Tensor:
     """Inverse of encode_states, to float32."""
-    if logical == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(np.ascontiguousarray(arr)).float()
+    return decode_rows(arr, None, logical)
 
 
 @torch.no_grad()
@@ -123,9 +125,15 @@ def score_sequences(
     """The sparse targets of one padded micro-batch, as the cache stores them: logit_indices, logit_values,
     logit_tail_logmass (rows = distillation positions in (sequence, position) order), gates and, when the
     spec keeps them, expert_states. The one scoring path of both the cache stage (`compute_shard`) and the
-    teacher service; `seeds` (one per sequence, its seq_id) seed sampled-mode draws. Sparse arrays may still
+    teacher service; `seeds` (one per sequence, its seq_id) seed sampled-mode draws. With knowledge
+    augmentation the forward is the KA average (pipeline.cache.augment). Sparse arrays may still
     be on the teacher's output device (`to_storage` moves them)."""
-    targets = teacher_targets(adapter, batch, out)
+    if out.augmentation.is_plain:
+        targets = teacher_targets(adapter, batch, out)
+    else:
+        targets = augmented_targets(
+            lambda: teacher_targets(adapter, batch, out), adapter, out.augmentation, seeds
+        )
     counts = distill_positions(batch["response_mask"]).sum(dim=1).tolist()
     ind, val, tail = sparsify_logits(targets.pop("logits"), out.logits_mode, out.logits_k, seeds, counts)
     targets.update(logit_indices=ind, logit_values=val, logit_tail_logmass=tail)
@@ -140,9 +148,11 @@ def compute_shard(
     out: TeacherOutputSpec,
     micro_batch: int,
     pad_id: int,
+    basis: StateBasis | None = None,
 ) -> ShardData:
     """All cached arrays of one shard. Sequences are micro-batched longest-first (less padding) and the rows
-    put back in seq_id order, so results depend on the shard's content only."""
+    put back in seq_id order, so results depend on the shard's content only. basis: the cache's state basis
+    (a low-rank states codec only)."""
     t0 = time.perf_counter()
     device = input_device(adapter.model)
     counts = [int(sum(e["response_mask"][1:])) for e in examples]
@@ -153,6 +163,12 @@ def compute_shard(
         name: np.empty((int(offsets[-1]), *shape), dtype=dtype)
         for name, (shape, dtype) in _storage_layout(out, int(adapter.hidden_size)).items()
     }
+    state_rows = None  # schema 2: only kept rows, encoded by the states codec
+    if out.store_expert_states and out.states.schema_version > 1:
+        trailing = (len(out.cached_layers), out.width, int(adapter.hidden_size))
+        seq_ids = [int(e["seq_id"]) for e in examples]
+        state_rows = ShardStateRows(out.states, basis, seq_ids, counts, trailing)
+        del arrays["expert_states"]
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
     for start in range(0, len(order), micro_batch):
         idx = order[start : start + micro_batch]
@@ -160,11 +176,19 @@ def compute_shard(
         splits = [counts[i] for i in idx]
         targets = score_sequences(adapter, batch, out, [examples[i]["seq_id"] for i in idx])
         for name, t in targets.items():
+            if name == "expert_states" and state_rows is not None:
+                row = 0
+                for i, n in zip(idx, splits, strict=True):
+                    state_rows.put(int(offsets[i]), t[row : row + n])
+                    row += n
+                continue
             stored = to_storage(name, t, out.states_dtype)
             row = 0  # rows of a micro-batch are in (sequence, position) order
             for i, n in zip(idx, splits, strict=True):
                 arrays[name][offsets[i] : offsets[i] + n] = stored[row : row + n]
                 row += n
+    if state_rows is not None:
+        arrays.update(state_rows.arrays)
     responses = None
     if out.teacher_responses != "none":
         responses = teacher_responses(
@@ -264,6 +288,7 @@ class TeacherShardStage:
 
     cpu_threads: torch threads (float rounding depends on it); the Ray path passes the manifest's value, the
     local executor sets it around its whole run instead (None: leave the process setting alone).
+    cache_url: the cache being built; a low-rank states codec loads (and checks) its basis from there.
     """
 
     def __init__(
@@ -273,6 +298,7 @@ class TeacherShardStage:
         micro_batch: int,
         num_gpus: float,
         cpu_threads: int | None = None,
+        cache_url: str | None = None,
     ) -> None:
         from pipeline.models.adapter import MoEAdapter  # why: as in load_teacher (no transformers on import)
 
@@ -282,6 +308,14 @@ class TeacherShardStage:
         model = load_teacher(spec.teacher_path, spec.compute_dtype, self.placement)
         self.adapter = MoEAdapter(model)
         self.out = TeacherOutputSpec.from_spec(spec, width)
+        self.basis = None
+        if spec.store_expert_states and spec.states.rank is not None and cache_url is not None:
+            from pipeline.cache.basis import read_basis
+            from pipeline.cache.manifest import read_manifest
+
+            manifest = read_manifest(cache_url)
+            assert manifest is not None, "the build writes the manifest before any teacher actor starts"
+            self.basis = read_basis(cache_url, manifest)
         self.micro_batch = micro_batch
         pad = model.config.pad_token_id
         # right padding is masked; the id only has to be valid
@@ -302,6 +336,7 @@ class TeacherShardStage:
                 self.out,
                 self.micro_batch,
                 self.pad_id,
+                self.basis,
             )
             rows.append(shard_to_row(data))
         return rows_to_table(rows)
