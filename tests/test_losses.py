@@ -607,6 +607,18 @@ def test_check_sparse_targets_rejects_bad_rows() -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+# B-Distill presets beyond the paper's ablations (tests/test_bdistill_presets.py covers them).
+VARIANTS = (
+    "b-distill-official",
+    "b-distill-relative",
+    "b-distill-cosine",
+    "b-distill-experts",
+    "b-distill-mc-warmup",
+    "b-distill-alpha0",
+    "b-distill-stable",
+)
+
+
 def test_method_registry_presets(logits) -> None:
     expected = {
         "sft",
@@ -618,6 +630,7 @@ def test_method_registry_presets(logits) -> None:
         "b-distill",
         "b-distill-no-mc",
         "b-distill-no-erd",
+        *VARIANTS,
     }
     assert set(method_names()) == expected
     teacher, student = logits
@@ -633,6 +646,7 @@ def test_method_registry_presets(logits) -> None:
         "b-distill": (True, True),
         "b-distill-no-mc": (False, True),
         "b-distill-no-erd": (True, False),
+        **dict.fromkeys(VARIANTS, (True, True)),
     }
     assert get_method("b-distill").token_loss == "forward_kl" and get_method("b-distill").uses_sft
     assert get_method("distillm").token_loss_kwargs == {"alpha": 0.1}

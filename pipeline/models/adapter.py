@@ -155,11 +155,14 @@ class MoEAdapter:
         attention_mask: Tensor | None,
         layers: Sequence[int],
         token_mask: Tensor,
+        detach_expert_inputs: bool = False,
     ) -> MoEForwardOutput:
         """One model forward returning logits and, for `layers` and the tokens where `token_mask` [B, T] is
         True, full router probabilities and every expert's output.
 
-        Differentiable; no hook survives the call."""
+        Differentiable; no hook survives the call. With `detach_expert_inputs` the returned expert outputs are
+        computed on the detached MoE input, so a loss on them trains the experts only (not the layers below
+        or the router); the router probabilities and logits keep their full graph."""
         layers = [int(i) for i in layers]
         for i in layers:
             self.moe_block(i)  # range check with a clear error
@@ -192,5 +195,5 @@ class MoEAdapter:
         for i in layers:
             x = captured[i]
             router_probs[i] = self.router_probs(i, x)
-            expert_outputs[i] = self.expert_outputs(i, x)
+            expert_outputs[i] = self.expert_outputs(i, x.detach() if detach_expert_inputs else x)
         return MoEForwardOutput(logits=out.logits, router_probs=router_probs, expert_outputs=expert_outputs)
