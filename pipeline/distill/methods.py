@@ -4,36 +4,59 @@ A method is a recipe over four terms (B-Distill Eq. 13): L = L_SFT + L_token + l
 ``token_loss`` names a function in ``pipeline.distill.token_losses.TOKEN_LOSSES`` (None: no token-level KD)
 that is called with ``token_loss_kwargs``. Every token-KD baseline here adds the SFT term, as B-Distill's
 L_KD = L_SFT + L_KL (Eq. 3) does, so methods differ only in the terms that define them; ``deviation`` records
-this and every other difference from the cited recipe. All teacher signals come from the offline cache, so
-baselines that need the teacher to score student samples on-policy are off-policy here.
+this and every other difference from the cited recipe. A preset may also fix distill settings (its
+``settings``, filled in by ``resolved_distill``: the MC variants), or use the released code's objective
+instead of Eq. 13 (``formulas = "released"``). All teacher signals of these presets come from the
+offline cache. The on-policy methods (ON_POLICY_METHODS: ImitKD, on-policy GKD, MiniLLM, DistiLLM with
+student-generated outputs, DistiLLM-2) need the teacher service to score student samples: the distill stage
+runs them with pipeline.distill.onpolicy_task.OnPolicyTask, their dataset batches reading the cached fields
+of an offline preset (`OnPolicyMethodSpec.base`); one whose `missing` is set is refused, naming what it lacks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
 
+from pipeline.config import DistillConfig
+from pipeline.distill import onpolicy
 from pipeline.distill.token_losses import DEFAULT_AB_ALPHA, DEFAULT_AB_BETA, TOKEN_LOSSES
 from pipeline.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class BDistillDefaults:
-    """B-Distill hyper-parameters of DESIGN.md / the paper's main experiments."""
+    """B-Distill hyper-parameters of the paper's main experiments (docs/method.md), by the paper's names."""
 
-    mc_k: int = 3  # exploration length K
-    mc_alpha: float = 0.2  # MC damping alpha
-    erd_beta: float = 0.1  # entropy weight beta
-    lambda_mc: float = 1.0  # lambda_1
-    lambda_erd: float = 1.0  # lambda_2
+    mc_k: int  # exploration length K
+    mc_alpha: float  # MC damping alpha
+    erd_beta: float  # entropy weight beta
+    lambda_mc: float  # lambda_1
+    lambda_erd: float  # lambda_2
 
 
-B_DISTILL_DEFAULTS = BDistillDefaults()
+# The values are DistillConfig's defaults: the typed config is their only source.
+_DISTILL_DEFAULTS = DistillConfig()
+B_DISTILL_DEFAULTS = BDistillDefaults(
+    mc_k=_DISTILL_DEFAULTS.k,
+    mc_alpha=_DISTILL_DEFAULTS.alpha,
+    erd_beta=_DISTILL_DEFAULTS.beta,
+    lambda_mc=_DISTILL_DEFAULTS.lambda_mc,
+    lambda_erd=_DISTILL_DEFAULTS.lambda_erd,
+)
 
 _SPARSE_CACHE_NOTE = (
     "token loss on the cached sparse teacher (k kept entries + one tail bin) instead of the full vocabulary"
 )
 _SFT_NOTE = "SFT term added with weight 1 as in B-Distill Eq. 3, for comparability across methods"
+# A preset may fix these; the method itself, the run name, training and logging are never a preset's.
+_PRESET_SETTABLE = frozenset(f.name for f in fields(DistillConfig)) - {
+    "method",
+    "run_name",
+    "train",
+    "diagnostics",
+    "token_loss_kwargs",
+}
 
 
 @dataclass(frozen=True)
@@ -47,6 +70,11 @@ class MethodSpec:
     uses_mc: bool = False
     uses_erd: bool = False
     uses_teacher_responses: bool = False
+    # "paper": the terms of Eq. 13 as flagged above; "released": the paper's released code's objective
+    # (pipeline.distill.objective.released_terms), which needs gates but no expert states.
+    formulas: Literal["paper", "released"] = "paper"
+    # DistillConfig fields this preset fixes (e.g. {"mc_state_loss": "relative"}); see resolved_distill.
+    settings: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     deviation: str = ""
 
@@ -56,6 +84,23 @@ class MethodSpec:
                 f"method {self.name!r} names unknown token loss {self.token_loss!r}; "
                 f"valid: {sorted(TOKEN_LOSSES)}"
             )
+        unknown = sorted(set(self.settings) - _PRESET_SETTABLE)
+        if unknown:
+            raise ConfigError(f"method {self.name!r} fixes {unknown}, which are not settable distill fields")
+
+    @property
+    def needs_expert_states(self) -> bool:
+        """Whether the run reads cached expert states and the student's expert outputs (Eq. 7's MC term)."""
+        return self.uses_mc and self.formulas == "paper"
+
+
+_B_DISTILL_SOURCE = (
+    "Liu et al., Balanced Knowledge Distillation for LLMs with Mixture-of-Experts (B-Distill), Eq. 13"
+)
+_B_DISTILL_DEVIATION = (
+    "MC term uses the mean over hidden units (not the sum) so lambda_1 = 1 is scale-free; teacher "
+    "gates/expert states are aggregated offline into the cache; " + _SPARSE_CACHE_NOTE
+)
 
 
 def _b_distill(name: str, uses_mc: bool, uses_erd: bool, ablation: str) -> MethodSpec:
@@ -65,13 +110,44 @@ def _b_distill(name: str, uses_mc: bool, uses_erd: bool, ablation: str) -> Metho
         uses_sft=True,
         uses_mc=uses_mc,
         uses_erd=uses_erd,
-        source="Liu et al., Balanced Knowledge Distillation for LLMs with Mixture-of-Experts (B-Distill), "
-        "Eq. 13" + ablation,
-        deviation=(
-            "MC term uses the mean over hidden units (not the sum) so lambda_1 = 1 is scale-free; teacher "
-            "gates/expert states are aggregated offline into the cache; " + _SPARSE_CACHE_NOTE
-        ),
+        source=_B_DISTILL_SOURCE + ablation,
+        deviation=_B_DISTILL_DEVIATION,
     )
+
+
+def _b_distill_variant(name: str, settings: dict[str, Any], change: str) -> MethodSpec:
+    """`b-distill` with some MC switches fixed: the project's variants, not the paper's."""
+    return replace(
+        _b_distill(name, uses_mc=True, uses_erd=True, ablation=""),
+        settings=settings,
+        source=_B_DISTILL_SOURCE + ", with a project variant of its MC term",
+        deviation=f"{change}; otherwise as b-distill: {_B_DISTILL_DEVIATION}",
+    )
+
+
+# The paper's released code (github.com/ljj-007/moedistill, commit 20cad41): its trainer and expert loss.
+_RELEASED = MethodSpec(
+    name="b-distill-official",
+    token_loss="forward_kl",
+    uses_sft=True,
+    uses_mc=True,
+    uses_erd=True,
+    formulas="released",
+    settings={"k": 3, "alpha": 0.5, "beta": 0.1},
+    source="the paper's released code (github.com/ljj-007/moedistill, commit 20cad41): 0.8 SFT + 0.1 token "
+    "KD + 0.1 (router-level MC cross-entropy on the drawn experts + 0.5 x coverage KL + router distillation "
+    "on twice-softmaxed gates), last layer pair, K = 3, alpha = 0.5, beta = 0.1, router temperature 1",
+    deviation=(
+        "gradients on: as released, the KD, MC and router terms are computed under no_grad, so the released "
+        "student trains on 0.8 x SFT only (which equals the sft baseline under Adam); token KD is forward "
+        "KL (the released cross-entropy minus the teacher entropy, a constant: same gradient) on the "
+        f"{_SPARSE_CACHE_NOTE.removeprefix('token loss on the ')}; every term over response tokens only "
+        "(the cache holds no prompt or padding positions; released: all positions); teacher gates folded to "
+        "the student's expert count by the group sums of Eq. 6 (released: a strided one-hot); router "
+        "temperature fixed at 1 (released: a clamped parameter that never trains); needs cached gates only, "
+        "no expert states"
+    ),
+)
 
 
 _METHODS: tuple[MethodSpec, ...] = (
@@ -117,8 +193,8 @@ _METHODS: tuple[MethodSpec, ...] = (
         "beta = 0.5)",
         deviation=(
             "off-policy only (student-data fraction lambda = 0, fixed dataset responses): on-policy GKD "
-            "needs the teacher to score student samples online, i.e. an online teacher on its own GPUs, "
-            f"which this pipeline does not run; {_SPARSE_CACHE_NOTE}; {_SFT_NOTE}"
+            "needs the teacher to score student samples online: that is the preset gkd-on-policy; "
+            f"{_SPARSE_CACHE_NOTE}; {_SFT_NOTE}"
         ),
     ),
     MethodSpec(
@@ -135,9 +211,130 @@ _METHODS: tuple[MethodSpec, ...] = (
     _b_distill("b-distill", uses_mc=True, uses_erd=True, ablation=""),
     _b_distill("b-distill-no-mc", uses_mc=False, uses_erd=True, ablation=" (ablation 'w/o MC', Table 3)"),
     _b_distill("b-distill-no-erd", uses_mc=True, uses_erd=False, ablation=" (ablation 'w/o ERD', Table 3)"),
+    _RELEASED,
+    _b_distill_variant(
+        "b-distill-relative",
+        {"mc_state_loss": "relative"},
+        "MC distance ||P h_S - h~T||^2 / ||h~T||^2 per draw (scale-free in the teacher state) instead of "
+        "Eq. 7's squared error",
+    ),
+    _b_distill_variant(
+        "b-distill-cosine", {"mc_state_loss": "cosine"}, "MC distance 1 - cos(P h_S, h~T) per draw"
+    ),
+    _b_distill_variant(
+        "b-distill-experts",
+        {"mc_grad_scope": "experts"},
+        "the MC term's student expert outputs are computed on the detached MoE input, so MC trains only the "
+        "experts and the projections P",
+    ),
+    _b_distill_variant(
+        "b-distill-mc-warmup",
+        {"lambda_mc_warmup_steps": 100},
+        "lambda_1 ramps linearly from 0 over the first 100 optimizer steps (about 40% of the demo's run)",
+    ),
+    _b_distill_variant(
+        "b-distill-alpha0",
+        {"alpha": 0.0},
+        "alpha = 0: the K MC draws are distinct experts (sampling without replacement; the paper allows it, "
+        "its experiments use 0.2)",
+    ),
+    _b_distill_variant(
+        "b-distill-stable",
+        {"mc_state_loss": "relative", "mc_grad_scope": "experts"},
+        "PROVISIONAL recommendation: relative MC distance and MC gradient reaching only the experts and P, "
+        "the combination the single-seed demo measurements favoured among MC-on variants; not yet chosen by "
+        "the multi-seed validation study (jobs/configs/demo-bdistill-study.yaml), and not shown to beat kd",
+    ),
 )
 
 _BY_NAME: dict[str, MethodSpec] = {m.name: m for m in _METHODS}
+
+
+@dataclass(frozen=True)
+class OnPolicyMethodSpec:
+    """An on-policy method: `loss` names a function of pipeline.distill.onpolicy (called with `loss_kwargs`),
+    `data` says which sequences a step trains on; the teacher scores student samples through the teacher
+    service. `base`: the offline preset whose cached fields (and fixed settings) the dataset batches use;
+    `missing`: why the distill stage cannot run it yet (empty: it can). `get_method` (the offline registry)
+    refuses these; the distill stage runs them (pipeline.distill.onpolicy_task.OnPolicyTask)."""
+
+    name: str
+    loss: str
+    loss_kwargs: dict[str, Any]
+    data: str
+    source: str
+    deviation: str
+    base: str = "gkd"
+    missing: str = ""
+
+    def __post_init__(self) -> None:
+        if not callable(getattr(onpolicy, self.loss, None)):
+            raise ConfigError(f"on-policy method {self.name!r} names unknown loss {self.loss!r}")
+
+
+_COARSE_NOTE = "losses on the served sparse teacher (k kept entries + one tail bin), as the cache stores it"
+ON_POLICY_METHODS: dict[str, OnPolicyMethodSpec] = {
+    m.name: m
+    for m in (
+        OnPolicyMethodSpec(
+            name="imitkd",
+            loss="imitkd_loss",
+            loss_kwargs={},
+            data="dataset sequences with probability beta_i (linear 1 -> 0 over training), else the "
+            "student's own samples",
+            source="Lin et al. 2020, Autoregressive Knowledge Distillation through Imitation Learning "
+            "(ImitKD)",
+            deviation="mixture chosen per sequence, not per token of a mixed-policy rollout; " + _COARSE_NOTE,
+            base="kd",
+        ),
+        OnPolicyMethodSpec(
+            name="gkd-on-policy",
+            loss="gkd_loss",
+            loss_kwargs={"beta": 0.5},
+            data="the student's own samples with probability lambda = 1 per batch (else dataset responses)",
+            source="Agarwal et al. 2024, On-Policy Distillation of Language Models (GKD, generalised JSD)",
+            deviation="named apart from the off-policy preset `gkd` (lambda = 0), which stays; "
+            + _COARSE_NOTE,
+        ),
+        OnPolicyMethodSpec(
+            name="minillm",
+            loss="minillm_loss",
+            loss_kwargs={"mix_alpha": 0.0},
+            data="the student's own samples",
+            source="Gu et al. 2024, MiniLLM: Knowledge Distillation of Large Language Models (reverse KL by "
+            "policy gradient: single-step term, length-normalised rewards, teacher-mixed sampling weights)",
+            deviation="samples from the student alone (mix_alpha = 0; the paper mixes in the teacher at 0.2, "
+            "which needs the teacher at every decoding step); rewards on the coarsened bins; no PPO clipping "
+            "and no pre-training loss; " + _COARSE_NOTE,
+            base="kd",
+        ),
+        OnPolicyMethodSpec(
+            name="distillm-sgo",
+            loss="distillm_loss",
+            loss_kwargs={"divergence": "skl", "alpha": 0.1},
+            data="student-generated outputs with an adaptive probability (raised when the validation loss "
+            "rises), reused from a replay buffer, else dataset responses",
+            source="Ko et al. 2024, DistiLLM: Towards Streamlined Distillation for LLMs (skew KL, adaptive "
+            "off-policy student-generated outputs)",
+            deviation="schedule by our reading (+step per validation-loss rise, capped); named apart from "
+            "the off-policy preset `distillm`; " + _COARSE_NOTE,
+            base="distillm",
+            missing="its adaptive SGO probability follows the validation loss during training, which the "
+            "training loop (pipeline.training) does not compute or hand to the task",
+        ),
+        OnPolicyMethodSpec(
+            name="distillm-2",
+            loss="distillm2_loss",
+            loss_kwargs={"alpha": 0.1},
+            data="teacher responses (skew KL; cached by cache.teacher_responses, their targets served) and "
+            "the student's own responses (skew reverse KL), both for every prompt of a batch",
+            source="Ko et al. 2025, DistiLLM-2: A Contrastive Approach Boosts the Distillation of LLMs",
+            deviation="fixed alpha and equal weights (no curriculum on alpha, no batch reweighting); one "
+            "teacher response per prompt, generated once at cache time; " + _COARSE_NOTE,
+            base="seqkd",  # the cached teacher responses (cache.teacher_responses), scored by the service
+        ),
+    )
+}
 
 
 def method_names() -> list[str]:
@@ -148,9 +345,64 @@ def method_names() -> list[str]:
 def get_method(name: str) -> MethodSpec:
     """The preset called ``name``; ConfigError listing the valid names otherwise."""
     spec = _BY_NAME.get(name) if isinstance(name, str) else None
+    if spec is None and name in ON_POLICY_METHODS:
+        raise ConfigError(
+            f"{name!r} is an on-policy method (its losses are in pipeline.distill.onpolicy, its teacher the "
+            "teacher service), not an offline preset. Fix: run it with `moedistill distill --set "
+            "distill.method=...` (run_distill drives the teacher service), or pick an offline method: "
+            f"{', '.join(_BY_NAME)}."
+        )
     if spec is None:
         raise ConfigError(
             f"unknown distillation method {name!r}; valid methods: {', '.join(_BY_NAME)}. "
             "Set the method in the config to one of them."
         )
-    return replace(spec, token_loss_kwargs=dict(spec.token_loss_kwargs))
+    return replace(spec, token_loss_kwargs=dict(spec.token_loss_kwargs), settings=dict(spec.settings))
+
+
+def on_policy_method(distill: DistillConfig) -> OnPolicyMethodSpec | None:
+    """The on-policy preset `distill.method` (None: an offline method); ConfigError when the distill stage
+    cannot run it, naming what is missing."""
+    online = ON_POLICY_METHODS.get(distill.method)
+    if online is not None and online.missing:
+        wired = [m.name for m in ON_POLICY_METHODS.values() if not m.missing]
+        raise ConfigError(
+            f"on-policy method {online.name!r} cannot run yet: {online.missing}. Fix: pick a wired on-policy "
+            f"method ({', '.join(wired)}) or its off-policy preset {online.base!r}."
+        )
+    return online
+
+
+def offline_base(distill: DistillConfig) -> DistillConfig:
+    """`distill` itself for an offline method; for an on-policy one, with its base preset as the method
+    (the cached fields its dataset batches read)."""
+    online = ON_POLICY_METHODS.get(distill.method)
+    return replace(distill, method=online.base) if online is not None else distill
+
+
+def method_for(distill: DistillConfig) -> MethodSpec:
+    """The preset `distill.method`, with `distill.token_loss_kwargs` (when given) replacing its own."""
+    method = get_method(distill.method)
+    if distill.token_loss_kwargs:
+        method = replace(method, token_loss_kwargs=dict(distill.token_loss_kwargs))
+    return method
+
+
+def resolved_distill(distill: DistillConfig) -> DistillConfig:
+    """`distill` with the fields its method preset fixes (MethodSpec.settings) filled in: what the run uses.
+
+    A preset's value replaces the config's default; a config that sets such a field to another value is
+    refused (ConfigError naming both), so a run never silently trains something other than its name says.
+    An on-policy method takes its base preset's fixed settings and keeps its own name.
+    """
+    method = get_method(offline_base(distill).method)
+    defaults = DistillConfig()
+    for key, value in method.settings.items():
+        current = getattr(distill, key)
+        if current != value and current != getattr(defaults, key):
+            raise ConfigError(
+                f"method {method.name!r} fixes distill.{key} = {value!r}, but the config sets {current!r}. "
+                f"Fix: remove distill.{key} from the config, or use a method that leaves it free "
+                "(b-distill)."
+            )
+    return replace(distill, **method.settings) if method.settings else distill

@@ -1,0 +1,175 @@
+"""On-policy methods through the distill stage: run_distill starts the teacher service on teacher_node, trains
+with OnPolicyTask on student_node, stops the service and records its counters; a teacher actor killed
+mid-run is replaced and the run finishes every step. Single OnPolicyTask steps (imitkd, minillm) use a real
+in-process TeacherScorer. One module Ray cluster, one fine-tuned tiny teacher.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from pipeline.cache import open_cache
+from pipeline.cache.stage import cache_spec_from_config, locate_cache, run_cache, teacher_checkpoint
+from pipeline.config import Config, load_config, with_overrides
+from pipeline.data.stage import prepare_data
+from pipeline.distill.methods import ON_POLICY_METHODS
+from pipeline.distill.onpolicy_task import OnPolicyTask
+from pipeline.distill.stage import default_run_name, run_distill
+from pipeline.errors import ConfigError
+from pipeline.finetune.stage import run_finetune
+from pipeline.models.alignment import layer_pairs
+from pipeline.teacher_service import TeacherScorer
+from pipeline.teacher_service.service import TEACHER_FAIL_AT_BATCH_ENV
+
+TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    """4 logical CPUs (the machine may have 2): the teacher actor, the student worker and Ray Data's read
+    tasks each hold one while the run trains."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(
+        num_cpus=4,
+        resources={"teacher_node": 1, "student_node": 1},
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def config(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Config:
+    root = tmp_path_factory.mktemp("onpolicy-distill")
+    base = with_overrides(
+        load_config(TINY),
+        {
+            "output_dir": str(root / "run"),
+            "cache.root": str(root / "caches"),
+            "cache.resources": {"teacher_node": 0.5},
+            "cache.teacher_responses": "greedy",  # distillm-2's teacher side
+            "cache.max_new_tokens": 16,
+            "finetune.max_steps": 2,
+            "distill.method": "gkd-on-policy",
+            "distill.train.batch_size": 4,
+            "distill.train.max_steps": STEPS,
+            "distill.train.checkpoint_every": STEPS,
+            "distill.train.log_every": 1,
+            "distill.train.resources_per_worker": {"student_node": 0.5},
+        },
+    )
+    run_finetune(base, eval_examples=2)
+    run_cache(base)
+    return base
+
+
+class InProcessClient:
+    """The TeacherClient interface over a real TeacherScorer in this process (no Ray): for single steps."""
+
+    def __init__(self, config: Config) -> None:
+        prepared = prepare_data(config)
+        spec = cache_spec_from_config(config, teacher_checkpoint(config), prepared.tokenizer_path)
+        self.scorer = TeacherScorer(spec, open_cache(locate_cache(config)).width, 0.0, cpu_threads=1)
+        self.sequences = 0
+
+    def score(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        self.sequences += len(examples)
+        return self.scorer.score(examples)["results"]
+
+
+def _cached_batch(config: Config, task: OnPolicyTask, n: int = 4) -> dict[str, torch.Tensor]:
+    cache = open_cache(locate_cache(config))
+    rows = cache.read_shard(cache.shards[0]["shard_id"], {"logits", "teacher_responses"})[:n]
+    return task.collate({k: [r[k] for r in rows] for k in rows[0]})
+
+
+def _step(config: Config, method: str, step: int, total: int, client: InProcessClient) -> dict[str, float]:
+    cfg = with_overrides(config, {"distill.method": method})
+    prepared = prepare_data(cfg)
+    cache = open_cache(locate_cache(cfg))
+    task = OnPolicyTask(
+        cfg,
+        tokenizer_path=prepared.tokenizer_path,
+        pairs=layer_pairs(int(cache.manifest["teacher"]["num_layers"]), 1),
+        teacher_hidden_size=cache.hidden_size,
+        client=client,
+        total_steps=total,
+        max_new_tokens=8,
+    )
+    torch.manual_seed(0)
+    model = task.build_model()
+    loss, parts = task.compute_loss(model, _cached_batch(cfg, task), step)
+    loss.backward()
+    grads = [p.grad for p in model.student.parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and grads and any(bool(g.abs().sum() > 0) for g in grads)
+    return parts
+
+
+def test_imitkd_mixes_dataset_and_student_rows_by_its_schedule(config: Config) -> None:
+    client = InProcessClient(config)
+    first = _step(config, "imitkd", step=0, total=10, client=client)
+    assert first["on_policy"] == 0.0 and client.sequences == 0  # beta_0 = 1: cached targets only
+    last = _step(config, "imitkd", step=10, total=10, client=client)
+    assert last["on_policy"] == 1.0 and client.sequences > 0  # beta = 0: the student's own samples
+
+
+def test_minillm_trains_on_served_targets_of_student_samples(config: Config) -> None:
+    client = InProcessClient(config)
+    parts = _step(config, "minillm", step=0, total=STEPS, client=client)
+    assert parts["on_policy"] == 1.0 and parts["tokens"] > 0 and client.sequences > 0
+
+
+def test_distillm2_trains_on_both_teacher_and_student_responses(config: Config) -> None:
+    client = InProcessClient(config)
+    parts = _step(config, "distillm-2", step=0, total=STEPS, client=client)
+    # every prompt's teacher response and the student's own sample went to the teacher
+    assert client.sequences >= 5 and parts["tokens"] > 0
+
+
+def test_unwired_on_policy_methods_are_refused_naming_what_is_missing(config: Config) -> None:
+    for name, spec in ON_POLICY_METHODS.items():
+        if spec.missing:
+            with pytest.raises(ConfigError, match="cannot run yet") as err:
+                run_distill(with_overrides(config, {"distill.method": name}))
+            assert spec.missing in str(err.value)
+    wired = {n for n, s in ON_POLICY_METHODS.items() if not s.missing}
+    assert wired >= {"gkd-on-policy", "imitkd", "minillm", "distillm-2"}
+
+
+def test_on_policy_run_survives_a_killed_teacher_and_is_reused(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the teacher actor's process dies while scoring step 2's samples (after step 1 trained): mid-run
+    monkeypatch.setenv(TEACHER_FAIL_AT_BATCH_ENV, "2")
+    result = run_distill(config)
+    monkeypatch.delenv(TEACHER_FAIL_AT_BATCH_ENV)
+    run_dir = Path(result.export_dir).parent
+    metrics = [json.loads(line) for line in (run_dir / "metrics" / "metrics.jsonl").open()]
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))  # every step, none repeated or lost
+    assert all(m["on_policy"] == 1.0 and m["tokens"] > 0 for m in metrics)
+    assert not result.skipped and result.method == "gkd-on-policy" and result.val_loss > 0
+    assert (Path(result.export_dir) / "config.json").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    stats = summary["teacher_service"]
+    assert stats["requests"] >= STEPS and stats["sequences"] > 0 and stats["scored_tokens"] > 0
+    assert stats["actor_restarts"] == 1  # the killed actor was replaced, and the replacement answered
+    assert 0 < stats["padding_efficiency"] <= 1 and stats["in_flight"] == 0
+    # identified like other runs: its own fingerprinted name, apart from the off-policy gkd preset's
+    assert result.run_name.startswith("gkd-on-policy-")
+    cache_key = open_cache(result.cache_path).key
+    assert result.run_name != default_run_name(with_overrides(config, {"distill.method": "gkd"}), cache_key)
+    again = run_distill(config)  # the finished run is reused: no service, no training
+    assert again.skipped and again.run_name == result.run_name and again.teacher_service == stats
