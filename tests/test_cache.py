@@ -427,6 +427,11 @@ def test_student_mismatches_give_clear_errors(built: dict[str, Any]) -> None:
     cache = open_cache(built["info"].path)
     with pytest.raises(CacheError, match="cannot be re-aggregated to 3 student experts"):
         cache.check_student(num_student_experts=3)
+    with pytest.raises(CacheError, match=r"rebuild the cache with cache.width in \[3, 6\]"):
+        cache.check_student(num_student_experts=3)
+    # More student experts than the teacher has: no cache width could serve it, and the fix says so.
+    with pytest.raises(CacheError, match=r"use one of \[1, 2, 4\] student experts \(at most the teacher's 8"):
+        cache.check_student(num_student_experts=16)
     with pytest.raises(CacheError, match=r"need teacher layers \[0, 2\].*cached: \[1, 3\]"):
         cache.check_student(teacher_layers_needed=[0, 1, 2, 3])
     with pytest.raises(CacheError, match=r"vocabulary has 500 entries.*384"):

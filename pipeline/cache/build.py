@@ -22,7 +22,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.cache import fs as cfs
+from pipeline.cache.basis import ensure_state_basis
+from pipeline.cache.integrity import reopen_if_damaged
 from pipeline.cache.key import cache_key, key_inputs
+from pipeline.cache.lock import CacheLock
 from pipeline.cache.manifest import finalize_manifest, new_manifest, read_manifest, write_manifest
 from pipeline.cache.shard import ShardMeta, committed_shards, remove_staging
 from pipeline.cache.sink import ProgressActor, ProgressBar, TeacherCacheDatasink
@@ -30,6 +33,9 @@ from pipeline.cache.spec import CacheInfo, CacheRuntime, CacheSpec
 from pipeline.cache.teacher import TeacherShardStage, compute_shard, tokenize_shard
 from pipeline.data.stage import load_tokenizer
 from pipeline.errors import CacheError, ConfigError
+from pipeline.models.adapter import SUPPORTED_MODEL_TYPES
+from pipeline.models.dims import read_dims
+from pipeline.placement import teacher_actor_options
 
 logger = logging.getLogger(__name__)
 
@@ -39,31 +45,16 @@ _LIGHT_TASK_CPUS = 0.25
 
 
 def teacher_dims(teacher_path: str) -> dict[str, Any]:
-    """Model type, layer/expert counts and sizes from the teacher's config (the weights stay unloaded)."""
-    from transformers import AutoConfig
-
-    from pipeline.models.adapter import SUPPORTED_MODEL_TYPES
-
-    try:
-        cfg = AutoConfig.from_pretrained(teacher_path)
-    except (OSError, ValueError) as e:
+    """The manifest's teacher record (model type, layer/expert counts, sizes), from the teacher's config:
+    the weights stay unloaded."""
+    dims = read_dims(teacher_path, role="teacher", fix="check teacher_path.")
+    if dims.model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
-            f"cannot read the teacher config at {teacher_path!r}: {e}. Fix: check teacher_path."
-        ) from None
-    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(
-            f"teacher {teacher_path!r} is a {cfg.model_type!r} model; the cache stage supports "
+            f"teacher {teacher_path!r} is a {dims.model_type!r} model; the cache stage supports "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}. Fix: point teacher_path at an MoE checkpoint of one of "
             "these types (pipeline.models.upcycle turns a dense Qwen3/Llama into one)."
         )
-    num_experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
-    return {
-        "model_type": cfg.model_type,
-        "num_layers": int(cfg.num_hidden_layers),
-        "num_experts": int(num_experts),
-        "hidden_size": int(cfg.hidden_size),
-        "vocab_size": int(cfg.vocab_size),
-    }
+    return dims.as_dict()
 
 
 def resolve_width(spec: CacheSpec, teacher: dict[str, Any]) -> int:
@@ -108,9 +99,26 @@ def build_teacher_cache(
             "build_teacher_cache got no records. Fix: point the data config at a non-empty dataset."
         )
     url, key, inputs, teacher, width = cache_path_for(spec, records, root)
+    with CacheLock(url):  # one writer per cache directory; only the holder clears staging leftovers
+        return _build_locked(spec, records, runtime, url, key, inputs, teacher, width)
+
+
+def _build_locked(
+    spec: CacheSpec,
+    records: Sequence[Any],
+    runtime: CacheRuntime,
+    url: str,
+    key: str,
+    inputs: dict[str, Any],
+    teacher: dict[str, Any],
+    width: int,
+) -> CacheInfo:
     manifest = read_manifest(url)
     if manifest is not None and manifest["complete"]:
         _check_same_key(manifest, key, url)
+        manifest = reopen_if_damaged(url, manifest)  # quick check: shards lost or cut short get rebuilt
+    if manifest is not None and manifest["complete"]:
+        check_not_empty(manifest, spec.max_length)
         logger.info(
             "teacher cache %s is complete at %s (%d sequences, %d tokens): nothing to do",
             key,
@@ -121,11 +129,7 @@ def build_teacher_cache(
         return _info(url, manifest, "exists")
 
     if manifest is None:
-        sources = {
-            "teacher_path": spec.teacher_path,
-            "tokenizer_path": spec.tokenizer_path,
-            "prompt_template": spec.prompt_template[:200],
-        }
+        sources = manifest_sources(spec)
         settings = layout_settings(runtime)
         rows = settings.pop("rows_per_shard")
         manifest = new_manifest(key, inputs, sources, teacher, rows, len(records), settings)
@@ -158,18 +162,22 @@ def build_teacher_cache(
             states_dtype=spec.states_dtype,
             store_expert_states=spec.store_expert_states,
             teacher_responses=spec.teacher_responses != "none",
+            states=spec.states,
         )
         try:
+            manifest = ensure_state_basis(url, manifest, spec, records, width, runtime)  # before any shard
             run = _run_local if runtime.executor == "local" else _run_pipeline
             stats = run(spec, records, url, runtime, meta, width, pending)
         except Exception as e:
             n_done = len(committed_shards(url))
             raise CacheError(
-                f"teacher cache build of {url} failed with {n_done} of {manifest['layout']['num_shards']} "
-                f"shards committed: {_root_cause(e)}. Fix: remove the cause, then rerun `moedistill cache "
+                f"teacher cache build of {cfs.redact(url)} failed with {n_done} of "
+                f"{manifest['layout']['num_shards']} "
+                f"shards committed: {root_cause(e)}. Fix: remove the cause, then rerun `moedistill cache "
                 "--config ...` to resume it (committed shards are kept)."
             ) from e
     final = finalize_manifest(url, manifest)
+    check_not_empty(final, spec.max_length)
     logger.info(
         "teacher cache %s %s at %s: %d sequences, %d tokens, %.1f MB",
         key,
@@ -180,6 +188,36 @@ def build_teacher_cache(
         final["totals"]["num_bytes"] / 1e6,
     )
     return _info(url, final, status, stats)
+
+
+def manifest_sources(spec: CacheSpec) -> dict[str, Any]:
+    """Where the teacher-side inputs came from (informational; the key hashes their content)."""
+    return {
+        "teacher_path": cfs.redact(spec.teacher_path),
+        "tokenizer_path": cfs.redact(spec.tokenizer_path),
+        "prompt_template": spec.prompt_template[:200],
+    }
+
+
+def check_not_empty(manifest: dict[str, Any], max_length: int) -> None:
+    """Print how many records were dropped; CacheError when no sequence is left to distil from."""
+    t = manifest["totals"]
+    records, dropped = int(manifest["layout"]["num_records"]), int(t["num_dropped"])
+    if dropped:
+        logger.info(
+            "teacher cache %s: dropped %d of %d records (longer than max_length=%d tokens); %d sequences",
+            manifest["key"],
+            dropped,
+            records,
+            max_length,
+            t["num_sequences"],
+        )
+    if t["num_sequences"] == 0:
+        raise CacheError(
+            f"teacher cache {manifest['key']} holds 0 usable sequences: all {dropped} of {records} records "
+            f"are longer than max_length={max_length} tokens, so nothing could be distilled from it. Fix: "
+            "raise data.max_length (or shorten the records), then rerun `moedistill cache --config ...`."
+        )
 
 
 # Runtime settings that change the cached bytes without being content (shard boundaries, float rounding):
@@ -218,7 +256,7 @@ def stored_runtime(layout: dict[str, Any], runtime: CacheRuntime, key: str) -> C
     return dataclasses.replace(runtime, **forced)
 
 
-def _root_cause(e: BaseException) -> str:
+def root_cause(e: BaseException) -> str:
     """One line for the user: the remote exception behind Ray's wrappers ("RuntimeError: ...").
 
     A RayTaskError carries the remote exception as `.cause`; its text is a traceback followed by Ray Data's
@@ -326,9 +364,6 @@ def _run_pipeline(
         batch_format="pyarrow",
         num_cpus=_LIGHT_TASK_CPUS,
     )
-    actor_args: dict[str, Any] = {}
-    if runtime.resources:
-        actor_args["resources"] = dict(runtime.resources)
     ds = ds.map_batches(
         TeacherShardStage,
         fn_constructor_kwargs={
@@ -337,13 +372,12 @@ def _run_pipeline(
             "micro_batch": runtime.batch_size,
             "num_gpus": runtime.num_gpus_per_actor,
             "cpu_threads": runtime.threads,
+            "cache_url": url,
         },
         compute=ActorPoolStrategy(size=min(runtime.num_actors, len(items))),
         batch_size=1,  # one row = one whole shard
         batch_format="pyarrow",
-        num_gpus=runtime.num_gpus_per_actor or None,
-        num_cpus=runtime.num_cpus_per_actor,
-        **actor_args,
+        **teacher_actor_options(runtime.num_gpus_per_actor, runtime.num_cpus_per_actor, runtime.resources),
     )
     sink = TeacherCacheDatasink(
         url,
@@ -399,7 +433,7 @@ def _run_local(
     import torch
 
     tokenizer = load_tokenizer(spec.tokenizer_path)
-    stage = TeacherShardStage(spec, width, runtime.batch_size, runtime.num_gpus_per_actor)
+    stage = TeacherShardStage(spec, width, runtime.batch_size, runtime.num_gpus_per_actor, cache_url=url)
     # Behave like one Ray actor, which runs with OMP_NUM_THREADS = its CPUs: CPU float results depend on the
     # thread count, and matching it keeps local and Ray shards byte-identical.
     threads = torch.get_num_threads()
@@ -433,7 +467,14 @@ def _local_shards(
         shard_records = records[first : first + rows_per_shard]
         examples = tokenize_shard(tokenizer, shard_records, first, spec.max_length)
         data = compute_shard(
-            stage.adapter, examples, shard_id, len(shard_records), stage.out, runtime.batch_size, stage.pad_id
+            stage.adapter,
+            examples,
+            shard_id,
+            len(shard_records),
+            stage.out,
+            runtime.batch_size,
+            stage.pad_id,
+            stage.basis,
         )
         fail = runtime.fail_after_shards is not None and n >= runtime.fail_after_shards
         commit_shard(data, meta, url, fail_before_commit=fail)

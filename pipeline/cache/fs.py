@@ -4,20 +4,70 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import uuid
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
+from pipeline.errors import CacheError
+
 _LOCAL_PROTOCOLS = ("file", "local")
+# fsspec protocol -> the moe-distill extra that installs its backend
+_EXTRAS = {"s3": "s3"}
+_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s'\"]*@")
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of URLs hidden: s3://KEY:SECRET@bucket/x -> s3://***@bucket/x (also inside
+    longer messages). Everything printed or stored goes through this."""
+    return _CREDENTIALS.sub(r"\1***@", text)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that redacts URL credentials from every record it passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
 
 
 def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a local path or fsspec URL."""
-    fs, path = url_to_fs(url)
+    try:
+        fs, path = url_to_fs(url)
+    except ImportError as e:
+        protocol = url.split("://", 1)[0] if "://" in url else "file"
+        extra = _EXTRAS.get(protocol)
+        install = f"pip install 'moe-distill[{extra}]'" if extra else "install the fsspec backend it names"
+        raise CacheError(
+            f"cannot open {redact(url)}: the {protocol}:// filesystem backend is not installed ({e}). Fix: "
+            f"{install}."
+        ) from None
+    if not is_local(fs):
+        # Object-store clients cache directory listings per process; Ray tasks in other processes write
+        # shards meanwhile, so a cached listing would hide their commits.
+        fs.invalidate_cache()
     return fs, path.rstrip("/") if path not in ("/", "") else path
+
+
+def relative_to(root: str, url: str) -> str:
+    """`url` relative to `root` ('/'-separated) when it lies under it; else `url` unchanged."""
+    base = root.rstrip("/") + "/"
+    return url[len(base) :] if url.startswith(base) else url
+
+
+def resolve_under(root: str, stored: str) -> str:
+    """Inverse of relative_to: a stored relative path resolves under `root` (wherever the root is now)."""
+    if "://" in stored or os.path.isabs(stored):
+        return stored
+    return join(root, stored)
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -26,8 +26,9 @@ def read_manifest(cache_url: str) -> dict[str, Any] | None:
         return None
     except ValueError as e:
         raise CacheError(
-            f"{cache_url}/{schema.MANIFEST} is not valid JSON ({e}). Fix: delete the cache directory and "
-            "rebuild it."
+            f"{cfs.redact(cache_url)}/{schema.MANIFEST} is not valid JSON ({e}). Fix: run `moedistill cache "
+            f"repair {cfs.redact(cache_url)} --config <the config that built it>`: it rebuilds the manifest "
+            "from the shards' commit markers."
         ) from None
     schema.check_version(manifest, f"{cache_url}/{schema.MANIFEST}")
     return manifest
@@ -47,7 +48,7 @@ def new_manifest(
     num_shards = -(-num_records // rows_per_shard)
     return {
         "schema": schema.SCHEMA_NAME,
-        "schema_version": schema.SCHEMA_VERSION,
+        "schema_version": key_inputs["schema_version"],  # 1 or 2: see key.key_inputs
         "key": key,
         "complete": False,
         "key_inputs": key_inputs,
@@ -97,3 +98,27 @@ def finalize_manifest(cache_url: str, manifest: dict[str, Any]) -> dict[str, Any
     final["complete"] = True
     write_manifest(cache_url, final)
     return final
+
+
+def reopen_manifest(cache_url: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Turn a complete manifest back into an incomplete one (same key, inputs and layout) so that the next
+    build resumes: it rebuilds the shards that are no longer committed and writes the completion marker."""
+    reopened = dict(manifest)
+    reopened["complete"] = False
+    reopened["shards"] = []
+    reopened["totals"] = {"num_sequences": 0, "num_tokens": 0, "num_bytes": 0, "num_dropped": 0}
+    write_manifest(cache_url, reopened)
+    return reopened
+
+
+def infer_rows_per_shard(commits: dict[int, dict[str, Any]], default: int) -> int:
+    """The rows_per_shard a cache was built with, from its commit records: every shard but the last holds
+    exactly that many records. `default` (the config's value) when fewer than two shards are left to tell."""
+    last = max(commits, default=-1)
+    full = {c["num_records"] for sid, c in commits.items() if sid < last}
+    if len(full) > 1:
+        raise CacheError(
+            f"the committed shards disagree on their record count ({sorted(full)}): they come from "
+            "different builds. Fix: delete the cache directory and rebuild it."
+        )
+    return full.pop() if full else default

@@ -11,6 +11,8 @@ Output row (numpy): seq_id int64, input_ids int32 [T], response_mask int8 [T], n
   expert_states:     expert_states float32 [n, P', E, D]
   teacher_responses: teacher_response int32 [R]
 with n = num_tokens distillation positions, P' = the requested teacher layers (in the order asked), E = E_S.
+Schema-2 caches (expert-state codecs) decode through pipeline/cache/states.py: the same expert_states, or
+expert_state_coeffs for states_space="subspace", plus expert_state_mask [n] when token-subsampled.
 """
 
 from __future__ import annotations
@@ -23,11 +25,16 @@ import torch
 
 from pipeline.cache import fs as cfs
 from pipeline.cache import schema
+from pipeline.cache.codecs import GroupBasis, StatesCodec
+from pipeline.cache.integrity import check_before_read, ensure_verified, verify_shards
+from pipeline.cache.key import tokenizer_digest
 from pipeline.cache.manifest import read_manifest
-from pipeline.cache.shard import open_arrays, read_index
+from pipeline.cache.shard import committed_shards, open_arrays, read_index
 from pipeline.cache.spec import FIELDS
+from pipeline.cache.states import group_basis_for, read_states
 from pipeline.cache.teacher import decode_states
 from pipeline.errors import CacheError
+from pipeline.models.alignment import aggregate_expert_states, aggregate_gates, check_reaggregation
 
 _RESUME_HINT = "rerun `moedistill cache --config ...` to resume it"
 
@@ -48,6 +55,8 @@ class TeacherCache:
         self.states_dtype: str | None = inputs["dtypes"]["expert_states"]
         self.has_expert_states: bool = bool(inputs["stored_fields"]["expert_states"])
         self.has_teacher_responses: bool = inputs["stored_fields"]["teacher_responses"]["mode"] != "none"
+        self.schema_version: int = schema.version_of(manifest)
+        self.states = StatesCodec.from_key_inputs(inputs.get("states_codec"), self.states_dtype)
         self._seq_to_shard: dict[int, tuple[int, int]] | None = None
 
     # --- metadata -------------------------------------------------------------------------------------------
@@ -103,17 +112,22 @@ class TeacherCache:
                     "cached."
                 )
         if num_student_experts is not None:
-            from pipeline.models.alignment import check_reaggregation
-
             try:
                 check_reaggregation(self.width, int(num_student_experts))
             except ValueError:
                 n, w = int(num_student_experts), self.width
                 divisors = [d for d in range(1, w + 1) if w % d == 0]
+                e_t = int(self.manifest["teacher"]["num_experts"])
+                widths = [m for m in range(n, e_t + 1, n)]  # cache widths this student could fold from
+                rebuild = (
+                    f", or rebuild the cache with cache.width in {widths}"
+                    if widths
+                    else f" (at most the teacher's {e_t}: every student expert needs a teacher expert)"
+                )
                 raise CacheError(
                     f"cache {self.key} (expert width {w}) cannot be re-aggregated to {n} student experts: "
                     f"the student expert count must divide the cached width. Fix: use one of {divisors} "
-                    f"student experts, or rebuild the cache with cache.width a multiple of {n}."
+                    f"student experts{rebuild}."
                 ) from None
         if "expert_states" in fields and not self.has_expert_states:
             raise CacheError(
@@ -135,8 +149,6 @@ class TeacherCache:
     def check_tokenizer(self, tokenizer_path: str) -> None:
         """CacheError unless `tokenizer_path` holds the tokenizer the cache was built with: cached token ids
         and teacher logits mean something only under that tokenizer."""
-        from pipeline.cache.key import tokenizer_digest
-
         if tokenizer_digest(tokenizer_path) != self.manifest["key_inputs"]["tokenizer_digest"]:
             raise CacheError(
                 f"cache {self.key} was built with another tokenizer than this config's ({tokenizer_path}): "
@@ -160,12 +172,27 @@ class TeacherCache:
         num_student_experts: int | None = None,
         teacher_layers: Sequence[int] | None = None,
         seq_ids: Iterable[int] | None = None,
+        states_space: str = "full",
     ) -> list[dict[str, Any]]:
-        """Per-sequence examples of one shard (optionally only `seq_ids`), in seq_id order."""
+        """Per-sequence examples of one shard (optionally only `seq_ids`), in seq_id order. states_space
+        "subspace" (a low-rank cache): expert_state_coeffs over `group_basis` instead of expert_states."""
         fields = set(fields)
         self.check_student(num_student_experts=num_student_experts, fields=fields)
         positions = self.layer_positions(teacher_layers)
-        return _decode_shard(self, shard_id, fields, num_student_experts, positions, seq_ids)
+        return _decode_shard(self, shard_id, fields, num_student_experts, positions, seq_ids, states_space)
+
+    def group_basis(
+        self, num_student_experts: int | None = None, teacher_layers: Sequence[int] | None = None
+    ) -> GroupBasis:
+        """The per-(pair, student expert) bases V [P', E_S, D, q] of expert_state_coeffs (h~ = V c~) of a
+        low-rank cache; CacheError naming the basis file when it is missing or corrupt."""
+        if self.states.rank is None:
+            raise CacheError(
+                f"cache {self.key} stores full expert states, so it has no state basis. Fix: use "
+                "distill.mc_state_space: full, or rebuild the cache with cache.states_rank set."
+            )
+        positions = self.layer_positions(teacher_layers)
+        return group_basis_for(self.path, self.manifest, positions, num_student_experts or self.width)
 
     def read_sequence(
         self,
@@ -205,18 +232,12 @@ def open_cache(path: str) -> TeacherCache:
         )
     schema.validate_manifest(manifest, f"{path}/{schema.MANIFEST}")
     if not manifest["complete"]:
-        n_done = len(_committed(path))
+        n_done = len(committed_shards(path))
         raise CacheError(
             f"teacher cache {path} is incomplete ({n_done} of {manifest['layout']['num_shards']} shards "
             f"committed, no completion marker): its build was interrupted. Fix: {_RESUME_HINT}."
         )
     return TeacherCache(path, manifest)
-
-
-def _committed(path: str) -> dict[int, Any]:
-    from pipeline.cache.shard import committed_shards
-
-    return committed_shards(path)
 
 
 def _decode_shard(
@@ -226,8 +247,10 @@ def _decode_shard(
     num_student_experts: int | None,
     positions: list[int],
     seq_ids: Iterable[int] | None,
+    states_space: str = "full",
 ) -> list[dict[str, Any]]:
     url = cache.shard_url(shard_id)
+    ensure_verified(cache.path, cache.shards[shard_id], fields)  # sha256 once per process and file
     cols = ["seq_id", "input_ids", "response_mask", "token_offset", "num_tokens"]
     if "teacher_responses" in fields:
         cols.append("teacher_response")
@@ -246,7 +269,7 @@ def _decode_shard(
     spans = [(int(index["token_offset"][i]), int(index["num_tokens"][i])) for i in rows]
     lo = min((a for a, _ in spans), default=0)
     hi = max((a + n for a, n in spans), default=0)
-    tokens = _read_token_arrays(cache, url, fields, num_student_experts, positions, lo, hi)
+    tokens = _read_token_arrays(cache, url, fields, num_student_experts, positions, lo, hi, states_space)
     out = []
     for i, (offset, n) in zip(rows, spans, strict=True):
         start = offset - lo
@@ -272,6 +295,7 @@ def _read_token_arrays(
     positions: list[int],
     lo: int,
     hi: int,
+    states_space: str = "full",
 ) -> dict[str, np.ndarray]:
     """Per-token rows [lo, hi) of the shard for `fields`, decoded to float32 and re-aggregated to E_S."""
     needed = set(fields) & {"logits", "gates", "expert_states"}
@@ -291,12 +315,25 @@ def _read_token_arrays(
     if "gates" in needed:
         assert gates_w is not None
         out["gates"] = _agg_gates(gates_w, e_s, cache.width).numpy()
-    if "expert_states" in needed:
+    if "expert_states" in needed and cache.schema_version > 1:
+        out.update(
+            read_states(
+                cache.states,
+                lambda name, r: _layers(group[name], r, positions),
+                lambda: group["expert_state_rows"][:],
+                lo,
+                hi,
+                gates_w,
+                e_s,
+                cache.width,
+                lambda: cache.group_basis(e_s, [cache.cached_layers[p] for p in positions]),
+                states_space,
+            )
+        )
+    elif "expert_states" in needed:
         arr = group["expert_states"]
         states_w = decode_states(_layers(arr, rows, positions), arr.attrs["logical_dtype"])
         if e_s != cache.width:
-            from pipeline.models.alignment import aggregate_expert_states
-
             assert gates_w is not None
             # Composition: W-width gates weight the W-width states; equals folding E_T -> E_S directly.
             states_w = aggregate_expert_states(gates_w, states_w, e_s)
@@ -318,8 +355,6 @@ def _layers(arr: Any, rows: slice, positions: list[int]) -> np.ndarray:
 def _agg_gates(gates_w: torch.Tensor, e_s: int, width: int) -> torch.Tensor:
     if e_s == width:
         return gates_w
-    from pipeline.models.alignment import aggregate_gates
-
     return aggregate_gates(gates_w, e_s)
 
 
@@ -330,11 +365,14 @@ def _read_shard_batch(
     fields: list[str],
     num_student_experts: int | None,
     teacher_layers: list[int] | None,
+    states_space: str = "full",
 ) -> dict[str, np.ndarray]:
     cache = open_cache(path)  # tiny (one JSON read) and keeps the task self-contained
     examples: list[dict[str, Any]] = []
     for shard_id in batch["shard_id"]:
-        examples.extend(cache.read_shard(int(shard_id), fields, num_student_experts, teacher_layers))
+        examples.extend(
+            cache.read_shard(int(shard_id), fields, num_student_experts, teacher_layers, None, states_space)
+        )
     if not examples:
         return {}
     out: dict[str, np.ndarray] = {}
@@ -354,11 +392,17 @@ def read_cache_dataset(
     fields: set[str],
     num_student_experts: int | None = None,
     teacher_layers: list[int] | None = None,
+    verify_checksums: bool = True,
+    states_space: str = "full",
+    with_state_mask: bool = False,
 ) -> Any:
     """A Ray Dataset with one row per cached sequence (see the module docstring for the columns).
 
     One read task per shard (shards are the unit of parallelism); all checks run on the driver first, so a
-    mismatch fails before any task starts.
+    mismatch fails before any task starts. verify_checksums: hash every file the read will open first (one
+    Ray task per shard, pipeline.cache.integrity); off, each read task still hashes what it opens.
+    states_space: "subspace" for coefficients of a low-rank cache (pipeline/cache/states.py);
+    with_state_mask: the consumer honours expert_state_mask (required for a token-subsampled cache).
     """
     import ray
 
@@ -372,6 +416,19 @@ def read_cache_dataset(
         raise CacheError(
             f"cache {path} holds no sequences. Fix: check max_length and the dataset, then rebuild it."
         )
+    # Before any read task (and so before any training step): sizes and commit markers, then checksums.
+    check_before_read(cache.path, cache.manifest, fields)
+    if verify_checksums:
+        verify_shards(cache.path, cache.manifest, fields)
+    if "expert_states" in fields and cache.states.subsampled and not with_state_mask:
+        raise CacheError(
+            f"cache {cache.key} stores expert states for {cache.states.token_fraction:.0%} of the tokens "
+            "(zeros plus expert_state_mask elsewhere), and this reader's consumer does not average the MC "
+            "term over that mask. Fix: train from a cache with cache.states_token_fraction: 1, or pass "
+            "with_state_mask=True from a loss that masks."
+        )
+    if "expert_states" in fields and cache.states.rank is not None:
+        cache.group_basis(num_student_experts, teacher_layers)  # a missing/corrupt basis fails here, named
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(
         _read_shard_batch,
@@ -380,6 +437,7 @@ def read_cache_dataset(
             "fields": sorted(fields),
             "num_student_experts": num_student_experts,
             "teacher_layers": None if teacher_layers is None else [int(t) for t in teacher_layers],
+            "states_space": states_space,
         },
         batch_size=1,
     )

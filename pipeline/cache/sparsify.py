@@ -28,11 +28,12 @@ def topk_sparsify(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tenso
     """
     if teacher_logits.dim() != 2 or not teacher_logits.is_floating_point():
         raise ValueError(
-            f"teacher_logits must be a floating tensor [N, V], got {tuple(teacher_logits.shape)}"
+            f"teacher_logits must be a floating tensor [N, V], got {tuple(teacher_logits.shape)}. Fix: pass "
+            "the teacher's logits at the distillation positions, flattened to [N, V]."
         )
     v = teacher_logits.shape[1]
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= v:
-        raise ValueError(f"k must be an integer in [1, V={v}], got {k!r}")
+        raise ValueError(f"k must be an integer in [1, V={v}], got {k!r}. Fix: set cache.logits_k to 1..{v}.")
     logp = torch.log_softmax(teacher_logits.float(), dim=-1)
     values, indices = logp.topk(int(k), dim=-1)
     tail = torch.logsumexp(logp.scatter(1, indices, NEG_INF), dim=-1)  # all -inf row -> -inf (no grad here)
@@ -52,10 +53,13 @@ def sample_sparsify(
     """
     if teacher_logits.dim() != 2 or not teacher_logits.is_floating_point():
         raise ValueError(
-            f"teacher_logits must be a floating tensor [N, V], got {tuple(teacher_logits.shape)}"
+            f"teacher_logits must be a floating tensor [N, V], got {tuple(teacher_logits.shape)}. Fix: pass "
+            "the teacher's logits at the distillation positions, flattened to [N, V]."
         )
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        raise ValueError(
+            f"num_samples must be a positive integer, got {num_samples!r}. Fix: set cache.logits_k >= 1."
+        )
     n_rows, width = teacher_logits.shape[0], int(num_samples)
     device = teacher_logits.device
     if n_rows == 0:

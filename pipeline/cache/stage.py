@@ -6,29 +6,51 @@ finds the cache from its config alone, without opening the teacher checkpoint to
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
 from pipeline.cache import fs as cfs
+from pipeline.cache.augment import KnowledgeAugmentation
 from pipeline.cache.build import build_teacher_cache, teacher_dims
 from pipeline.cache.spec import CacheInfo, CacheRuntime, CacheSpec
-from pipeline.config import Config, ModelConfig, teacher_cache_hash
+from pipeline.config import Config, ModelConfig, teacher_cache_hash, teacher_fields
 from pipeline.data.stage import load_tokenizer, prepare_data
 from pipeline.data.template import TEMPLATE_SPEC
 from pipeline.errors import CacheError, ConfigError
 from pipeline.models.alignment import layer_pairs
 from pipeline.models.compat import check_models_share_tokenizer
+from pipeline.models.dims import model_dims, read_dims
 from pipeline.models.export import EXPORT_MARKER, export_is_complete
+from pipeline.placement import check_placement
+from pipeline.run_identity import SETTINGS_FILE
 from pipeline.workspace import paths_for
 
 log = logging.getLogger(__name__)
 
 
 def teacher_checkpoint(config: Config) -> str:
-    """The fine-tuned teacher the cache is built from."""
+    """The fine-tuned teacher the cache is built from: output_dir/teacher/final when `finetune-teacher` made
+    it from this config's teacher, else teacher.path (an already fine-tuned MoE teacher)."""
     final = paths_for(config).teacher_final
     if export_is_complete(final):
-        return str(final)
+        made_from = _finetuned_from(config)
+        ours = teacher_fields(config)["teacher"]  # what finetune-teacher records (pipeline.config)
+        if made_from is None or made_from == json.loads(json.dumps(ours, default=str)):
+            return str(final)
+        if config.teacher.path is None:
+            raise ConfigError(
+                f"the fine-tuned teacher at {final} was made from another teacher ({made_from}) than this "
+                f"config's ({ours}). Fix: rerun `moedistill finetune-teacher --config ... "
+                "--force` to fine-tune this config's teacher, or give this config its own output_dir."
+            )
+        log.warning(
+            "note: %s was fine-tuned from another teacher (%s); building the cache from teacher.path=%s",
+            final,
+            made_from,
+            cfs.redact(config.teacher.path),
+        )
+        return config.teacher.path
     if config.teacher.path is not None:
         return config.teacher.path  # an already fine-tuned MoE teacher
     raise ConfigError(
@@ -37,19 +59,19 @@ def teacher_checkpoint(config: Config) -> str:
     )
 
 
-def student_num_layers(student: ModelConfig) -> int:
-    if student.build is not None:
-        return student.build.num_layers
-    from transformers import AutoConfig
-
-    name = student.path or student.upcycle_from
+def _finetuned_from(config: Config) -> dict | None:
+    """The teacher settings `finetune-teacher` recorded beside output_dir/teacher (None: not recorded)."""
+    recorded = paths_for(config).teacher_final.parent / SETTINGS_FILE
     try:
-        return int(AutoConfig.from_pretrained(name).num_hidden_layers)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"cannot read the student config {name!r} to pair layers: {exc}. Fix: check student.path / "
-            "student.upcycle_from, or set cache.layers to an explicit list."
-        ) from None
+        return json.loads(recorded.read_text()).get("teacher")
+    except (OSError, ValueError):
+        return None
+
+
+def student_num_layers(student: ModelConfig) -> int:
+    """The student's depth, which "paired" cache layers follow (from its config, never its weights)."""
+    fix = "check student.path / student.upcycle_from, or set cache.layers to an explicit list."
+    return model_dims(student, read=functools.partial(read_dims, role="student", fix=fix)).num_layers
 
 
 def cached_layers_for(config: Config, teacher_layers: int) -> tuple[int, ...]:
@@ -77,6 +99,13 @@ def cache_spec_from_config(config: Config, teacher_path: str, tokenizer_path: st
         teacher_responses=c.teacher_responses,
         max_new_tokens=c.max_new_tokens,
         compute_dtype="bfloat16" if c.num_gpus_per_actor > 0 else "float32",
+        states_codec=c.states_codec,
+        states_rank=c.states_rank,
+        states_basis_tokens=c.states_basis_tokens,
+        states_token_fraction=c.states_token_fraction,
+        knowledge_augmentation=KnowledgeAugmentation(
+            c.knowledge_augmentation.repeats, c.knowledge_augmentation.sampling_prob
+        ),
     )
 
 
@@ -92,15 +121,13 @@ def cache_runtime_from_config(config: Config) -> CacheRuntime:
 
 
 def run_cache(config: Config, runtime: CacheRuntime | None = None) -> CacheInfo:
-    from pipeline.placement import check_placement
-
     prepared = prepare_data(config)
     check_models_share_tokenizer(config, load_tokenizer(prepared.tokenizer_path))
     spec = cache_spec_from_config(config, teacher_checkpoint(config), prepared.tokenizer_path)
     runtime = runtime or cache_runtime_from_config(config)
     check_placement(dict(config.cache.resources), what="teacher cache actors (cache.resources)")
     info = build_teacher_cache(spec, prepared.splits.train, config.cache.root, runtime)
-    _remember(config, info)
+    remember_cache(config, info)
     return info
 
 
@@ -108,9 +135,12 @@ def _locator(config: Config) -> str:
     return cfs.join(config.cache.root, "by-config", f"{teacher_cache_hash(config)}.json")
 
 
-def _remember(config: Config, info: CacheInfo) -> None:
+def remember_cache(config: Config, info: CacheInfo) -> None:
+    """Record where this config's cache lives (ROOT/by-config/<config hash>.json)."""
     fs, path = cfs.get_fs(_locator(config))
-    locator = {"path": info.path, "key": info.key, "teacher_export": _teacher_export_stamp(config)}
+    # Relative to cache.root, so a moved or copied root resolves to itself (and stores no credentials).
+    stored = cfs.relative_to(config.cache.root, info.path)
+    locator = {"path": stored, "key": info.key, "teacher_export": _teacher_export_stamp(config)}
     cfs.write_atomic(fs, path, json.dumps(locator).encode())
 
 
@@ -128,7 +158,7 @@ def locate_cache(config: Config) -> str:
     fs, path = cfs.get_fs(_locator(config))
     if not fs.exists(path):
         raise CacheError(
-            f"no teacher cache for this config under {config.cache.root}. Fix: run "
+            f"no teacher cache for this config under {cfs.redact(config.cache.root)}. Fix: run "
             "`moedistill cache --config <this config>` first (the student never runs the teacher itself)."
         )
     locator = cfs.read_json(fs, path)
@@ -139,7 +169,7 @@ def locate_cache(config: Config) -> str:
             f"{locator['key']} was built from it, so that cache holds the old teacher's targets. Fix: run "
             "`moedistill cache --config <this config>` to cache the current teacher."
         )
-    return locator["path"]
+    return cfs.resolve_under(config.cache.root, locator["path"])
 
 
 def format_cache_info(info: CacheInfo) -> str:
@@ -149,7 +179,7 @@ def format_cache_info(info: CacheInfo) -> str:
         "resumed": "resumed and completed",
     }
     return (
-        f"teacher cache {info.key} {verb[info.status]}: {info.path}\n"
+        f"teacher cache {info.key} {verb[info.status]}: {cfs.redact(info.path)}\n"
         f"  {info.num_sequences} sequences, {info.num_tokens} distillation tokens, "
         f"{info.num_bytes / 1e6:.1f} MB ({info.num_bytes / max(info.num_tokens, 1):.0f} B/token)"
     )

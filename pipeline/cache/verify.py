@@ -11,13 +11,15 @@ import numpy as np
 
 from pipeline.cache import fs as cfs
 from pipeline.cache import schema
+from pipeline.cache.basis import basis_problems
+from pipeline.cache.codecs import StatesCodec, keep_rows
 from pipeline.cache.manifest import read_manifest
-from pipeline.cache.shard import committed_shards, open_arrays, read_index
+from pipeline.cache.shard import committed_shards, open_arrays, read_commit, read_index
 from pipeline.errors import CacheError
 
 _REBUILD = (
     "Fix: delete that shard directory and rerun `moedistill cache --config ...` (it rebuilds only missing "
-    "shards)."
+    "shards), or run `moedistill cache repair <cache path> --config ...` (both steps, then a verify)."
 )
 
 
@@ -33,6 +35,7 @@ class VerifyReport:
     num_files: int = 0
     num_bytes: int = 0
     problems: list[str] = field(default_factory=list)
+    damaged: list[int] = field(default_factory=list)  # committed shards that failed a check
 
     def fail(self, message: str) -> None:
         self.ok = False
@@ -69,9 +72,16 @@ def verify_cache(path: str, check_schema: bool = True) -> VerifyReport:
             "(checked the committed shards only). Fix: rerun `moedistill cache --config ...` to resume it."
         )
         shards = [commits[i] for i in sorted(commits)]
+    for problem in basis_problems(path, manifest):  # every shard of a low-rank cache depends on it
+        report.fail(
+            f"{problem}. Fix: delete the cache directory and rerun `moedistill cache --config ...` (its "
+            "shards were encoded with that basis, so they cannot be kept without it)."
+        )
     for entry in shards:
         if _verify_shard(fs, root, path, entry, manifest, report, check_schema):
             report.num_shards_ok += 1
+        else:
+            report.damaged.append(int(entry["shard_id"]))
     return report
 
 
@@ -88,6 +98,14 @@ def _verify_shard(
     shard_dir = cfs.join(root, rel)
     if not fs.exists(shard_dir):
         report.fail(f"shard {sid} is missing: directory {rel} does not exist. {_REBUILD}")
+        return False
+    try:
+        commit = read_commit(fs, shard_dir)
+    except ValueError:  # not JSON
+        commit = {}
+    if commit != entry:  # the marker is the commit: without it a resumed build would redo the shard
+        what = "is missing" if commit is None else "differs from the manifest's record"
+        report.fail(f"shard {sid}: commit marker {rel}/{schema.COMMIT_MARKER} {what}. {_REBUILD}")
         return False
     ok = True
     for name, want in sorted(entry["files"].items()):
@@ -148,19 +166,25 @@ def _check_shard_schema(shard_url: str, entry: dict[str, Any], manifest: dict[st
         "W": inputs["width"],
         "D": teacher["hidden_size"],
     }
-    states_dtype = inputs["dtypes"]["expert_states"] or "float16"
-    for name in schema.array_names(inputs["stored_fields"]["expert_states"]):
+    version = schema.version_of(manifest)
+    states = StatesCodec.from_key_inputs(inputs.get("states_codec"), inputs["dtypes"]["expert_states"])
+    stored = inputs["stored_fields"]["expert_states"]
+    if version > 1:
+        _check_codec_attributes(attrs, states, index, entry, group)
+        dims.update(S=states.row_length(dims["D"]), state_tokens=int(attrs["num_state_tokens"]))
+    for name in schema.array_names(stored, version, states.scaled, states.subsampled):
         if name not in group:
             raise CacheError(f"zarr array {name} is missing. {_REBUILD}")
         arr = group[name]
-        shape, chunks, shards = schema.shapes(name, dims)
+        shape, chunks, shards = schema.shapes(name, dims, version)
+        attributes = schema.array_attributes(name, states.codec, version, states.rank)
         want = {
-            "dtype": np.dtype(schema.storage_dtype(name, states_dtype)),
+            "dtype": np.dtype(schema.storage_dtype(name, states.codec, version)),
             "shape": shape,
             "chunks": chunks,
             "shards": shards,
-            "dimension_names": tuple(schema.array_fields()[name]["dimension_names"]),
-            "logical_dtype": schema.logical_dtype(name, states_dtype),
+            "dimension_names": tuple(schema.array_fields(version)[name]["dimension_names"]),
+            **attributes,
         }
         got = {
             "dtype": np.dtype(str(arr.dtype)),
@@ -168,20 +192,49 @@ def _check_shard_schema(shard_url: str, entry: dict[str, Any], manifest: dict[st
             "chunks": tuple(arr.chunks),
             "shards": tuple(arr.shards) if arr.shards else None,
             "dimension_names": tuple(arr.metadata.dimension_names or ()),
-            "logical_dtype": arr.attrs.get("logical_dtype"),
+            **{a: arr.attrs.get(a) for a in attributes},
         }
         for what in want:
             if want[what] != got[what]:
                 raise CacheError(
-                    f"zarr array {name} has {what} {got[what]}, schema v{schema.SCHEMA_VERSION} says "
+                    f"zarr array {name} has {what} {got[what]}, schema v{version} says "
                     f"{want[what]}. {_REBUILD}"
                 )
+
+
+def _check_codec_attributes(
+    attrs: dict[str, Any], states: StatesCodec, index: Any, entry: dict[str, Any], group: Any
+) -> None:
+    """A schema-2 shard's codec attributes match the key, and its kept rows are the ones the hash selects
+    (pipeline.cache.codecs.keep_rows: what a resumed build and every reader recompute)."""
+    want = {"states_codec": states.codec, "states_rank": states.rank, "states_seed": states.seed}
+    want["states_token_fraction"] = float(states.token_fraction)
+    for k, v in want.items():
+        if attrs.get(k) != v:
+            raise CacheError(
+                f"zarr group attribute {k} is {attrs.get(k)!r}, the cache key says {v!r}. {_REBUILD}"
+            )
+    if not states.subsampled:
+        if attrs["num_state_tokens"] != entry["num_tokens"]:
+            raise CacheError(
+                f"{attrs['num_state_tokens']} expert-state rows for {entry['num_tokens']} tokens. {_REBUILD}"
+            )
+        return
+    seq_ids = [int(x) for x in index.column("seq_id").to_pylist()]
+    counts = [int(x) for x in index.column("num_tokens").to_pylist()]
+    kept = np.flatnonzero(keep_rows(seq_ids, counts, states.seed, states.token_fraction))
+    rows = group["expert_state_rows"][:] if "expert_state_rows" in group else None
+    if rows is None or not np.array_equal(rows, kept):
+        raise CacheError(
+            f"zarr array expert_state_rows does not hold the {len(kept)} rows the token subsampling keeps "
+            f"(states_token_fraction {states.token_fraction}, seed {states.seed}). {_REBUILD}"
+        )
 
 
 def format_verify_report(report: VerifyReport) -> str:
     head = "OK" if report.ok else "FAILED"
     lines = [
-        f"{head}: teacher cache {report.path}",
+        f"{head}: teacher cache {cfs.redact(report.path)}",
         f"  key {report.key}  schema v{report.schema_version}  complete={report.complete}",
         f"  shards ok {report.num_shards_ok}/{report.num_shards}  files checked {report.num_files}  bytes "
         f"{_human(report.num_bytes)}",

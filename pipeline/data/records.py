@@ -121,11 +121,19 @@ _Row = tuple[str, Any, str | None]
 
 def _read_json_rows(path: Path, strict: bool) -> Iterator[_Row]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        raw = path.read_bytes()
+    except OSError as e:
         raise DataError(f"cannot read {str(path)!r}: {e}. Fix: make it a readable UTF-8 JSONL file.") from e
     # A .json file is either one JSON array of records or (as often on the hub) JSON Lines.
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+    if path.suffix.lower() == ".json" and raw.lstrip().startswith(b"["):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise DataError(
+                f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start}). Fix: re-encode the file as "
+                "UTF-8, or store one record per line (.jsonl): bad records are then skipped (strict=False)."
+            ) from e
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
@@ -136,7 +144,14 @@ def _read_json_rows(path: Path, strict: bool) -> Iterator[_Row]:
         for i, item in enumerate(items):
             yield f"{path}: record {i + 1}", item, None
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines are decoded line by line: a bad byte costs its record (skipped and counted, or an error
+    # naming the line with strict=True), never the whole file.
+    for lineno, raw_line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield f"{path}:{lineno}", None, f"not_utf8 ({e.reason} at column {e.start + 1})"
+            continue
         if not line.strip():
             continue  # blank lines (e.g. a trailing newline) are not records
         try:

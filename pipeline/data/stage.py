@@ -7,6 +7,7 @@ Each stage (fine-tune, cache, distill, evaluate) may run as its own `ray job sub
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,8 @@ from pipeline.errors import DataError
 from pipeline.workspace import Paths, paths_for
 
 log = logging.getLogger(__name__)
+
+TOKENIZER_STAMP = "moedistill_tokenizer.json"  # the settings the demo tokenizer was trained with
 
 
 @dataclass(frozen=True)
@@ -61,9 +64,20 @@ def _ensure_tokenizer(config: Config, splits: Splits[Record], paths: Paths) -> s
         return config.tokenizer.path
     if config.teacher.path is not None and config.data.source != "demo":
         return config.teacher.path  # the teacher's own tokenizer
+    stamp = paths.tokenizer / TOKENIZER_STAMP
     if not (paths.tokenizer / "tokenizer.json").exists():
         texts = [format_prompt(r) + r.response for r in splits.train]
         train_demo_tokenizer(texts, paths.tokenizer, vocab_size=config.tokenizer.vocab_size)
+        stamp.write_text(json.dumps({"vocab_size": config.tokenizer.vocab_size}))
+    elif stamp.is_file() and json.loads(stamp.read_text())["vocab_size"] != config.tokenizer.vocab_size:
+        # An earlier run in this output_dir trained it for another size: reusing it would silently size
+        # every model for the old vocabulary.
+        raise DataError(
+            f"the demo tokenizer at {paths.tokenizer} was trained for tokenizer.vocab_size="
+            f"{json.loads(stamp.read_text())['vocab_size']}, this config asks for "
+            f"{config.tokenizer.vocab_size}. Fix: give this config its own output_dir, or delete that "
+            "tokenizer folder (and the runs built on it) to train a new one."
+        )
     return str(paths.tokenizer)
 
 

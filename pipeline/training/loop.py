@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import os
+import pickle
 import random
 import tempfile
 import time
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
+from pipeline.errors import MoeDistillError
 from pipeline.training.metrics import MetricsLogger
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.parallel import (
@@ -96,7 +98,7 @@ def run_training_loop(task: TrainingTask, spec: LoopSpec) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+            state = load_training_state(Path(ckpt_dir) / STATE_FILE)
         load_full_state(model, optimizer, state["model"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
@@ -116,6 +118,7 @@ def run_training_loop(task: TrainingTask, spec: LoopSpec) -> None:
     progress = _progress_bar(rank, start_step, spec.total_steps)
     model.train()
     window: dict[str, float] = {}
+    counts: dict[str, int] = {}  # steps that reported each key (diagnostics come on logging steps only)
     window_steps, data_wait, step_time = 0, 0.0, 0.0
     for step in range(start_step, spec.total_steps):
         t0 = time.perf_counter()
@@ -138,17 +141,18 @@ def run_training_loop(task: TrainingTask, spec: LoopSpec) -> None:
         step_metrics["lr"] = scheduler.get_last_lr()[0]
         for k, v in step_metrics.items():
             window[k] = window.get(k, 0.0) + v
+            counts[k] = counts.get(k, 0) + 1
         window_steps += 1
         done = step + 1
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{step_metrics.get('loss', float('nan')):.3f}")
         if done % cfg.log_every == 0 or done == spec.total_steps:
-            averaged = {k: v / window_steps for k, v in window.items()}
+            averaged = {k: v / counts[k] for k, v in window.items()}
             averaged["step_time_s"] = step_time / window_steps
             averaged["data_wait_frac"] = data_wait / max(step_time, 1e-9)
             metrics_log.log(done, averaged)
-            window, window_steps, data_wait, step_time = {}, 0, 0.0, 0.0
+            window, counts, window_steps, data_wait, step_time = {}, {}, 0, 0.0, 0.0
         if spec.fail_at_step is not None and done == spec.fail_at_step and rank == 0:
             _die_once(spec.metrics_dir, done)
         if done % cfg.checkpoint_every == 0 or done == spec.total_steps:
@@ -174,6 +178,7 @@ def _micro_batches(
     import ray.train
 
     shard = ray.train.get_dataset_shard("train")
+    collate = _numpy_collate(task)
     epoch, skip = divmod(start_micro, micro_per_epoch)
     while True:
         emitted = 0
@@ -182,7 +187,7 @@ def _micro_batches(
         # inside an epoch) are collated too: cheap next to a training step.
         iterator = shard.iter_torch_batches(
             batch_size=cfg.batch_size,
-            collate_fn=task.collate,
+            collate_fn=collate,
             drop_last=True,
             local_shuffle_buffer_size=max(4 * cfg.batch_size, 64),
             local_shuffle_seed=cfg.seed + epoch,
@@ -199,6 +204,32 @@ def _micro_batches(
                 "num_workers x batch_size. Fix: lower train.batch_size or train.num_workers."
             )
         epoch, skip = epoch + 1, 0
+
+
+def _numpy_collate(task: TrainingTask) -> Any:
+    """The task's collate as the Ray Data collate class for numpy batches (plain functions are deprecated
+    since Ray 2.47)."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class TaskCollate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            return task.collate(batch)
+
+    return TaskCollate()
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's training state, loaded with weights_only=True: tensors and plain containers only, so a
+    crafted pickle on shared checkpoint storage cannot run code here."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MoeDistillError(
+            f"refusing to load checkpoint {path}: it holds objects other than tensors and plain containers "
+            f"({first}), which could run code on load. Fix: delete that checkpoint directory (training "
+            "resumes from an older one or starts over), and check who can write the checkpoint storage."
+        ) from None
 
 
 def _report_checkpoint(
@@ -232,15 +263,24 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain lists (what weights_only loading accepts)."""
+    py_version, py_words, py_gauss = random.getstate()
+    np_kind, np_words, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [py_version, torch.tensor(py_words, dtype=torch.int64), py_gauss],
+        "numpy": [np_kind, torch.from_numpy(np_words.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py_version, py_words, py_gauss = state["python"]
+    random.setstate((py_version, tuple(int(w) for w in py_words.tolist()), py_gauss))
+    np_kind, np_words, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_kind, np_words.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

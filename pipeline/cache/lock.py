@@ -1,0 +1,133 @@
+"""An advisory lock per cache directory: one build (or repair) writes a cache at a time.
+
+The lock is a small JSON file (ROOT/<key>/_BUILD.lock) naming its owner (host, pid) with a heartbeat that a
+background thread refreshes. A second build waits for it (then usually finds the cache complete) and
+refuses after `wait_s`; a lock whose heartbeat is older than `stale_s` belongs to a build that died and is
+taken over. Only the holder clears staging directories, so no build deletes another's half-written shards.
+Local files are created atomically (O_EXCL); object stores get a write-then-read-back check, which is
+advisory only (two builds starting within the same second may both win there).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from pipeline.cache import fs as cfs
+from pipeline.errors import CacheError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "_BUILD.lock"
+STALE_ENV = "MOEDISTILL_CACHE_LOCK_STALE_S"
+WAIT_ENV = "MOEDISTILL_CACHE_LOCK_WAIT_S"
+
+
+class CacheLock:
+    """`with CacheLock(url):` holds the build lock of the cache directory `url`."""
+
+    def __init__(self, url: str, wait_s: float | None = None, stale_s: float | None = None) -> None:
+        self.url = url
+        self.wait_s = float(os.environ.get(WAIT_ENV, 3600)) if wait_s is None else wait_s
+        self.stale_s = float(os.environ.get(STALE_ENV, 60)) if stale_s is None else stale_s
+        self.fs, root = cfs.get_fs(url)
+        self.path = cfs.join(root, LOCK_FILE)
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- the lock file ----------------------------------------------------------------------------------
+    def _record(self) -> bytes:
+        return json.dumps({**self.owner, "heartbeat": time.time()}).encode()
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            return cfs.read_json(self.fs, self.path)
+        except FileNotFoundError:
+            return None
+        except ValueError:  # a torn write of a dying holder: treat as stale
+            return {"heartbeat": 0.0}
+
+    def _try_create(self) -> bool:
+        if cfs.is_local(self.fs):
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._record())
+            return True
+        if self.fs.exists(self.path):
+            return False
+        self.fs.pipe_file(self.path, self._record())
+        time.sleep(0.2)
+        held = self._read()
+        return held is not None and held.get("token") == self.owner["token"]
+
+    def _holder_text(self, held: dict[str, Any]) -> str:
+        age = time.time() - float(held.get("heartbeat", 0.0))
+        return f"{held.get('host', '?')} pid {held.get('pid', '?')}, last heartbeat {age:.0f} s ago"
+
+    # --- acquire / release --------------------------------------------------------------------------------
+    def acquire(self) -> None:
+        deadline = time.monotonic() + self.wait_s
+        said = False
+        while not self._try_create():
+            held = self._read()
+            if held is None:
+                continue  # released between our attempt and the read
+            if time.time() - float(held.get("heartbeat", 0.0)) > self.stale_s:
+                log.warning(
+                    "taking over the build lock of %s: its holder (%s) stopped sending heartbeats",
+                    cfs.redact(self.url),
+                    self._holder_text(held),
+                )
+                self.fs.rm(self.path)
+                continue
+            if time.monotonic() >= deadline:
+                raise CacheError(
+                    f"another build is writing the teacher cache {cfs.redact(self.url)} "
+                    f"({self._holder_text(held)}). Fix: wait for it to finish and rerun (the cache is then "
+                    f"complete); if that build is gone, its lock expires {self.stale_s:.0f} s after its last "
+                    f"heartbeat ({STALE_ENV})."
+                )
+            if not said:
+                log.warning(
+                    "waiting for another build of %s to finish (%s)",
+                    cfs.redact(self.url),
+                    self._holder_text(held),
+                )
+                said = True
+            time.sleep(min(1.0, max(0.05, self.stale_s / 10)))
+        self._thread = threading.Thread(target=self._beat, name="cache-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(max(0.05, self.stale_s / 4)):
+            held = self._read()
+            if held is None or held.get("token") != self.owner["token"]:
+                log.warning("lost the build lock of %s to another build", cfs.redact(self.url))
+                return
+            cfs.write_atomic(self.fs, self.path, self._record())
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        held = self._read()
+        if held is not None and held.get("token") == self.owner["token"]:
+            self.fs.rm(self.path)
+
+    def __enter__(self) -> CacheLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
