@@ -21,7 +21,6 @@ from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, DataError, MoeDistillError
 from pipeline.placement import warn_if_job_local, warn_job_local_paths
 from pipeline.ray_session import connect
-from pipeline.workspace import paths_for
 
 if TYPE_CHECKING:  # the evaluation stage imports Ray Data and torch
     from pipeline.evaluate.stage import EvalResults
@@ -32,10 +31,26 @@ if TYPE_CHECKING:  # the evaluation stage imports Ray Data and torch
 
 def load_cli_config(args: argparse.Namespace) -> Config:
     """--config plus --set overrides, as every stage's subcommand reads them."""
-    overrides = dict(_parse_override(o) for o in (getattr(args, "set", None) or []))
-    config = load_config(args.config, overrides)
+    given = getattr(args, "set", None) or []
+    overrides = dict(_parse_override(o) for o in given)
+    config = load_config(args.config)  # the file alone: its own errors name it
+    if overrides:  # it loaded, so an error from here on is caused by the overrides
+        try:
+            config = load_config(args.config, overrides)
+        except ConfigError as exc:
+            reason = str(exc).removeprefix(f"{Path(args.config)}: ")
+            shown = " ".join(f"--set {o}" for o in given)
+            raise ConfigError(f"{shown} (applied to {args.config}): {reason}") from None
     warn_if_job_local(config)  # relative output paths under `ray job submit` land in a temporary dir
     return config
+
+
+def check_data(config: Config) -> None:
+    """Records, splits and tokenizer ready (the demo's generated) before Ray starts: a data problem is an
+    error in seconds, not after a cluster started. Every stage reuses what this prepares."""
+    from pipeline.data.stage import prepare_data  # why here: the tokenizer code imports transformers
+
+    prepare_data(config)
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -50,6 +65,7 @@ def cmd_finetune_teacher(args: argparse.Namespace) -> None:
     from pipeline.finetune.stage import format_finetune_result, run_finetune
 
     config = load_cli_config(args)
+    check_data(config)
     connect()
     print(format_finetune_result(run_finetune(config, force=args.force)))
 
@@ -64,8 +80,22 @@ def cmd_cache(args: argparse.Namespace) -> None:
                 "verify PATH` / `cache ls ROOT`)."
             )
         config = load_cli_config(args)
+        check_data(config)
         connect()
         print(format_cache_info(run_cache(config)))
+        return
+    if args.action == "repair":
+        from pipeline.cache.repair import format_repair_result, repair_cache
+
+        if not args.config:
+            raise ConfigError(
+                "`moedistill cache repair` rebuilds damaged shards with the teacher and data of the config "
+                "that built the cache. Fix: `moedistill cache repair PATH --config C`."
+            )
+        config = load_cli_config(args)
+        check_data(config)
+        connect()
+        print(format_repair_result(repair_cache(config, args.target)))
         return
     if not args.target:
         what = "a cache directory (ROOT/<key>)" if args.action == "verify" else "a cache root"
@@ -85,8 +115,11 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 def cmd_distill(args: argparse.Namespace) -> None:
     from pipeline.distill.stage import format_distill_result, run_distill
+    from pipeline.sweep import check_method
 
     config = load_cli_config(args)
+    check_method(config, where="distill.method")  # before Ray starts
+    check_data(config)
     connect()
     print(format_distill_result(run_distill(config)))
 
@@ -131,13 +164,28 @@ def cmd_report(args: argparse.Namespace) -> list[Path]:
     """Each report writes a markdown file and a PNG and prints its text; returns the written files."""
     if args.kind == "storage":
         return _done(_report_storage(args))
+    if args.kind == "states-fidelity" and args.target:
+        from pipeline.reports.fidelity import format_fidelity, states_fidelity, write_fidelity
+
+        fidelity = states_fidelity(args.target, args.sequences, args.teacher)
+        print(format_fidelity(fidelity))
+        key = fidelity.path.rstrip("/").rsplit("/", 1)[-1]
+        return _done([write_fidelity(fidelity, args.out or Path("reports") / "states-fidelity" / key)])
     if not args.target:
         what = (
             "a student run directory"
-            if args.kind == "gates"
+            if args.kind in ("gates", "terms")
+            else "a teacher cache directory"
+            if args.kind == "states-fidelity"
             else "a results CSV, an eval or sweep results directory, or a sweep YAML file"
         )
         raise ConfigError(f"`moedistill report {args.kind}` needs a TARGET: {what}")
+    if args.kind == "terms":
+        from pipeline.reports.terms import write_terms_report
+
+        md, png = write_terms_report(args.target, args.out)
+        print(md.read_text())
+        return _done([md, png])
     if args.kind == "gates":
         from pipeline.reports.gates import format_gate_table, write_gate_report
 
@@ -186,7 +234,8 @@ def _report_storage(args: argparse.Namespace) -> list[Path]:
         report = project_from_config(
             config, args.tokens, args.usd_per_gb_month, source=f"config {args.config}"
         )
-        out = Path(args.out) if args.out else paths_for(config).reports / "storage"
+        # Local, never under the preset's output_dir: that is a cluster path (/mnt/shared/...) on a laptop.
+        out = Path(args.out) if args.out else Path("reports") / "storage-projection" / config.name
         stem = "storage-projection"
     elif args.target:
         report = measure_store(args.target, args.tokens, args.usd_per_gb_month)
@@ -220,8 +269,8 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cache_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", nargs="?", default="build", choices=["build", "verify", "ls"])
-    p.add_argument("target", nargs="?", help="cache path (verify) or cache root (ls)")
+    p.add_argument("action", nargs="?", default="build", choices=["build", "verify", "ls", "repair"])
+    p.add_argument("target", nargs="?", help="cache path (verify, repair) or cache root (ls)")
     _config_args(p, required=False)
 
 
@@ -240,13 +289,15 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=["storage", "gates", "results"])
+    p.add_argument("kind", choices=["storage", "gates", "terms", "results", "states-fidelity"])
     p.add_argument(
-        "target", nargs="?", help="cache path (storage), run dir (gates), sweep file/dir (results)"
+        "target", nargs="?", help="cache path (storage), run dir (gates, terms), sweep file/dir (results)"
     )
     p.add_argument("--config", help="project storage from a config alone (storage)")
     p.add_argument("--tokens", type=float, default=None, help="projected token count (storage)")
     p.add_argument("--usd-per-gb-month", type=float, default=0.023, help="storage price (storage)")
+    p.add_argument("--sequences", type=int, default=16, help="cached sequences compared (states-fidelity)")
+    p.add_argument("--teacher", help="teacher checkpoint, default: the cache's (states-fidelity)")
     p.add_argument("--out", help="output folder for PNG/markdown (default: beside the target)")
 
 
@@ -272,9 +323,9 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         "cache",
         cmd_cache,
         _cache_args,
-        "build, verify or list teacher caches",
+        "build, verify, repair or list teacher caches",
         "`cache --config C` builds (or resumes) the teacher cache; `cache verify PATH` re-checks a store; "
-        "`cache ls ROOT` lists caches.",
+        "`cache repair PATH --config C` rebuilds its damaged parts; `cache ls ROOT` lists caches.",
     ),
     Subcommand(
         "distill", cmd_distill, _config_args, "distil a student from the teacher cache with Ray Train"
@@ -291,6 +342,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moedistill", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors inside Ray tasks")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in SUBCOMMANDS:
         p = sub.add_parser(command.name, help=command.help, description=command.description or command.help)
@@ -302,17 +354,48 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    from pipeline.cache.fs import RedactingFilter, redact
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())  # no credentials of cache URLs in logs
     try:
         args.func(args)
     except MoeDistillError as exc:
-        print(f"moedistill: error: {exc}", file=sys.stderr)
+        print(f"moedistill: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(
             "moedistill: interrupted; rerun the same command to resume from committed work", file=sys.stderr
         )
         return 130
+    except Exception as exc:
+        if args.debug or not _from_ray(exc):
+            raise
+        return _print_ray_failure(exc)
     return 0
+
+
+def _from_ray(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith("ray.")
+
+
+def _print_ray_failure(exc: BaseException) -> int:
+    """One screen for an exception that escaped a Ray task: the user's own error when one is inside, else
+    the remote root cause."""
+    from pipeline.cache.build import root_cause
+    from pipeline.cache.fs import redact
+    from pipeline.training.runner import find_user_error
+
+    user_error = find_user_error(exc)
+    if user_error is not None:
+        print(f"moedistill: error: {redact(str(user_error))}", file=sys.stderr)
+        return 2
+    print(
+        f"moedistill: error: a Ray task failed: {redact(root_cause(exc))}. Fix: remove that cause and rerun "
+        "the same command (committed work is kept); `moedistill --debug ...` shows the full traceback.",
+        file=sys.stderr,
+    )
+    return 1
 
 
 if __name__ == "__main__":

@@ -43,7 +43,10 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ArchitectureConfig:
-    """A tiny Qwen3-MoE built from scratch (demo and tests)."""
+    """A tiny Qwen3-MoE built from scratch (demo and tests): the `build:` section of a model.
+
+    pipeline.models.build.TinyMoEConfig extends it with the initialisation details a config never sets.
+    """
 
     hidden_size: int = 256
     num_layers: int = 4
@@ -68,6 +71,9 @@ class ModelConfig:
     build: ArchitectureConfig | None = None
     seed: int = 0
     torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Students only: "upcycle" starts from a dense counterpart of `build` pretrained for the fixed budget
+    # `student_pretrain`, upcycled to MoE (pipeline.finetune.student_init); "random": from scratch.
+    init: Literal["random", "upcycle"] = "random"
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,19 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class KnowledgeAugmentationConfig:
+    """KA (pipeline/cache/augment.py): `repeats` stochastic-routing teacher forwards per sequence, each token
+    routed by sampling with probability `sampling_prob`; the cache stores their averaged distribution."""
+
+    repeats: int = 1
+    sampling_prob: float = 0.0
+
+    @property
+    def is_plain(self) -> bool:
+        return self.repeats == 1 and self.sampling_prob == 0.0
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     root: str = "runs/caches"  # local path or fsspec URL (s3://bucket/caches)
     layers: Literal["paired", "all"] | list[int] = "paired"  # teacher MoE layers to cache
@@ -101,6 +120,13 @@ class CacheConfig:
     logits_mode: Literal["topk", "sampled"] = "topk"
     logits_k: int = 64  # top-k entries, or number of importance samples
     states_dtype: Literal["float16", "bfloat16"] = "float16"
+    # Expert-state codec (docs/cache-format.md, schema v2). null = states_dtype; when set it replaces it.
+    # fp8/int8: 1 B per value + a float16 scale per row; states_rank r: r coefficients per row over a basis
+    # fitted on states_basis_tokens tokens; states_token_fraction f: states for a hashed subset of tokens.
+    states_codec: Literal["float16", "bfloat16", "fp8", "int8"] | None = None
+    states_rank: int | None = None
+    states_basis_tokens: int = 65536
+    states_token_fraction: float = 1.0
     store_expert_states: bool = True
     teacher_responses: Literal["none", "greedy", "sample"] = "none"  # for SeqKD
     max_new_tokens: int = 64
@@ -109,6 +135,7 @@ class CacheConfig:
     rows_per_shard: int = 64  # sequences per shard
     num_gpus_per_actor: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # e.g. {"teacher_node": 1}
+    knowledge_augmentation: KnowledgeAugmentationConfig = field(default_factory=KnowledgeAugmentationConfig)
 
 
 @dataclass(frozen=True)
@@ -121,6 +148,16 @@ class DistillConfig:
     lambda_erd: float = 1.0
     temperature: float = 1.0
     token_loss_kwargs: dict[str, float] = field(default_factory=dict)
+    # MC variants (docs/method.md); the defaults are the paper as written. A method preset may fix them.
+    mc_state_loss: Literal["mse", "relative", "cosine"] = "mse"  # per-draw distance of the MC term
+    mc_grad_scope: Literal["model", "experts"] = "model"  # experts: MC trains the experts and P only
+    # subspace (a low-rank cache, cache.states_rank): the MC distance on the cached coefficients, never
+    # reconstructing [N, E, D] targets; equal to full on the reconstructed states (docs/method.md).
+    mc_state_space: Literal["full", "subspace"] = "full"
+    lambda_mc_warmup_steps: int = 0  # lambda_mc ramps linearly from 0 over these optimizer steps
+    # Per-term gradient norms/cosines every train.log_every steps (one extra backward per term on those
+    # steps); changes no weights, so it is not part of the run's settings fingerprint.
+    diagnostics: bool = False
     # default: "<method>-k<k>-a<alpha>-b<beta>-e<E_S>-s<seed>-<settings fingerprint>"
     run_name: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -150,6 +187,8 @@ class Config:
     teacher: ModelConfig = field(default_factory=ModelConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     finetune: TrainConfig = field(default_factory=TrainConfig)
+    # The dense student's pretraining budget when student.init is "upcycle" (the same for every method).
+    student_pretrain: TrainConfig = field(default_factory=TrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
@@ -267,12 +306,11 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
-        errors = []
         for option in (o for o in options if o is not type(None)):
             try:
                 return _coerce(option, value, source, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue
         raise ConfigError(f"{source}: {key}={value!r} fits none of {_type_name(tp)}")
     if origin is Literal:
         if value not in get_args(tp):
@@ -323,6 +361,12 @@ def validate_config(config: Config, source: str) -> None:
                 f"{source}: {role} needs exactly one of {role}.path (an MoE model), {role}.upcycle_from "
                 f"(a dense model to upcycle) or {role}.build (a tiny architecture); got {chosen or 'none'}"
             )
+        if model.init == "upcycle" and (role == "teacher" or model.build is None):
+            raise ConfigError(
+                f"{source}: {role}.init: upcycle pretrains a dense counterpart of student.build, so it needs "
+                f"the student described by student.build (got {role}.{chosen[0]}). Fix: set {role}.init: "
+                "random (a checkpoint carries its own pretraining)."
+            )
         local = model.path or model.upcycle_from
         if local and _looks_local(local) and not Path(local).exists():
             raise ConfigError(
@@ -337,17 +381,23 @@ def validate_config(config: Config, source: str) -> None:
     src = config.data.source
     if src != "demo" and Path(src).suffix in (".json", ".jsonl") and not Path(src).exists():
         raise ConfigError(f"{source}: data.source file {src} does not exist")
-    if config.data.source == "demo" and config.tokenizer.path is None:
-        pass  # the demo tokenizer is trained on the demo data
-    elif config.tokenizer.path is None and config.teacher.path is None:
+    # Without tokenizer.path the tokenizer is the teacher's (teacher.path) or trained on the demo data.
+    if config.tokenizer.path is None and config.teacher.path is None and config.data.source != "demo":
         raise ConfigError(f"{source}: tokenizer.path is required unless data.source is 'demo'")
     if not 0 <= config.data.val_fraction < 1 or not 0 <= config.data.test_fraction < 1:
         raise ConfigError(f"{source}: data.val_fraction and data.test_fraction must lie in [0, 1)")
     d = config.distill
     if d.k < 1:
         raise ConfigError(f"{source}: distill.k must be >= 1 (MC exploration length), got {d.k}")
-    if not 0 < d.alpha <= 1:
-        raise ConfigError(f"{source}: distill.alpha must lie in (0, 1], got {d.alpha}")
+    if not 0 <= d.alpha <= 1:
+        raise ConfigError(
+            f"{source}: distill.alpha must lie in [0, 1] (0: MC draws without replacement), got {d.alpha}"
+        )
+    if d.lambda_mc_warmup_steps < 0:
+        raise ConfigError(
+            f"{source}: distill.lambda_mc_warmup_steps must be >= 0 (0: no ramp), got "
+            f"{d.lambda_mc_warmup_steps}"
+        )
     for section in (config.finetune, config.distill.train):
         if section.num_workers < 1 or section.batch_size < 1 or section.grad_accum_steps < 1:
             raise ConfigError(f"{source}: num_workers, batch_size and grad_accum_steps must be >= 1")
@@ -394,7 +444,8 @@ def teacher_fields(config: Config) -> dict[str, Any]:
     """
     data = config.data
     return {
-        "teacher": dataclasses.asdict(config.teacher),
+        # `init` is a student-only switch (validate_config refuses it for the teacher).
+        "teacher": {k: v for k, v in dataclasses.asdict(config.teacher).items() if k != "init"},
         # The teacher the cache is built from is the one `finetune-teacher` trains with these settings.
         "finetune": train_settings(config.finetune),
         "tokenizer": dataclasses.asdict(config.tokenizer),
@@ -415,8 +466,16 @@ def teacher_fields(config: Config) -> dict[str, Any]:
     }
 
 
+_CODEC_DEFAULTS = {
+    "states_codec": None,
+    "states_rank": None,
+    "states_basis_tokens": 65536,
+    "states_token_fraction": 1.0,
+}
+
+
 def teacher_cache_fields(config: Config) -> dict[str, Any]:
-    """Exactly the config fields that determine the teacher cache's content (DESIGN.md, "The teacher cache"):
+    """Exactly the config fields that determine the teacher cache's content (docs/cache-format.md, "The key"):
     the teacher's (`teacher_fields`) and the cache's own.
 
     Student-side choices (method, K, alpha, beta, lambdas, student experts, training) are deliberately absent
@@ -438,7 +497,15 @@ def teacher_cache_fields(config: Config) -> dict[str, Any]:
                 "teacher_responses",
                 "max_new_tokens",
             )
-        },
+        }
+        # Codec settings only when changed: configs without them keep their hash (and cache locator).
+        | {k: getattr(cache, k) for k, v in _CODEC_DEFAULTS.items() if getattr(cache, k) != v}
+        # KA likewise: plain (R = 1, p = 0) computes the plain cache and keeps its hash.
+        | (
+            {}
+            if cache.knowledge_augmentation.is_plain
+            else {"knowledge_augmentation": dataclasses.asdict(cache.knowledge_augmentation)}
+        ),
         # "paired" layers depend on the student's depth, so it is part of the key only through them.
         "student_layers": _student_depth(config) if cache.layers == "paired" else None,
     }

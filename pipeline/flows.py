@@ -20,10 +20,12 @@ from typing import Any
 
 from pipeline.cache.spec import CacheInfo
 from pipeline.cache.stage import format_cache_info, run_cache
-from pipeline.config import Config, with_overrides
+from pipeline.config import Config, teacher_cache_hash, with_overrides
+from pipeline.data.stage import prepare_data
 from pipeline.distill.stage import DistillResult, format_distill_result, run_distill
 from pipeline.evaluate.results import rows_of_runs, write_results_csv, write_results_table
 from pipeline.evaluate.stage import EvalResults, run_evaluate
+from pipeline.evaluate.stats import seed_table_markdown, values_by_seed
 from pipeline.finetune.stage import FinetuneResult, format_finetune_result, run_finetune
 from pipeline.placement import warn_if_job_local
 from pipeline.ray_session import connect
@@ -32,7 +34,7 @@ from pipeline.reports.storage import format_storage_report, measure_store, write
 from pipeline.sweep import load_sweep, plan_runs, sweep_results_dir, sweep_rows
 from pipeline.workspace import paths_for
 
-DEMO_METHODS = ("sft", "kd", "b-distill")
+DEMO_METHODS = ("sft", "kd", "b-distill", "b-distill-stable")
 STAGES = ("finetune", "cache", "distill", "evaluate", "report")
 
 
@@ -62,7 +64,8 @@ class ResultsFiles:
 @dataclass
 class FlowResult:
     finetune: FinetuneResult | None = None
-    cache: CacheInfo | None = None
+    cache: CacheInfo | None = None  # the base config's cache (the only one unless a sweep has cache_grid)
+    caches: dict[str, CacheInfo] = field(default_factory=dict)  # teacher_cache_hash -> cache, in build order
     runs: list[DistillResult] = field(default_factory=list)
     evaluation: EvalResults | None = None
     results: ResultsFiles | None = None
@@ -78,7 +81,8 @@ def run_flow(
 ) -> FlowResult:
     """The stages of `stages` for the teacher of `base` and each student run (grid point, config).
 
-    Every run reads the one teacher cache of `base` (the callers check that their runs share it). The
+    Every run reads its teacher cache, built (or found) once: the one cache of `base`, or one per distinct
+    cache setting when a sweep varies `cache.*` (pipeline.sweep checks that all runs share the teacher). The
     results table holds the teacher and these runs only, each row labelled by its grid point."""
     timer = timer or StageTimer()
     flow = FlowResult()
@@ -86,15 +90,21 @@ def run_flow(
         flow.finetune = timer.run("fine-tune the teacher (Ray Train)", lambda: run_finetune(base))
         print(format_finetune_result(flow.finetune), flush=True)
     if "cache" in stages:
-        flow.cache = timer.run("cache the teacher once (Ray Data)", lambda: run_cache(base))
-        print(format_cache_info(flow.cache), flush=True)
+        settings: dict[str, Config] = {}
+        for config in (base, *(c for _, c in runs)):
+            settings.setdefault(teacher_cache_hash(config), config)
+        for i, (key, config) in enumerate(settings.items()):
+            what = f"teacher cache {i + 1}/{len(settings)}" if len(settings) > 1 else "cache the teacher once"
+            flow.caches[key] = timer.run(f"{what} (Ray Data)", lambda c=config: run_cache(c))
+            print(format_cache_info(flow.caches[key]), flush=True)
+        flow.cache = flow.caches[teacher_cache_hash(base)]
     if "distill" in stages:
-        cache_path = flow.cache.path if flow.cache is not None else None
         for i, (point, config) in enumerate(runs):
+            cache = flow.caches.get(teacher_cache_hash(config))
             what = ", ".join(f"{k}={v}" for k, v in point.items()) or config.distill.method
             result = timer.run(
                 f"distil student {i + 1}/{len(runs)}: {what} (Ray Train)",
-                lambda c=config: run_distill(c, cache_path=cache_path),
+                lambda c=config, cache=cache: run_distill(c, cache_path=cache.path if cache else None),
             )
             print(format_distill_result(result), flush=True)
             flow.runs.append(result)
@@ -117,6 +127,25 @@ def write_results(rows: list[dict[str, Any]], out: Path, title: str) -> ResultsF
     return ResultsFiles(rows, csv_path, md, png)
 
 
+def write_seed_tables(rows: list[dict[str, Any]], out: Path) -> Path | None:
+    """seeds.md in `out` when some method ran several training seeds: per method the mean ± std over seeds of
+    the validation loss and of Rouge-L, and the paired difference to `kd` on the same seeds with its 95%
+    interval (bold where the interval excludes 0); None when every method ran one seed."""
+    students = [r for r in rows if (r.get("method") or r["model"]) != "teacher"]
+    if not any(len(s) > 1 for s in values_by_seed(students, "val_loss").values()):
+        return None
+    parts = [
+        "## Training seeds: validation loss (lower is better)\n",
+        seed_table_markdown(students, "val_loss", "val loss"),
+        "\n## Training seeds: Rouge-L (%) (higher is better)\n",
+        seed_table_markdown(students, "rouge_l_mean", "Rouge-L"),
+        "\nPaired differences use only the seeds both methods ran; t interval over those seeds.\n",
+    ]
+    path = out / "seeds.md"
+    path.write_text("".join(parts))
+    return path
+
+
 def write_demo_results(
     config: Config, evaluation_rows: list[dict[str, Any]], students: Iterable[Any]
 ) -> ResultsFiles:
@@ -131,6 +160,7 @@ def run_demo(
     config: Config, stages: tuple[str, ...] = STAGES, methods: tuple[str, ...] = DEMO_METHODS
 ) -> dict[str, Any]:
     started = time.perf_counter()
+    prepare_data(config)  # data problems surface before Ray starts
     connect()
     timer = StageTimer()
     runs = [({}, with_overrides(config, {"distill.method": m})) for m in methods]
@@ -208,23 +238,31 @@ def run_ablate(sweep_path: str | Path) -> dict[str, Any]:
     sweep = load_sweep(sweep_path)
     base, configs = plan_runs(sweep)
     warn_if_job_local(base)
-    print(f"[ablate] sweep {sweep.name}: {len(configs)} student runs over one teacher cache", flush=True)
+    caches = len({teacher_cache_hash(c) for c in configs})
+    over = "one teacher cache" if caches == 1 else f"{caches} teacher caches of one teacher (cache_grid)"
+    print(f"[ablate] sweep {sweep.name}: {len(configs)} student runs over {over}", flush=True)
+    prepare_data(base)  # data problems surface before Ray starts
     connect()
     stages = ("finetune", "cache", "distill", *(("evaluate",) if sweep.evaluate else ()))
     out = sweep_results_dir(sweep, base)
     flow = run_flow(
         base, list(zip(sweep.runs(), configs, strict=True)), out, f"sweep {sweep.name}: Rouge-L (%)", stages
     )
-    assert flow.cache is not None
     trained = sum(not r.skipped for r in flow.runs)
-    print(
-        f"[ablate] teacher cache {flow.cache.key}: {'built' if flow.cache.status != 'exists' else 'found'} "
-        f"once, read by {trained} student run(s); {len(flow.runs) - trained} finished run(s) skipped",
-        flush=True,
-    )
+    for cache in flow.caches.values():
+        readers = [r for r in flow.runs if r.cache_path == cache.path]
+        fresh = sum(not r.skipped for r in readers)
+        print(
+            f"[ablate] teacher cache {cache.key}: {'built' if cache.status != 'exists' else 'found'} once, "
+            f"read by {fresh} student run(s); {len(readers) - fresh} finished run(s) skipped",
+            flush=True,
+        )
     summary: dict[str, Any] = {"cache": flow.cache, "runs": flow.runs, "trained": trained}
     if flow.results is not None:
         print(flow.results.md_path.read_text())
+        seeds = write_seed_tables(flow.results.rows, out)
+        if seeds is not None:
+            print(seeds.read_text())
         print(f"[ablate] results: {flow.results.md_path}, {flow.results.png_path}, {flow.results.csv_path}")
         files = flow.results
         summary.update(rows=files.rows, results_md=files.md_path, results_png=files.png_path)

@@ -294,6 +294,18 @@ def run_placed_like(train: TrainConfig, fn: Callable[..., T], *args: Any) -> T:
 
 
 # --- the teacher (cache actors, teacher service) -----------------------------------------------------------
+def teacher_actor_options(
+    num_gpus_per_actor: float, num_cpus_per_actor: float, resources: Mapping[str, float] | None
+) -> dict[str, Any]:
+    """Ray placement of one teacher actor (a whole model replica): its GPUs (several for a `device_map`
+    teacher), host CPUs, and the node-group resources that pin it (cache.resources, e.g. teacher_node)."""
+    return {
+        "num_gpus": num_gpus_per_actor or None,
+        "num_cpus": num_cpus_per_actor,
+        **({"resources": dict(resources)} if resources else {}),
+    }
+
+
 # Share of each GPU that a multi-GPU (device_map) teacher's weights may fill; the rest holds activations (a
 # micro-batch's all-expert outputs [N, E, H] per cached layer dominate: lower cache.batch_size if they OOM).
 DEVICE_MAP_WEIGHT_FRACTION = 0.8
@@ -372,8 +384,43 @@ def check_no_offload(device_map: dict[str, Any] | None, num_gpus: int) -> None:
         )
 
 
+def student_gpus_per_worker(train: TrainConfig) -> float:
+    """The GPU share one Ray Train worker asks for: resources_per_worker's GPU, else 1 with train.use_gpu."""
+    return float(train.resources_per_worker.get("GPU", 1.0 if train.use_gpu else 0.0))
+
+
+def check_separate_gpus(
+    teacher_gpus: float,
+    teacher_resources: Mapping[str, float],
+    train: TrainConfig,
+    nodes: Sequence[Mapping[str, float]] | None = None,
+) -> None:
+    """ConfigError when Ray could put a teacher actor and a student worker on the same GPU.
+
+    Ray gives a request of >= 1 GPU whole devices of its own and packs fractional requests onto shared ones,
+    so the two sides can only meet on a GPU when both ask for a fraction. `nodes` (each node's resources,
+    e.g. from `ray.nodes()`) narrows that to a GPU node offering both sides' custom resources; without it
+    any two fractions are refused.
+    """
+    student_gpus = student_gpus_per_worker(train)
+    if not (0 < teacher_gpus < 1 and 0 < student_gpus < 1):
+        return
+    if nodes is not None:
+        wanted = (set(teacher_resources) | set(train.resources_per_worker)) - {"GPU", "CPU"}
+        if not any(n.get("GPU", 0) > 0 and all(n.get(r, 0) > 0 for r in wanted) for n in nodes):
+            return
+    raise ConfigError(
+        f"teacher actors ask for {teacher_gpus} GPU and student workers for {student_gpus} GPU: Ray may "
+        "pack both onto one GPU, and the teacher and the student must never share GPU memory. Fix: give "
+        "one side whole GPUs (cache.num_gpus_per_actor: 1, or train.resources_per_worker without a "
+        "fractional GPU), or pin the sides to different node groups (cache.resources: {teacher_node: 1}, "
+        "train.resources_per_worker: {student_node: 1})."
+    )
+
+
 # --- evaluation actors -------------------------------------------------------------------------------------
 def evaluation_actor_options(config: Config) -> dict[str, Any]:
-    """Ray Data `map_batches` placement of one evaluation actor: its GPU share and node-group resources."""
+    """Ray Data `map_batches` placement of one evaluation actor: its GPU share and node-group resources
+    (e.g. {"student_node": 1} pins the actors to cluster.yaml's student_gpu nodes)."""
     ev = config.evaluate
-    return {"num_gpus": ev.num_gpus_per_actor, "resources": dict(ev.resources) or None}
+    return {"num_gpus": ev.num_gpus_per_actor, **({"resources": dict(ev.resources)} if ev.resources else {})}

@@ -32,12 +32,12 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import Config, load_config, teacher_cache_hash, with_overrides
+from pipeline.config import Config, load_config, teacher_cache_hash, teacher_fields, with_overrides
 from pipeline.errors import ConfigError
 from pipeline.evaluate.results import format_setting, rows_of_runs
 from pipeline.workspace import paths_for
 
-SWEEP_KEYS = {"base", "set", "grid", "evaluate", "name"}
+SWEEP_KEYS = {"base", "set", "grid", "evaluate", "name", "cache_grid"}
 # Grid keys that are not part of a row's `setting` label: the method has its own column, and training seeds
 # of one grid point are aggregated by the results table (mean ± std across runs).
 UNLABELLED_KEYS = ("distill.method", "distill.train.seed")
@@ -50,6 +50,9 @@ class Sweep:
     overrides: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
     evaluate: bool = True
+    # Opt-in: `cache.*` grid keys may give runs their own teacher cache (one per distinct cache setting,
+    # of the same fine-tuned teacher), e.g. a sweep over expert-state codecs.
+    cache_grid: bool = False
 
     def runs(self) -> list[dict[str, Any]]:
         keys = list(self.grid)
@@ -77,25 +80,54 @@ def load_sweep(path: str | Path) -> Sweep:
         overrides=dict(raw.get("set") or {}),
         grid={str(k): list(v) for k, v in grid.items()},
         evaluate=bool(raw.get("evaluate", True)),
+        cache_grid=bool(raw.get("cache_grid", False)),
     )
 
 
 def plan_runs(sweep: Sweep) -> tuple[Config, list[Config]]:
-    """The base config and one validated config per grid point; all must share the base's teacher cache."""
+    """The base config and one validated config per grid point; all must share the base's teacher cache, or
+    (`cache_grid: true`) at least its fine-tuned teacher, differing only in `cache.*` settings."""
     base = load_config(sweep.base, sweep.overrides)
     points = sweep.runs()
     configs = []
     for point in points:
         run = with_overrides(base, point)
+        cache_side = [k for k, v in point.items() if _changes_cache(base, k, v)]
+        same_teacher = teacher_fields(run) == teacher_fields(base)
+        if sweep.cache_grid and same_teacher and all(k.startswith("cache.") for k in cache_side):
+            configs.append(run)
+            continue
         if teacher_cache_hash(run) != teacher_cache_hash(base):
             raise ConfigError(
                 f"sweep {sweep.name}: grid point {point} changes the teacher cache (a teacher-side setting "
                 "such as data, teacher, cache or the student's depth). A sweep varies student-side settings "
-                "only, so all runs share one cache; start a second sweep for the other teacher setting."
+                "only, so all runs share one cache; start a second sweep for the other teacher setting (for "
+                "cache.* settings of one teacher, `cache_grid: true` in the sweep file gives one cache per "
+                "distinct cache setting)."
             )
         configs.append(run)
+    for point, run in zip(points, configs, strict=True):
+        check_method(run, where=f"sweep {sweep.name}: grid point {point}")
     _check_distinct_runs(sweep, points, configs)
     return base, configs
+
+
+def check_method(config: Config, where: str) -> None:
+    """The run's method exists, can run, and its preset agrees with the config: checked before Ray starts
+    (and before any teacher work), so a typo in a sweep's grid never costs a fine-tuning."""
+    # why here: the method registry imports torch; `moedistill report results <sweep>` needs none of it.
+    from pipeline.distill.methods import on_policy_method, resolved_distill
+
+    try:
+        on_policy_method(config.distill)
+        resolved_distill(config.distill)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _changes_cache(base: Config, key: str, value: Any) -> bool:
+    """Whether setting `key` alone changes the teacher cache (a teacher-side setting)."""
+    return teacher_cache_hash(with_overrides(base, {key: value})) != teacher_cache_hash(base)
 
 
 def _check_distinct_runs(sweep: Sweep, points: list[dict[str, Any]], configs: list[Config]) -> None:

@@ -103,3 +103,41 @@ def test_sweep_table_has_only_its_runs_labelled_by_grid_point(tmp_path: Path) ->
     assert "| kd (lambda_mc=0.5) | 20.50 ± 0.71 (n=2) |" in md
     assert "| kd (lambda_mc=2) | **22.50 ± 0.71 (n=2)** |" in md
     assert sweep_results_dir(sweep, base) == tmp_path / "run" / "sweeps" / "t"
+
+
+def test_cache_grid_gives_cache_settings_their_own_cache_of_one_teacher(tmp_path: Path) -> None:
+    from pipeline.config import teacher_cache_hash, teacher_fields
+
+    path = write_sweep(tmp_path, {"cache.logits_k": [4, 8], "distill.method": ["kd", "sft"]}, cache_grid=True)
+    base, configs = plan_runs(load_sweep(path))
+    assert len(configs) == 4 and len({teacher_cache_hash(c) for c in configs}) == 2
+    assert all(teacher_fields(c) == teacher_fields(base) for c in configs)  # one fine-tuned teacher
+    teacher_side = write_sweep(tmp_path, {"teacher.seed": [0, 1]}, cache_grid=True)
+    with pytest.raises(ConfigError, match="changes the teacher cache"):
+        plan_runs(load_sweep(teacher_side))
+
+
+def test_sweep_seed_tables_pair_each_method_with_kd_on_the_same_seeds(tmp_path: Path) -> None:
+    from pipeline.flows import write_seed_tables
+
+    def row(method: str, seed: int, loss: float, rouge: float) -> dict:
+        return {"model": f"{method}-s{seed}", "method": method, "seed": seed, "test_set": "t",
+                "val_loss": loss, "rouge_l_mean": rouge, "rouge_l_std": 0.0}  # fmt: skip
+
+    rows = [{"model": "teacher", "method": "teacher", "test_set": "t", "rouge_l_mean": 40.0}]
+    rows += [row("kd", s, 1.30 + 0.01 * s, 30.0 + s) for s in range(3)]
+    rows += [row("b-distill", s, 1.50 + 0.01 * s, 29.0 + s) for s in range(3)]  # +0.20 on every seed
+    rows += [row("sft", s, 1.30 + d, 30.0) for s, d in enumerate((0.05, -0.05, 0.0))]  # noise around kd
+    text = write_seed_tables(rows, tmp_path).read_text()
+    loss_table = text.split("## Training seeds: Rouge-L")[0]
+    assert "| b-distill | 1.510 ± 0.010 (n=3) | **+0.200 [+0.200, +0.200]** |" in loss_table
+    sft = next(line for line in loss_table.splitlines() if line.startswith("| sft |"))
+    assert "**" not in sft  # the interval includes 0: not bold
+    assert "| kd | 1.310 ± 0.010 (n=3) | – |" in loss_table
+    assert write_seed_tables([r for r in rows if r.get("seed") in (None, 0)], tmp_path / "x") is None
+
+
+def test_an_unknown_method_in_the_grid_is_refused_before_any_work(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, {"distill.method": ["kd", "b-distil"]})  # a typo
+    with pytest.raises(ConfigError, match=r"\{'distill.method': 'b-distil'\}: unknown distillation"):
+        plan_runs(load_sweep(path))

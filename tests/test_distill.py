@@ -13,12 +13,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.cache.stage import run_cache
-from pipeline.config import Config, load_config, with_overrides
+from pipeline.config import Config, DistillConfig, load_config, with_overrides
 from pipeline.distill.losses import aggregate_expert_states, aggregate_gates, layer_pairs
 from pipeline.distill.methods import get_method
-from pipeline.distill.objective import ObjectiveWeights, distill_objective
-from pipeline.distill.stage import DistillTask, run_distill
+from pipeline.distill.objective import distill_objective
+from pipeline.distill.stage import default_run_name, run_distill
 from pipeline.distill.student import DistillStudent
+from pipeline.distill.task import DistillTask
 from pipeline.errors import CacheError
 from pipeline.finetune.stage import run_finetune
 from pipeline.models.adapter import MoEAdapter
@@ -211,7 +212,7 @@ def test_one_b_distill_step_sends_gradient_to_every_paired_student_part() -> Non
     }
     model = DistillStudent(student.train(), [s for s, _ in pairs], teacher_hidden_size=48)
     forward = model(input_ids, attention, token_mask)
-    loss, parts = distill_objective(get_method("b-distill"), ObjectiveWeights(), forward, batch, token_mask)
+    loss, parts = distill_objective(get_method("b-distill"), DistillConfig(), forward, batch, token_mask)
     loss.backward()
     assert parts["loss_mc"] > 0 and "loss_erd" in parts
     for s, _ in pairs:
@@ -233,11 +234,8 @@ def test_one_b_distill_step_sends_gradient_to_every_paired_student_part() -> Non
 def test_distill_task_collate_rejects_targets_of_other_tokenisation() -> None:
     import numpy as np
 
-    from pipeline.distill.objective import ObjectiveWeights as Weights
-
     task = DistillTask.__new__(DistillTask)
     task.method = get_method("kd")
-    task.weights = Weights()
 
     class _Tok:
         pad_token_id = 0
@@ -294,3 +292,33 @@ def test_sweep_reuses_the_one_cache_for_every_run(cached_config: Config, tmp_pat
 
     second = run_ablate(path)  # rerun: every run finished, nothing trains again
     assert second["trained"] == 0 and all(r.skipped for r in second["runs"])
+
+
+def test_upcycled_student_init_is_pretrained_once_and_reused(cached_config: Config) -> None:
+    """student.init: upcycle -> a dense student pretrained once (fixed budget), upcycled for every run."""
+    from pipeline.finetune.student_init import dense_student_dir, resolve_student
+
+    config = with_overrides(
+        cached_config,
+        {
+            "student.init": "upcycle",
+            "student_pretrain.max_steps": 2,
+            "student_pretrain.batch_size": 8,
+            "distill.method": "kd",
+            "distill.train.max_steps": 2,
+        },
+    )
+    result = run_distill(config)
+    dense = dense_student_dir(config) / "final"
+    assert (dense / "config.json").is_file() and not result.skipped
+    assert json.loads((dense / "config.json").read_text())["model_type"] == "qwen3"  # dense, then upcycled
+    stamp = (dense / "model.safetensors").stat().st_mtime_ns
+    other = with_overrides(config, {"distill.method": "sft"})
+    assert default_run_name(other, "k") != default_run_name(config, "k")
+    resolved = resolve_student(other)  # another method: the same pretrained student, not trained again
+    assert resolved.upcycle_from == str(dense) and resolved.num_experts == config.student.build.num_experts
+    assert (dense / "model.safetensors").stat().st_mtime_ns == stamp
+    # The budget is part of every upcycled run's identity.
+    longer = with_overrides(config, {"student_pretrain.max_steps": 3})
+    assert default_run_name(longer, "k") != default_run_name(config, "k")
+    assert dense_student_dir(longer) != dense_student_dir(config)

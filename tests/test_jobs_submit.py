@@ -39,6 +39,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.cache.fs import resolve_under
 from pipeline.placement import RAY_JOB_ENV, job_local_paths, ray_job_working_dir, warn_if_job_local
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,7 +70,8 @@ def cache_dir(out: Path) -> Path:
     """The cache the config's teacher-side settings produced: <cache.root>/by-config/<hash>.json names it."""
     locators = sorted((out / "caches" / "by-config").glob("*.json"))
     assert len(locators) == 1, f"expected one by-config locator, got {locators}"
-    return Path(json.loads(locators[0].read_text())["path"])
+    stored = json.loads(locators[0].read_text())["path"]  # relative to cache.root (a root may move)
+    return Path(resolve_under(str(out / "caches"), stored))
 
 
 def check_teacher(out: Path) -> None:

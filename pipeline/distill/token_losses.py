@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_AB_ALPHA",
     "DEFAULT_AB_BETA",
     "DEFAULT_TEACHER_LOG_FLOOR",
+    "NEG_INF",
     "TOKEN_LOSSES",
     "ab_divergence",
     "check_sparse_targets",
@@ -366,20 +367,3 @@ TOKEN_LOSSES: dict[str, SparseLoss] = {
     "generalized_jsd": generalized_jsd,
     "ab_divergence": ab_divergence,
 }
-
-
-__all__ = [
-    "NEG_INF",
-    "TOKEN_LOSSES",
-    "ab_divergence",
-    "check_sparse_targets",
-    "coarsened_logprobs",
-    "forward_kl",
-    "generalized_jsd",
-    "reverse_kl",
-    "sample_sparsify",
-    "sft_loss",
-    "skew_forward_kl",
-    "skew_reverse_kl",
-    "topk_sparsify",
-]
