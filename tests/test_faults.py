@@ -6,6 +6,7 @@ and asserts the clear error, or the repair, and that no bytes outside the damage
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,8 +28,8 @@ from pipeline.cli import main
 from pipeline.config import Config, config_to_dict, load_config, teacher_fields, with_overrides
 from pipeline.data.stage import load_tokenizer, prepare_data
 from pipeline.errors import ConfigError
-from pipeline.models.build import TinyMoEConfig, build_tiny_moe
 from pipeline.models.export import export_hf_checkpoint
+from pipeline.models.stage import materialize_model
 from pipeline.run_identity import claim_run_dir
 from pipeline.workspace import paths_for
 
@@ -39,19 +40,7 @@ TINY = REPO / "tests" / "configs" / "tiny.yaml"
 def save_teacher(config: Config, dest: Path, seed: int) -> Path:
     """A tiny MoE teacher with the config's tokenizer, saved like an already fine-tuned checkpoint."""
     tok = load_tokenizer(prepare_data(config).tokenizer_path)
-    t = config.teacher.build
-    assert t is not None
-    dims = TinyMoEConfig(
-        hidden_size=t.hidden_size,
-        num_layers=t.num_layers,
-        num_experts=t.num_experts,
-        top_k=t.top_k,
-        moe_intermediate_size=t.moe_intermediate_size,
-        num_heads=t.num_heads,
-        num_kv_heads=t.num_kv_heads,
-        head_dim=t.head_dim,
-    )
-    model = build_tiny_moe(dims, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, seed=seed)
+    model = materialize_model(dataclasses.replace(config.teacher, seed=seed), tok)  # config.teacher.build
     export_hf_checkpoint(model, tok, dest, info={"stage": "test-teacher"})
     return dest
 
