@@ -12,6 +12,9 @@ Sweep file (YAML):
       student.build.num_experts: [2, 4]
     evaluate: true                 # evaluate every student (and the teacher) afterwards
 
+`grid:` may also be a list of such mappings: the runs are the union of their cross products, in order (e.g.
+every method on one student init, a subset on another); a grid point listed twice is refused.
+
 Leave `distill.run_name` unset: each run is then named `<method>-k..-s<seed>-<settings fingerprint>`, so
 grid points never share a run directory (a fixed run_name is refused up front).
 
@@ -48,15 +51,27 @@ class Sweep:
     name: str
     base: Path
     overrides: dict[str, Any] = field(default_factory=dict)
-    grid: dict[str, list[Any]] = field(default_factory=dict)
+    grids: tuple[dict[str, list[Any]], ...] = ()  # each a cross product; the runs are their union
     evaluate: bool = True
     # Opt-in: `cache.*` grid keys may give runs their own teacher cache (one per distinct cache setting,
     # of the same fine-tuned teacher), e.g. a sweep over expert-state codecs.
     cache_grid: bool = False
 
+    @property
+    def grid(self) -> dict[str, list[Any]]:
+        """Every grid key with the values any of the grids gives it, in first-seen order."""
+        merged: dict[str, list[Any]] = {}
+        for grid in self.grids:
+            for key, values in grid.items():
+                merged.setdefault(key, []).extend(v for v in values if v not in merged.get(key, []))
+        return merged
+
     def runs(self) -> list[dict[str, Any]]:
-        keys = list(self.grid)
-        return [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.grid.values())]
+        points: list[dict[str, Any]] = []
+        for grid in self.grids or ({},):
+            keys = list(grid)
+            points += [dict(zip(keys, values, strict=True)) for values in itertools.product(*grid.values())]
+        return points
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -72,13 +87,19 @@ def load_sweep(path: str | Path) -> Sweep:
     if "base" not in raw:
         raise ConfigError(f"{path}: `base:` (the config preset every run starts from) is required")
     grid = raw.get("grid") or {}
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-        raise ConfigError(f"{path}: `grid:` maps dotted config keys to non-empty lists of values")
+    grids = grid if isinstance(grid, list) else [grid]
+    if not grids or not all(
+        isinstance(g, dict) and all(isinstance(v, list) and v for v in g.values()) for g in grids
+    ):
+        raise ConfigError(
+            f"{path}: `grid:` maps dotted config keys to non-empty lists of values (or is a list of such "
+            "mappings, whose cross products are run one after another)"
+        )
     return Sweep(
         name=str(raw.get("name") or path.stem),
         base=(path.parent / raw["base"]).resolve(),
         overrides=dict(raw.get("set") or {}),
-        grid={str(k): list(v) for k, v in grid.items()},
+        grids=tuple({str(k): list(v) for k, v in g.items()} for g in grids),
         evaluate=bool(raw.get("evaluate", True)),
         cache_grid=bool(raw.get("cache_grid", False)),
     )

@@ -64,6 +64,31 @@ def test_fixed_run_name_or_duplicate_grid_point_is_refused(tmp_path: Path) -> No
         plan_runs(load_sweep(write_sweep(tmp_path, {"distill.lambda_mc": [0.5, 0.5]})))
 
 
+def test_a_list_of_grids_runs_the_union_of_their_cross_products(tmp_path: Path) -> None:
+    grids = [
+        {"distill.method": ["kd", "sft"], "distill.train.seed": [0, 1]},
+        {"distill.method": ["kd"], "distill.lambda_mc": [0.5]},
+    ]
+    sweep = load_sweep(write_sweep(tmp_path, grids))
+    _, runs = plan_runs(sweep)
+    assert sweep.runs() == [
+        {"distill.method": "kd", "distill.train.seed": 0},
+        {"distill.method": "kd", "distill.train.seed": 1},
+        {"distill.method": "sft", "distill.train.seed": 0},
+        {"distill.method": "sft", "distill.train.seed": 1},
+        {"distill.method": "kd", "distill.lambda_mc": 0.5},
+    ]
+    assert [r.distill.method for r in runs] == ["kd", "kd", "sft", "sft", "kd"]
+    merged = {"distill.method": ["kd", "sft"], "distill.train.seed": [0, 1], "distill.lambda_mc": [0.5]}
+    assert sweep.grid == merged
+    # a point that two grids both give is one run listed twice: refused
+    twice = write_sweep(tmp_path, [{"distill.method": ["kd"]}, {"distill.method": ["kd", "sft"]}])
+    with pytest.raises(ConfigError, match="identical settings"):
+        plan_runs(load_sweep(twice))
+    with pytest.raises(ConfigError, match="list of such"):
+        load_sweep(write_sweep(tmp_path, [{"distill.method": "kd"}]))
+
+
 def test_setting_labels_use_the_shortest_unambiguous_key() -> None:
     point = {"distill.lambda_mc": 0.5, "distill.train.lr": 3e-4, "distill.method": "kd"}
     assert format_setting(point) == "lambda_mc=0.5, lr=0.0003, method=kd"
