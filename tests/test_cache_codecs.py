@@ -1,6 +1,7 @@
 """Schema-2 teacher caches (expert-state codecs) built from a tiny real Qwen3-MoE teacher by the in-process
 executor: key and schema version, round trip against the teacher's exact fp32 states, re-aggregation and the
-subspace read, token subsampling across a kill/resume, and verify refusing a missing or corrupt basis."""
+subspace read, token subsampling across a kill/resume, verify refusing a missing or corrupt basis, and the
+held-out fidelity sample (stored fp32, checked, the same figures as a teacher rerun)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from pipeline.models.alignment import aggregate_expert_states, aggregate_gates
 from pipeline.models.build import TinyMoEConfig, build_tiny_moe
 
 NUM_RECORDS, ROWS_PER_SHARD, E_T, WIDTH, LAYERS, D = 20, 8, 8, 4, (1, 3), 32
+HELDOUT_RECORDS, FIDELITY_TOKENS = 6, 64
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +68,10 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         max_length=150,
         prompt_template=TEMPLATE_SPEC,
         states_basis_tokens=300,
+        states_fidelity_tokens=FIDELITY_TOKENS,
     )
-    return {"root": root, "records": records, "tok": tok, "spec": spec}
+    heldout = generate_demo_records(HELDOUT_RECORDS, seed=4)  # the validation split's stand-in
+    return {"root": root, "records": records, "heldout": heldout, "tok": tok, "spec": spec}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +93,7 @@ def _runtime(**kw: Any) -> CacheRuntime:
 
 def _build(assets: dict[str, Any], root: Path, **codec: Any) -> str:
     spec = dataclasses.replace(assets["spec"], **codec)
-    return build_teacher_cache(spec, assets["records"], str(root), _runtime()).path
+    return build_teacher_cache(spec, assets["records"], str(root), _runtime(), heldout=assets["heldout"]).path
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +125,11 @@ def test_plain_codecs_keep_schema_1_and_its_key(assets: dict[str, Any]) -> None:
     }
     ranked = key_inputs(dataclasses.replace(spec, states_codec="fp8", states_rank=6), records, WIDTH)
     assert ranked["states_codec"]["rank"] == 6 and ranked != fp8
+    # The fidelity sample (held-out records) is content of a lossy cache only: a plain cache keeps its key.
+    assert key_inputs(spec, records, WIDTH, assets["heldout"]) == plain
+    held = key_inputs(dataclasses.replace(spec, states_codec="fp8"), records, WIDTH, assets["heldout"])
+    assert held["states_fidelity"]["tokens"] == FIDELITY_TOKENS
+    assert {k: v for k, v in held.items() if k != "states_fidelity"} == fp8
 
 
 def test_codec_caches_verify_and_declare_schema_2(caches: dict[str, str]) -> None:
@@ -130,6 +139,10 @@ def test_codec_caches_verify_and_declare_schema_2(caches: dict[str, str]) -> Non
         manifest = json.loads((Path(path) / "manifest.json").read_text())
         assert manifest["schema_version"] == 2
         assert ("state_basis" in manifest) == (name != "fp8")
+        sample = manifest["states_fidelity"]  # the held-out sample: exact fp32 states of FIDELITY_TOKENS
+        exact = np.load(Path(path) / "fidelity" / "exact_states.npy")
+        assert exact.dtype == np.float32 and exact.shape == (FIDELITY_TOKENS, len(LAYERS), WIDTH, D)
+        assert sample["num_tokens"] == FIDELITY_TOKENS and "fidelity/exact_states.npy" in sample["files"]
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -199,14 +212,18 @@ def test_kill_and_resume_gives_the_same_bytes_and_reuses_the_basis(
 ) -> None:
     spec = dataclasses.replace(assets["spec"], states_codec="int8", states_rank=8, states_token_fraction=0.5)
     with pytest.raises(CacheError, match="resume"):
-        build_teacher_cache(spec, assets["records"], str(tmp_path), _runtime(fail_after_shards=1))
+        build_teacher_cache(
+            spec, assets["records"], str(tmp_path), _runtime(fail_after_shards=1), heldout=assets["heldout"]
+        )
     path = Path(tmp_path) / Path(caches["int8-r8-half"]).name
-    basis_before = (path / "state_basis" / "u.npy").stat().st_mtime_ns
-    build_teacher_cache(spec, assets["records"], str(tmp_path), _runtime())
-    assert (path / "state_basis" / "u.npy").stat().st_mtime_ns == basis_before  # reused, not refitted
+    before = [(path / f).stat().st_mtime_ns for f in ("state_basis/u.npy", "fidelity/exact_states.npy")]
+    build_teacher_cache(spec, assets["records"], str(tmp_path), _runtime(), heldout=assets["heldout"])
+    after = [(path / f).stat().st_mtime_ns for f in ("state_basis/u.npy", "fidelity/exact_states.npy")]
+    assert after == before  # basis and fidelity sample reused, not recomputed
     resumed = json.loads((path / "manifest.json").read_text())
     reference = json.loads((Path(caches["int8-r8-half"]) / "manifest.json").read_text())
     assert resumed["shards"] == reference["shards"] and resumed["state_basis"] == reference["state_basis"]
+    assert resumed["states_fidelity"] == reference["states_fidelity"]
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
@@ -248,9 +265,11 @@ def test_storage_report_knows_the_codecs(caches: dict[str, str]) -> None:
     states = report.field_bytes("expert_states")
     # int8 rank 8: 2 pairs x 4 slots x (8 B + a 2 B scale), plus a 4 B row index, on half of the tokens.
     assert states.logical_per_token == pytest.approx(0.5 * (len(LAYERS) * WIDTH * (8 + 2) + 4))
-    assert "other" not in [f.name for f in report.fields]  # every file (the basis too) has its field
+    assert "other" not in [f.name for f in report.fields]  # every file (basis, fidelity sample) has its field
+    assert report.field_bytes("fidelity").disk_bytes > FIDELITY_TOKENS * len(LAYERS) * WIDTH * D * 4
     text = format_storage_report(report)
     assert "int8 rank 8, 50% of tokens" in text and "state basis" in text
+    assert "## Expert-state fidelity" in text and "held-out validation sequences" in text
 
 
 def test_ray_build_fits_the_same_basis_and_writes_the_same_shards(
@@ -262,9 +281,11 @@ def test_ray_build_fits_the_same_basis_and_writes_the_same_shards(
     )
     local = json.loads((Path(caches["int8-r8-half"]) / "manifest.json").read_text())
     assert local["layout"]["torch_threads"] == 1  # both builds round alike
-    path = build_teacher_cache(spec, assets["records"], str(tmp_path), runtime).path
+    heldout = assets["heldout"]
+    path = build_teacher_cache(spec, assets["records"], str(tmp_path), runtime, heldout=heldout).path
     on_ray = json.loads((Path(path) / "manifest.json").read_text())
     assert on_ray["state_basis"] == local["state_basis"] and on_ray["shards"] == local["shards"]
+    assert on_ray["states_fidelity"] == local["states_fidelity"]  # the sample's task rounds alike
     with pytest.raises(CacheError, match="with_state_mask=True"):  # a loss that ignores the mask is refused
         read_cache_dataset(path, {"gates", "expert_states"}, num_student_experts=2)
     row = read_cache_dataset(path, {"expert_states"}, num_student_experts=2, with_state_mask=True).take(1)[0]
@@ -289,13 +310,49 @@ def test_qwen_preset_projection_meets_the_storage_targets() -> None:
 def test_states_fidelity_report_ranks_the_codecs(caches: dict[str, str], tmp_path: Path) -> None:
     from pipeline.reports.fidelity import format_fidelity, states_fidelity, write_fidelity
 
-    fp8 = states_fidelity(caches["fp8"], num_sequences=4)
-    low = states_fidelity(caches["fp8-r6"], num_sequences=4)
-    assert [p["layer"] for p in fp8.pairs] == list(LAYERS) and fp8.num_sequences == 4
+    fp8 = states_fidelity(caches["fp8"])  # the stored held-out sample: no teacher run
+    low = states_fidelity(caches["fp8-r6"])
+    assert [p["layer"] for p in fp8.pairs] == list(LAYERS) and fp8.source == "stored"
+    assert fp8.num_tokens == FIDELITY_TOKENS
     for p in fp8.pairs:  # fp8 with per-row scales: ~7e-4 relative squared error, MC loss barely moves
         assert p["recon"] < 2e-3 and p["mc_rel"] < 0.01 and p["grad_cos"] > 0.99
     assert all(lo["recon"] > 10 * hi["recon"] for lo, hi in zip(low.pairs, fp8.pairs, strict=True))
-    exact = states_fidelity(caches["bf16-full-rank"], num_sequences=4)
+    exact = states_fidelity(caches["bf16-full-rank"])
     assert all(p["grad_cos"] > 0.9999 for p in exact.pairs)
+    rerun = states_fidelity(caches["fp8"], num_sequences=4, source="teacher")  # cached training sequences
+    assert rerun.num_sequences == 4 and all(p["recon"] < 2e-3 for p in rerun.pairs)
     text = format_fidelity(low)
     assert "fp8 rank 6" in text and write_fidelity(low, tmp_path).read_text().startswith("# Expert-state")
+
+
+def test_stored_fidelity_figures_match_a_teacher_rerun_on_its_tokens(caches: dict[str, str]) -> None:
+    from pipeline.reports.fidelity import states_fidelity
+
+    path = caches["int8-r8-half"]  # int8, low rank and token subsampling: every decoding step
+    stored = states_fidelity(path, source="stored")
+    rerun = states_fidelity(path, source="teacher-on-sample")  # same tokens, exact states recomputed
+    assert stored.num_tokens == rerun.num_tokens == FIDELITY_TOKENS
+    for s, r in zip(stored.pairs, rerun.pairs, strict=True):
+        assert s["layer"] == r["layer"]
+        assert s["recon"] == pytest.approx(r["recon"], rel=1e-3)
+        assert s["mc_rel"] == pytest.approx(r["mc_rel"], rel=1e-2, abs=1e-5)
+        assert s["grad_cos"] == pytest.approx(r["grad_cos"], abs=1e-5)
+
+
+def test_verify_and_the_report_refuse_a_corrupt_fidelity_sample(
+    caches: dict[str, str], tmp_path: Path
+) -> None:
+    from pipeline.reports.fidelity import states_fidelity
+
+    path = tmp_path / "cache"
+    shutil.copytree(caches["fp8"], path)
+    exact = path / "fidelity" / "exact_states.npy"
+    data = bytearray(exact.read_bytes())
+    data[-1] ^= 0xFF
+    exact.write_bytes(bytes(data))
+    report = verify_cache(str(path))
+    assert not report.ok and report.damaged == []  # no shard depends on the sample
+    assert any("fidelity/exact_states.npy" in p and "corrupt" in p and "repair" in p for p in report.problems)
+    with pytest.raises(CacheError, match=r"fidelity/exact_states\.npy"):
+        states_fidelity(str(path))
+    assert open_cache(str(path)).read_shard(0, {"expert_states"})  # training reads never open it

@@ -6,10 +6,11 @@ record. The maths (BasisAccumulator, projection) is pipeline/cache/codecs.py.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,21 +31,53 @@ BASIS_FIX = (
 )
 
 
-def _npy(arr: np.ndarray) -> bytes:
+def _npy(arr: np.ndarray, dtype: str = "<f4") -> bytes:
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr, dtype="<f4"), allow_pickle=False)  # deterministic bytes
+    np.save(buf, np.ascontiguousarray(arr, dtype=dtype), allow_pickle=False)  # deterministic bytes
     return buf.getvalue()
+
+
+def write_npy_files(cache_url: str, directory: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Write each array as directory/<name>.npy (little-endian, its own dtype); return the manifest's
+    {relative path: {bytes, sha256}} record of them."""
+    fs, root = cfs.get_fs(cache_url)
+    fs.makedirs(cfs.join(root, directory), exist_ok=True)
+    files = {}
+    for name, arr in arrays.items():
+        rel = f"{directory}/{name}.npy"
+        data = _npy(arr, np.dtype(arr.dtype).newbyteorder("<").str)
+        cfs.write_atomic(fs, cfs.join(root, rel), data)
+        files[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return files
+
+
+def file_problems(cache_url: str, files: dict[str, Any], what: str) -> list[str]:
+    """'<what> file REL is missing / corrupted (...)' for each recorded file whose size or sha256 differs."""
+    fs, root = cfs.get_fs(cache_url)
+    out = []
+    for rel, want in sorted(files.items()):
+        path = cfs.join(root, rel)
+        if not fs.exists(path):
+            out.append(f"{what} file {rel} is missing")
+            continue
+        data = fs.cat_file(path)
+        if len(data) != want["bytes"] or hashlib.sha256(data).hexdigest() != want["sha256"]:
+            out.append(
+                f"{what} file {rel} is corrupted ({len(data)} bytes, manifest says {want['bytes']}; sha256 "
+                f"differs)"
+            )
+    return out
+
+
+def read_npy(cache_url: str, rel: str) -> np.ndarray:
+    fs, root = cfs.get_fs(cache_url)
+    return np.load(io.BytesIO(fs.cat_file(cfs.join(root, rel))), allow_pickle=False)
 
 
 def write_basis(cache_url: str, basis: StateBasis, num_tokens: int) -> dict[str, Any]:
     """Write the basis files; return the manifest.state_basis record."""
-    fs, root = cfs.get_fs(cache_url)
-    fs.makedirs(cfs.join(root, BASIS_DIR), exist_ok=True)
-    files = {}
-    for name, rel in BASIS_FILES.items():
-        data = _npy(getattr(basis, name).numpy())
-        cfs.write_atomic(fs, cfs.join(root, rel), data)
-        files[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    arrays = {name: getattr(basis, name).numpy().astype(np.float32) for name in BASIS_FILES}
+    files = write_npy_files(cache_url, BASIS_DIR, arrays)
     return {"rank": basis.rank, "num_tokens": int(num_tokens), "files": files}
 
 
@@ -59,20 +92,7 @@ def basis_problems(cache_url: str, manifest: dict[str, Any]) -> list[str]:
         if not manifest["complete"]:
             return []  # a build killed before the basis was written: the resume fits it
         return [f"the cache stores rank-{codec['rank']} coefficients but manifest.json has no state_basis"]
-    fs, root = cfs.get_fs(cache_url)
-    out = []
-    for rel, want in sorted(record["files"].items()):
-        path = cfs.join(root, rel)
-        if not fs.exists(path):
-            out.append(f"basis file {rel} is missing")
-            continue
-        data = fs.cat_file(path)
-        if len(data) != want["bytes"] or hashlib.sha256(data).hexdigest() != want["sha256"]:
-            out.append(
-                f"basis file {rel} is corrupted ({len(data)} bytes, manifest says {want['bytes']}; sha256 "
-                f"differs)"
-            )
-    return out
+    return file_problems(cache_url, record["files"], "basis")
 
 
 def read_basis(cache_url: str, manifest: dict[str, Any]) -> StateBasis:
@@ -81,11 +101,7 @@ def read_basis(cache_url: str, manifest: dict[str, Any]) -> StateBasis:
     if problems or manifest.get("state_basis") is None:
         what = "; ".join(problems) or "it stores full states and has no state_basis"
         raise CacheError(f"teacher cache {cfs.redact(cache_url)}: {what}. {BASIS_FIX}")
-    fs, root = cfs.get_fs(cache_url)
-    arrays = {
-        name: torch.from_numpy(np.load(io.BytesIO(fs.cat_file(cfs.join(root, rel))), allow_pickle=False))
-        for name, rel in BASIS_FILES.items()
-    }
+    arrays = {name: torch.from_numpy(read_npy(cache_url, rel)) for name, rel in BASIS_FILES.items()}
     return StateBasis(arrays["u"], arrays["mean"])
 
 
@@ -111,33 +127,53 @@ def fit_state_basis(
     return ray.get(task.remote(spec, list(records), width, runtime))
 
 
-def _fit(spec: CacheSpec, records: list[Any], width: int, runtime: CacheRuntime) -> tuple[StateBasis, int]:
-    from pipeline.cache.teacher import TeacherShardStage, input_device, teacher_targets, tokenize_shard
+def sampled_targets(
+    stage: Any, spec: CacheSpec, records: Sequence[Any], batch_size: int
+) -> Iterator[tuple[list[dict[str, Any]], dict[str, torch.Tensor]]]:
+    """The teacher's targets over `records` in the seeded sample order (sample_order), batch_size sequences
+    per forward: (tokenised examples, seq_id = the record's index in `records`; their teacher_targets)."""
+    from pipeline.cache.teacher import input_device, teacher_targets, tokenize_shard
     from pipeline.data.collate import pad_batch
     from pipeline.data.stage import load_tokenizer
 
+    tokenizer = load_tokenizer(spec.tokenizer_path)
+    device = input_device(stage.adapter.model)
+    order = sample_order(len(records), spec.states.seed)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        examples = tokenize_shard(tokenizer, [records[i] for i in chunk], 0, spec.max_length)
+        if not examples:
+            continue
+        for ex in examples:  # tokenize_shard numbers them within the chunk
+            ex["seq_id"] = chunk[ex["seq_id"]]
+        batch = {k: v.to(device) for k, v in pad_batch(examples, stage.pad_id).items()}
+        yield examples, teacher_targets(stage.adapter, batch, stage.out)
+
+
+@contextlib.contextmanager
+def actor_threads(runtime: CacheRuntime) -> Iterator[None]:
+    """torch threads as the teacher actors run with (float rounding depends on it), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(runtime.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(spec: CacheSpec, records: list[Any], width: int, runtime: CacheRuntime) -> tuple[StateBasis, int]:
+    from pipeline.cache.teacher import TeacherShardStage
+
     states = spec.states
     assert states.rank is not None
-    threads = torch.get_num_threads()
-    torch.set_num_threads(runtime.threads)  # as the teacher actors: same rounding
-    try:
+    with actor_threads(runtime):
         stage = TeacherShardStage(spec, width, runtime.batch_size, runtime.num_gpus_per_actor)
-        tokenizer = load_tokenizer(spec.tokenizer_path)
-        device = input_device(stage.adapter.model)
-        acc, order, step = BasisAccumulator(), sample_order(len(records), states.seed), runtime.batch_size
-        for start in range(0, len(order), step):
-            chunk = [records[i] for i in order[start : start + step]]
-            examples = tokenize_shard(tokenizer, chunk, 0, spec.max_length)
-            if not examples:
-                continue
-            batch = {k: v.to(device) for k, v in pad_batch(examples, stage.pad_id).items()}
-            h = teacher_targets(stage.adapter, batch, stage.out)["expert_states"]
-            acc.update(h[: states.basis_tokens - acc.n])
+        acc = BasisAccumulator()
+        for _, t in sampled_targets(stage, spec, records, runtime.batch_size):
+            acc.update(t["expert_states"][: states.basis_tokens - acc.n])
             if acc.n >= states.basis_tokens:
                 break
         return acc.finish(states.rank), acc.n
-    finally:
-        torch.set_num_threads(threads)
 
 
 def ensure_state_basis(

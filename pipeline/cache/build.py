@@ -23,6 +23,7 @@ from typing import Any
 
 from pipeline.cache import fs as cfs
 from pipeline.cache.basis import ensure_state_basis
+from pipeline.cache.fidelity import ensure_fidelity_sample
 from pipeline.cache.integrity import reopen_if_damaged
 from pipeline.cache.key import cache_key, key_inputs
 from pipeline.cache.lock import CacheLock
@@ -80,32 +81,38 @@ def resolve_width(spec: CacheSpec, teacher: dict[str, Any]) -> int:
 
 
 def cache_path_for(
-    spec: CacheSpec, records: Sequence[Any], root: str
+    spec: CacheSpec, records: Sequence[Any], root: str, heldout: Sequence[Any] = ()
 ) -> tuple[str, str, dict[str, Any], dict[str, Any], int]:
     """(cache URL, key, key inputs, teacher dims, width) without building anything."""
     teacher = teacher_dims(spec.teacher_path)
     width = resolve_width(spec, teacher)
-    inputs = key_inputs(spec, records, width)
+    inputs = key_inputs(spec, records, width, heldout)
     key = cache_key(inputs)
     return cfs.join(root, key), key, inputs, teacher, width
 
 
 def build_teacher_cache(
-    spec: CacheSpec, records: Sequence[Any], root: str, runtime: CacheRuntime
+    spec: CacheSpec,
+    records: Sequence[Any],
+    root: str,
+    runtime: CacheRuntime,
+    heldout: Sequence[Any] = (),
 ) -> CacheInfo:
-    """Build (or resume, or find complete) the teacher cache for `records` under ROOT/<key>."""
+    """Build (or resume, or find complete) the teacher cache for `records` under ROOT/<key>. `heldout`
+    (records no student trains on: the validation split) supplies the fidelity sample of a lossy cache."""
     if not records:
         raise ConfigError(
             "build_teacher_cache got no records. Fix: point the data config at a non-empty dataset."
         )
-    url, key, inputs, teacher, width = cache_path_for(spec, records, root)
+    url, key, inputs, teacher, width = cache_path_for(spec, records, root, heldout)
     with CacheLock(url):  # one writer per cache directory; only the holder clears staging leftovers
-        return _build_locked(spec, records, runtime, url, key, inputs, teacher, width)
+        return _build_locked(spec, records, heldout, runtime, url, key, inputs, teacher, width)
 
 
 def _build_locked(
     spec: CacheSpec,
     records: Sequence[Any],
+    heldout: Sequence[Any],
     runtime: CacheRuntime,
     url: str,
     key: str,
@@ -151,6 +158,16 @@ def _build_locked(
             removed,
         )
     stats: dict[str, float] = {}
+    if "states_fidelity" in inputs:  # also when every shard is there (a repair dropped a damaged sample)
+        try:
+            manifest = ensure_state_basis(url, manifest, spec, records, width, runtime)  # the sample's codec
+            manifest = ensure_fidelity_sample(url, manifest, spec, heldout, width, runtime)
+        except Exception as e:
+            raise CacheError(
+                f"teacher cache build of {cfs.redact(url)} failed computing its fidelity sample: "
+                f"{root_cause(e)}. Fix: remove the cause, then rerun `moedistill cache --config ...` to "
+                "resume it."
+            ) from e
     if pending:
         meta = ShardMeta(
             cached_layers=spec.cached_layers,

@@ -143,12 +143,22 @@ def dataset_fingerprint(records: Sequence[Any]) -> str:
     return h.hexdigest()
 
 
-def key_inputs(spec: CacheSpec, records: Sequence[Any], width: int) -> dict[str, Any]:
+def stores_fidelity_sample(spec: CacheSpec, heldout: Sequence[Any]) -> bool:
+    """Whether the cache keeps a held-out fidelity sample (pipeline/cache/fidelity.py): its states are lossy
+    (schema 2), states_fidelity_tokens > 0 and there are held-out records to draw it from."""
+    lossy = spec.store_expert_states and spec.states.schema_version >= 2
+    return lossy and spec.states_fidelity_tokens > 0 and len(heldout) > 0
+
+
+def key_inputs(
+    spec: CacheSpec, records: Sequence[Any], width: int, heldout: Sequence[Any] = ()
+) -> dict[str, Any]:
     """The readable key inputs (stored in manifest.json); `width` is the resolved W.
 
     A cache without an expert-state codec (float16/bfloat16, full rank, every token) keeps schema 1 and its
     schema-1 inputs, so its key -- and every cache already built -- stays the same; any codec setting makes a
-    schema-2 cache whose inputs add "states_codec"."""
+    schema-2 cache whose inputs add "states_codec", and "states_fidelity" when it keeps a held-out fidelity
+    sample drawn from `heldout` (the validation split)."""
     states = spec.states if spec.store_expert_states else None
     version = states.schema_version if states is not None else 1
     inputs = {
@@ -181,6 +191,13 @@ def key_inputs(spec: CacheSpec, records: Sequence[Any], width: int) -> dict[str,
     if version >= 2:
         assert states is not None
         inputs["states_codec"] = states.key_inputs()
+    if stores_fidelity_sample(spec, heldout):
+        assert states is not None
+        inputs["states_fidelity"] = {
+            "tokens": spec.states_fidelity_tokens,
+            "heldout_fingerprint": dataset_fingerprint(heldout),
+            "seed": states.seed,
+        }
     if not spec.knowledge_augmentation.is_plain:  # plain KA computes the plain bytes: the plain key
         inputs["knowledge_augmentation"] = spec.knowledge_augmentation.key_inputs()
     return inputs

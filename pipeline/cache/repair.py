@@ -20,6 +20,7 @@ from pipeline.cache.build import (
     layout_settings,
     manifest_sources,
 )
+from pipeline.cache.fidelity import fidelity_problems
 from pipeline.cache.integrity import uncommit_shards, uncommitted_shard_dirs
 from pipeline.cache.lock import CacheLock
 from pipeline.cache.manifest import (
@@ -50,6 +51,7 @@ class RepairResult:
     path: str
     manifest_rebuilt: bool
     rebuilt_shards: list[int] = field(default_factory=list)
+    fidelity_recomputed: bool = False
     info: CacheInfo | None = None
     report: VerifyReport | None = None
 
@@ -58,10 +60,10 @@ def repair_cache(config: Config, path: str | None = None) -> RepairResult:
     """Repair the cache of `config` (at `path`, default: where the config's cache lives); CacheError when
     `path` holds another config's cache or the final verify fails."""
     prepared = prepare_data(config)
-    records = prepared.splits.train
+    records, heldout = prepared.splits.train, prepared.splits.validation
     spec = cache_spec_from_config(config, teacher_checkpoint(config), prepared.tokenizer_path)
     runtime = cache_runtime_from_config(config)
-    url, key, inputs, teacher, _ = cache_path_for(spec, records, config.cache.root)
+    url, key, inputs, teacher, _ = cache_path_for(spec, records, config.cache.root, heldout)
     path = (path or url).rstrip("/")
     name = path.rsplit("/", 1)[-1]
     if name != key:
@@ -97,10 +99,18 @@ def repair_cache(config: Config, path: str | None = None) -> RepairResult:
             uncommit_shards(path, damaged)
             if manifest["complete"]:
                 reopen_manifest(path, manifest)
+        if fidelity_problems(path, manifest):  # no shard depends on it: the resumed build recomputes it
+            log.warning("cache repair: recomputing the fidelity sample of %s", cfs.redact(path))
+            manifest = {k: v for k, v in manifest.items() if k != "states_fidelity"}
+            if manifest["complete"]:
+                manifest = reopen_manifest(path, manifest)
+            else:
+                write_manifest(path, manifest)
+            result.fidelity_recomputed = True
         committed = committed_shards(path)
         result.rebuilt_shards = [i for i in range(manifest["layout"]["num_shards"]) if i not in committed]
     # The build takes the lock itself; it resumes the reopened manifest (teacher work: uncommitted shards).
-    result.info = build_teacher_cache(spec, records, root, runtime)
+    result.info = build_teacher_cache(spec, records, root, runtime, heldout=heldout)
     if root == config.cache.root.rstrip("/"):
         remember_cache(config, result.info)
     result.report = verify_cache(path)
@@ -119,6 +129,8 @@ def format_repair_result(result: RepairResult) -> str:
         done.append("manifest rebuilt from the commit markers")
     if result.rebuilt_shards:
         done.append(f"shards {result.rebuilt_shards} rebuilt")
+    if result.fidelity_recomputed:
+        done.append("fidelity sample recomputed")
     head = f"repaired teacher cache {cfs.redact(result.path)}: " + ("; ".join(done) or "nothing was damaged")
     assert result.report is not None
     return f"{head}\n{format_verify_report(result.report)}"

@@ -44,6 +44,9 @@ class CacheSpec:
     states_rank: int | None = None
     states_basis_tokens: int = 65536
     states_token_fraction: float = 1.0
+    # Held-out fidelity sample (pipeline/cache/fidelity.py): exact fp32 states of this many validation-split
+    # tokens, stored beside a lossy-codec cache (schema 2) for `moedistill report states-fidelity`; 0: none.
+    states_fidelity_tokens: int = 256
 
     @property
     def states(self) -> StatesCodec:
@@ -83,6 +86,10 @@ class CacheSpec:
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
         problems += self.states.problems()
+        if self.states_fidelity_tokens < 0:
+            problems.append(
+                f"states_fidelity_tokens={self.states_fidelity_tokens} must be >= 0 (0: no sample)"
+            )
         problems += self.knowledge_augmentation.problems()
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             problems.append(

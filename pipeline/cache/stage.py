@@ -103,6 +103,7 @@ def cache_spec_from_config(config: Config, teacher_path: str, tokenizer_path: st
         states_rank=c.states_rank,
         states_basis_tokens=c.states_basis_tokens,
         states_token_fraction=c.states_token_fraction,
+        states_fidelity_tokens=c.states_fidelity_tokens,
         knowledge_augmentation=KnowledgeAugmentation(
             c.knowledge_augmentation.repeats, c.knowledge_augmentation.sampling_prob
         ),
@@ -126,7 +127,10 @@ def run_cache(config: Config, runtime: CacheRuntime | None = None) -> CacheInfo:
     spec = cache_spec_from_config(config, teacher_checkpoint(config), prepared.tokenizer_path)
     runtime = runtime or cache_runtime_from_config(config)
     check_placement(dict(config.cache.resources), what="teacher cache actors (cache.resources)")
-    info = build_teacher_cache(spec, prepared.splits.train, config.cache.root, runtime)
+    # The fidelity sample comes from the validation split: sequences no student trains on.
+    info = build_teacher_cache(
+        spec, prepared.splits.train, config.cache.root, runtime, heldout=prepared.splits.validation
+    )
     remember_cache(config, info)
     return info
 

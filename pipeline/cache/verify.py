@@ -13,6 +13,7 @@ from pipeline.cache import fs as cfs
 from pipeline.cache import schema
 from pipeline.cache.basis import basis_problems
 from pipeline.cache.codecs import StatesCodec, keep_rows
+from pipeline.cache.fidelity import FIDELITY_FIX, fidelity_problems
 from pipeline.cache.manifest import read_manifest
 from pipeline.cache.shard import committed_shards, open_arrays, read_commit, read_index
 from pipeline.errors import CacheError
@@ -77,6 +78,8 @@ def verify_cache(path: str, check_schema: bool = True) -> VerifyReport:
             f"{problem}. Fix: delete the cache directory and rerun `moedistill cache --config ...` (its "
             "shards were encoded with that basis, so they cannot be kept without it)."
         )
+    for problem in fidelity_problems(path, manifest):  # the held-out sample of the fidelity report
+        report.fail(f"{problem}. {FIDELITY_FIX}")
     for entry in shards:
         if _verify_shard(fs, root, path, entry, manifest, report, check_schema):
             report.num_shards_ok += 1

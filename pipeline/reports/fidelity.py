@@ -1,8 +1,10 @@
 """What a cache's expert-state codec costs the MC term: `moedistill report states-fidelity CACHE`.
 
-The teacher the cache was built from (manifest sources, or --teacher) is run again over a seeded sample of
-the cache's own sequences for their exact fp32 W-width states; the cache's reader returns what a student
-would see. Per layer pair:
+The exact fp32 W-width states come from the held-out sample the cache stage stored beside a lossy cache
+(pipeline/cache/fidelity.py: validation sequences no student trains on, with the same tokens encoded as a
+shard stores them), so no teacher runs. A cache without one (older, or built without held-out records) falls
+back, with a note, to rerunning its teacher (manifest sources, or --teacher) over a seeded sample of its own
+cached sequences, read back through the cache's reader. Per layer pair:
 
   recon       relative squared reconstruction error ||h^ - h||^2 / ||h||^2 over the tokens that have states
   MC rel err  |L^ - L| / L of the MC exploration loss (K=3, alpha=0.2, the same fixed draws) for a fixed
@@ -13,13 +15,17 @@ would see. Per layer pair:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.distill.losses import mc_exploration_loss
+
+log = logging.getLogger(__name__)
 
 MC_K, MC_ALPHA, STUDENT_NOISE = 3, 0.2, 0.5
 
@@ -63,66 +69,135 @@ def pair_fidelity(
 class FidelityReport:
     path: str
     states: str
+    source: str  # SOURCES: where the exact states came from
     num_sequences: int
     num_tokens: int
     pairs: list[dict[str, Any]]
 
 
-def states_fidelity(path: str, num_sequences: int = 16, teacher_path: str | None = None) -> FidelityReport:
-    """Per-pair fidelity of the cache at `path` on `num_sequences` of its sequences (seeded choice)."""
-    import numpy as np
+# stored: the held-out sample the cache stage kept (pipeline/cache/fidelity.py), no teacher run;
+# teacher: the teacher rerun over a seeded sample of the cached (training) sequences, read from the shards;
+# teacher-on-sample: the teacher rerun over the stored sample's sequences (checks the stored exact states);
+# auto: stored when the cache keeps a sample, else teacher (with a note).
+SOURCES = ("auto", "stored", "teacher", "teacher-on-sample")
+SOURCE_TEXT = {
+    "stored": "held-out validation sequences stored at cache time (no teacher run)",
+    "teacher": "cached training sequences, exact states from a teacher rerun",
+    "teacher-on-sample": "the stored held-out sequences, exact states from a teacher rerun",
+}
 
+
+def states_fidelity(
+    path: str, num_sequences: int = 16, teacher_path: str | None = None, source: str = "auto"
+) -> FidelityReport:
+    """Per-pair fidelity of the cache at `path` (see SOURCES; num_sequences: the teacher source only)."""
+    from pipeline.cache.fidelity import decode_sample, has_fidelity_sample, read_fidelity_sample
     from pipeline.cache.reader import open_cache
+    from pipeline.errors import CacheError, ConfigError
+    from pipeline.reports.storage import describe_states
+
+    if source not in SOURCES:
+        raise ConfigError(f"states-fidelity source {source!r} is unknown. Fix: use one of {list(SOURCES)}.")
+    cache = open_cache(path)
+    if not cache.has_expert_states:
+        raise CacheError(f"cache {cache.key} stores no expert states. Fix: pick a cache built with them.")
+    if source == "auto":
+        source = "stored" if has_fidelity_sample(cache.manifest) else "teacher"
+        if source == "teacher":
+            log.warning(
+                "note: cache %s keeps no held-out fidelity sample (built before it existed, with plain "
+                "float16/bfloat16 states, cache.states_fidelity_tokens: 0 or no validation split); rerunning "
+                "its teacher over %d cached training sequences instead",
+                cache.key,
+                num_sequences,
+            )
+    if source == "teacher":
+        examples = _cached_examples(cache, num_sequences)
+        h_hat = torch.cat([torch.from_numpy(ex["expert_states"]) for ex in examples])
+        keep = torch.cat(
+            [
+                torch.from_numpy(ex.get("expert_state_mask", np.ones(ex["num_tokens"], dtype=bool)))
+                for ex in examples
+            ]
+        )
+        h, g = rerun_teacher(cache, examples, teacher_path)
+    else:
+        sample = read_fidelity_sample(cache.path, cache.manifest)
+        examples = sample.examples()
+        h_hat, keep = decode_sample(cache.path, cache.manifest, sample)
+        if source == "stored":
+            h, g = torch.from_numpy(sample.arrays["exact_states"]), torch.from_numpy(sample.arrays["gates"])
+        else:
+            h, g = rerun_teacher(cache, examples, teacher_path)
+    return FidelityReport(
+        cache.path,
+        describe_states(cache.states),
+        source,
+        len(examples),
+        int(h.shape[0]),
+        fidelity_pairs(cache.cached_layers, g, h, h_hat, keep),
+    )
+
+
+def fidelity_pairs(
+    layers: list[int], gates: torch.Tensor, exact: torch.Tensor, approx: torch.Tensor, keep: torch.Tensor
+) -> list[dict[str, Any]]:
+    """pair_fidelity of every cached layer pair: gates [N, P, W], states [N, P, W, D], keep [N]."""
+    return [
+        {"layer": layer, **pair_fidelity(gates[:, p], exact[:, p], approx[:, p], keep, seed=p)}
+        for p, layer in enumerate(layers)
+    ]
+
+
+def _cached_examples(cache: Any, num_sequences: int) -> list[dict[str, Any]]:
+    """A seeded choice of `num_sequences` cached sequences with what the reader returns for them."""
+    shards = [s for s in cache.shards if s["num_rows"] > 0]
+    examples: list[dict[str, Any]] = []
+    for i in np.random.default_rng(0).permutation(len(shards)):
+        examples += cache.read_shard(int(shards[i]["shard_id"]), {"gates", "expert_states"})
+        if len(examples) >= num_sequences:
+            break
+    return examples[:num_sequences]
+
+
+def rerun_teacher(
+    cache: Any, examples: list[dict[str, Any]], teacher_path: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact fp32 W-width (states [N, P, W, D], gates [N, P, W]) of `examples` (input_ids, response_mask,
+    num_tokens: their first num_tokens distillation positions), one sequence per teacher forward."""
     from pipeline.cache.teacher import TeacherOutputSpec, input_device, load_teacher, teacher_targets
     from pipeline.data.collate import pad_batch
     from pipeline.errors import CacheError
     from pipeline.models.adapter import MoEAdapter
     from pipeline.placement import teacher_placement
-    from pipeline.reports.storage import describe_states
 
-    cache = open_cache(path)
-    if not cache.has_expert_states:
-        raise CacheError(f"cache {cache.key} stores no expert states. Fix: pick a cache built with them.")
     teacher_path = teacher_path or cache.manifest.get("sources", {}).get("teacher_path")
     if not teacher_path:
         raise CacheError(f"cache {cache.key} does not record its teacher. Fix: pass --teacher PATH.")
-    shards = [s for s in cache.shards if s["num_rows"] > 0]
-    order = np.random.default_rng(0).permutation(len(shards))
-    examples: list[dict[str, Any]] = []
-    for i in order:
-        examples += cache.read_shard(int(shards[i]["shard_id"]), {"gates", "expert_states"})
-        if len(examples) >= num_sequences:
-            break
-    examples = examples[:num_sequences]
     dtype = cache.manifest["key_inputs"]["dtypes"]["compute"]
     model = load_teacher(teacher_path, dtype, teacher_placement(0.0, []))
     adapter = MoEAdapter(model)
     out = TeacherOutputSpec(tuple(cache.cached_layers), cache.width, "topk", 1, "float16", True, "none", 1)
     pad = model.config.pad_token_id
-    exact, approx, gates, keep = [], [], [], []
+    exact, gates = [], []
     for ex in examples:
         batch = pad_batch(
             [{"input_ids": ex["input_ids"], "response_mask": ex["response_mask"]}], int(pad or 0)
         )
         t = teacher_targets(adapter, {k: v.to(input_device(model)) for k, v in batch.items()}, out)
-        exact.append(t["expert_states"])
-        gates.append(t["gates"])
-        approx.append(torch.from_numpy(ex["expert_states"]))
-        keep.append(torch.from_numpy(ex.get("expert_state_mask", np.ones(ex["num_tokens"], dtype=bool))))
-    h, h_hat, g, k = (torch.cat(x) for x in (exact, approx, gates, keep))
-    pairs = [
-        {"layer": layer, **pair_fidelity(g[:, p], h[:, p], h_hat[:, p], k, seed=p)}
-        for p, layer in enumerate(cache.cached_layers)
-    ]
-    return FidelityReport(cache.path, describe_states(cache.states), len(examples), int(h.shape[0]), pairs)
+        exact.append(t["expert_states"][: ex["num_tokens"]])
+        gates.append(t["gates"][: ex["num_tokens"]])
+    return torch.cat(exact), torch.cat(gates)
 
 
-def format_fidelity(report: FidelityReport) -> str:
+def format_fidelity(report: FidelityReport, level: int = 1) -> str:
+    """Markdown; level: the heading level (2 inside the storage report)."""
     lines = [
-        f"# Expert-state fidelity: {report.path}",
+        f"{'#' * level} Expert-state fidelity: {report.path}",
         "",
-        f"States {report.states}; {report.num_sequences} sequences, {report.num_tokens} distillation tokens; "
-        f"fixed random student = exact + {STUDENT_NOISE}x rms noise, MC K={MC_K}, alpha={MC_ALPHA}.",
+        f"States {report.states}; {report.num_sequences} sequences ({SOURCE_TEXT[report.source]}), "
+        f"{report.num_tokens} distillation tokens; fixed random student = exact + {STUDENT_NOISE}x rms "
+        f"noise, MC K={MC_K}, alpha={MC_ALPHA}.",
         "",
         "| teacher layer | recon rel. sq. error | MC-loss rel. error | gradient cosine |",
         "|---:|---:|---:|---:|",

@@ -34,7 +34,9 @@ from pipeline.plotting import pyplot
 
 GIB = 2**30
 DEFAULT_PROJECTED_TOKENS = 1e9
-FIELDS = ("logits", "gates", "expert_states", "index", "metadata", "other")
+# fidelity: the held-out sample of `report states-fidelity` (pipeline/cache/fidelity.py): once per cache,
+# never read by training
+FIELDS = ("logits", "gates", "expert_states", "index", "metadata", "fidelity", "other")
 _ARRAY_FIELD = {
     "logit_indices": "logits",
     "logit_values": "logits",
@@ -85,6 +87,7 @@ class StorageReport:
     projected_tokens: float = DEFAULT_PROJECTED_TOKENS
     usd_per_gb_month: float = 0.023
     notes: list[str] = field(default_factory=list)
+    sections: list[str] = field(default_factory=list)  # markdown appended to the report (states fidelity)
 
     def field_bytes(self, name: str) -> FieldBytes:
         return next(f for f in self.fields if f.name == name)
@@ -158,10 +161,19 @@ def measure_store(
         "other": disk["other"] / tokens,
     }
     dense = _dense_fp32(teacher, index_per_token=disk["index"] / tokens)  # it needs the same index
-    fields = [FieldBytes(n, logical[n], disk[n] / tokens, dense.get(n, 0.0), disk[n]) for n in FIELDS]
-    if not disk["other"]:
-        fields = fields[:-1]
-    else:
+    logical["fidelity"] = disk["fidelity"] / tokens  # .npy files: stored uncompressed
+    fields = [
+        FieldBytes(n, logical[n], disk[n] / tokens, dense.get(n, 0.0), disk[n])
+        for n in FIELDS
+        if disk[n] or n not in ("fidelity", "other")
+    ]
+    sample = manifest.get("states_fidelity")
+    if sample is not None:
+        notes.append(
+            f"fidelity: the held-out fidelity sample ({sample['num_tokens']} validation tokens, exact fp32 "
+            f"states and their encoded rows; {disk['fidelity']} bytes once per cache, never trained on)"
+        )
+    if disk["other"]:
         notes.append(
             f"{disk['other']} bytes in files that are not part of the cache layout (e.g. leftovers of killed "
             "writes: the next `moedistill cache` run removes shards/.tmp-*)"
@@ -185,9 +197,15 @@ def measure_store(
                 f"{name}: {disk[name]} bytes on disk but the manifest records {want}: the store was "
                 f"modified. Fix: run `moedistill cache verify {path}`"
             )
+    sections = []
+    if sample is not None and manifest["complete"]:  # the stored sample makes it cheap: no teacher runs
+        from pipeline.reports.fidelity import format_fidelity, states_fidelity  # why: torch and the losses
+
+        sections.append(format_fidelity(states_fidelity(path, source="stored"), level=2))
     return StorageReport(
         source=path,
         measured=True,
+        sections=sections,
         dims=_dims_from_manifest(manifest),
         fields=fields,
         num_tokens=tokens,
@@ -206,6 +224,8 @@ def _classify(rel: str) -> str:
         return "metadata"
     if parts[0] == "state_basis":
         return "expert_states"  # the low-rank basis (one per cache) is what the coefficients need
+    if parts[0] == "fidelity":
+        return "fidelity"
     if len(parts) < 3 or parts[0] != "shards" or not parts[1].startswith("shard-"):
         return "other"  # includes staging directories shards/.tmp-*
     if parts[2:] == ["_SHARD.json"]:
@@ -459,6 +479,8 @@ def format_storage_report(report: StorageReport) -> str:
         )
     if report.notes:
         lines += ["", *[f"- {note}" for note in report.notes]]
+    for section in report.sections:
+        lines += ["", section]
     return "\n".join(lines) + "\n"
 
 
