@@ -19,6 +19,7 @@ import yaml
 
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, DataError, MoeDistillError
+from pipeline.network import hub_load_kwargs
 from pipeline.placement import warn_if_job_local, warn_job_local_paths
 from pipeline.ray_session import connect
 
@@ -47,9 +48,17 @@ def load_cli_config(args: argparse.Namespace) -> Config:
 
 def check_data(config: Config) -> None:
     """Records, splits and tokenizer ready (the demo's generated) before Ray starts: a data problem is an
-    error in seconds, not after a cluster started. Every stage reuses what this prepares."""
+    error in seconds, not after a cluster started. Every stage reuses what this prepares. Hub ids among the
+    model sources are resolved first: an offline machine names the setting in seconds."""
     from pipeline.data.stage import prepare_data  # why here: the tokenizer code imports transformers
 
+    for role in ("teacher", "student"):
+        model = getattr(config, role)
+        for key in ("path", "upcycle_from"):
+            if getattr(model, key) is not None:
+                hub_load_kwargs(getattr(model, key), f"{role}.{key}")
+    if config.tokenizer.path is not None:
+        hub_load_kwargs(config.tokenizer.path, "tokenizer.path")
     prepare_data(config)
 
 
@@ -62,25 +71,25 @@ def _parse_override(text: str) -> tuple[str, object]:
 
 # --- commands -----------------------------------------------------------------------------------------------
 def cmd_finetune_teacher(args: argparse.Namespace) -> None:
+    config = load_cli_config(args)
+    check_data(config)  # before the stage's torch import: a bad input fails in seconds
     from pipeline.finetune.stage import format_finetune_result, run_finetune
 
-    config = load_cli_config(args)
-    check_data(config)
     connect()
     print(format_finetune_result(run_finetune(config, force=args.force)))
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
     if args.action == "build":
-        from pipeline.cache.stage import format_cache_info, run_cache
-
         if not args.config:
             raise ConfigError(
                 "`moedistill cache` needs a config to build from. Fix: pass --config C (or run `cache "
                 "verify PATH` / `cache ls ROOT`)."
             )
         config = load_cli_config(args)
-        check_data(config)
+        check_data(config)  # before the stage's torch import: a bad input fails in seconds
+        from pipeline.cache.stage import format_cache_info, run_cache
+
         connect()
         print(format_cache_info(run_cache(config)))
         return
@@ -114,12 +123,13 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from pipeline.distill.stage import format_distill_result, run_distill
     from pipeline.sweep import check_method
 
     config = load_cli_config(args)
     check_method(config, where="distill.method")  # before Ray starts
-    check_data(config)
+    check_data(config)  # before the stage's torch import: a bad input fails in seconds
+    from pipeline.distill.stage import format_distill_result, run_distill
+
     connect()
     print(format_distill_result(run_distill(config)))
 
@@ -167,7 +177,7 @@ def cmd_report(args: argparse.Namespace) -> list[Path]:
     if args.kind == "states-fidelity" and args.target:
         from pipeline.reports.fidelity import format_fidelity, states_fidelity, write_fidelity
 
-        fidelity = states_fidelity(args.target, args.sequences, args.teacher)
+        fidelity = states_fidelity(args.target, args.sequences, args.teacher, args.source)
         print(format_fidelity(fidelity))
         key = fidelity.path.rstrip("/").rsplit("/", 1)[-1]
         return _done([write_fidelity(fidelity, args.out or Path("reports") / "states-fidelity" / key)])
@@ -296,7 +306,16 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="project storage from a config alone (storage)")
     p.add_argument("--tokens", type=float, default=None, help="projected token count (storage)")
     p.add_argument("--usd-per-gb-month", type=float, default=0.023, help="storage price (storage)")
-    p.add_argument("--sequences", type=int, default=16, help="cached sequences compared (states-fidelity)")
+    p.add_argument(
+        "--source",
+        choices=["auto", "stored", "teacher", "teacher-on-sample"],
+        default="auto",
+        help="exact states (states-fidelity): the held-out sample stored at cache time, a teacher rerun over "
+        "cached sequences, or over the stored sample; auto = stored if the cache keeps one, else teacher",
+    )
+    p.add_argument(
+        "--sequences", type=int, default=16, help="cached sequences compared (states-fidelity, teacher)"
+    )
     p.add_argument("--teacher", help="teacher checkpoint, default: the cache's (states-fidelity)")
     p.add_argument("--out", help="output folder for PNG/markdown (default: beside the target)")
 

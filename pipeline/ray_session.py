@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 
 from pipeline.errors import MoeDistillError
-
-PROBE_TIMEOUT_S = 3.0
+from pipeline.network import PROBE_TIMEOUT_S, tcp_answers
 
 
 def connect(num_cpus: int | None = None) -> None:
@@ -69,13 +67,7 @@ def address_answers(address: str) -> bool:
     Ray resolves itself ("auto", "local") count as answering."""
     hostport = address.split("://", 1)[-1].split("/", 1)[0]
     host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        return True
-    try:
-        with socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
+    return not host or not port.isdigit() or tcp_answers(host, int(port))
 
 
 def quiet_ray_internals() -> None:

@@ -240,14 +240,18 @@ def test_10_a_dead_ray_address_is_an_error_naming_it(capsys: pytest.CaptureFixtu
 
 
 # --- 11. determinism ----------
+@pytest.mark.parametrize("workers", [1, 2])  # 2: DDP on gloo, each worker its half of every batch
 def test_11_two_runs_of_one_config_give_identical_weights_and_losses(
-    built: dict[str, Any], tmp_path: Path
+    built: dict[str, Any], tmp_path: Path, workers: int
 ) -> None:
     from pipeline.distill.stage import run_distill
 
     results = []
     for name in ("a", "b"):
-        config = with_overrides(built["config"], {"output_dir": str(tmp_path / name)})
+        overrides = {"output_dir": str(tmp_path / name), "distill.train.num_workers": workers}
+        if workers > 1:
+            overrides["distill.train.max_steps"] = 4  # tiny: each run starts a worker group of two
+        config = with_overrides(built["config"], overrides)
         result = run_distill(config)
         weights = hashlib.sha256((Path(result.export_dir) / "model.safetensors").read_bytes()).hexdigest()
         results.append((weights, result.val_loss))

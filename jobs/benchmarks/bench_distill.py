@@ -12,7 +12,9 @@ then times, on identical micro-batches and the same torch thread count:
   online        the same B-Distill step, but the teacher runs every step (forward + all experts + top-k +
                 aggregation) as a pipeline without a cache must do
 
-and prints the ratios from-cache / sft and online / from-cache. Finally it runs a real Ray Train
+and prints the ratios from-cache / sft and online / from-cache, and what the per-shard checksums cost a read:
+the whole cache read (the fields B-Distill trains on) with every file hashed at first open against the
+same read with the files already verified in this process. Finally it runs a real Ray Train
 distillation from the cache (1 worker) and reports the fraction of step time spent waiting for data: in
 steady state, over the whole run, and in its first steps (Ray Data starting to stream the cache).
 Absolute times only mean something on the target hardware; the ratios are the result.
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runnable as a pl
 import torch
 
 from pipeline.cache import CacheRuntime, build_teacher_cache, open_cache
+from pipeline.cache.integrity import files_for_fields, forget_verified
 from pipeline.cache.sparsify import topk_sparsify
 from pipeline.cache.stage import cache_spec_from_config
 from pipeline.config import DistillConfig, load_config, with_overrides
@@ -58,6 +61,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the in-process timings")
     parser.add_argument("--ray-steps", type=int, default=60, help="steps of the real Ray Train run")
+    parser.add_argument("--read-repeats", type=int, default=5, help="timed full cache reads per setting")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -93,14 +97,19 @@ def main() -> None:
         teacher_layers = [t for _, t in pairs]
         num_experts = config.student.build.num_experts
 
-        rows = []
-        for shard in cache.shards:
-            rows += cache.read_shard(
-                int(shard["shard_id"]),
-                fields={"logits", "gates", "expert_states"},
-                num_student_experts=num_experts,
-                teacher_layers=teacher_layers,
-            )
+        def read_all() -> list[dict]:  # every cached sequence with what B-Distill trains on
+            rows = []
+            for shard in cache.shards:
+                rows += cache.read_shard(
+                    int(shard["shard_id"]),
+                    fields={"logits", "gates", "expert_states"},
+                    num_student_experts=num_experts,
+                    teacher_layers=teacher_layers,
+                )
+            return rows
+
+        rows = read_all()
+        read_on, read_off = _read_timings(read_all, args.read_repeats)
         batches = [
             _collate(rows[i : i + args.batch_size], tokenizer.pad_token_id)
             for i in range(0, len(rows) - args.batch_size + 1, args.batch_size)
@@ -161,6 +170,9 @@ def main() -> None:
         data_wait = _ray_train_data_wait(config, info.path, args)
         ray.shutdown()
 
+    read = {"logits", "gates", "expert_states"}
+    cache_mb = sum(s["files"][f]["bytes"] for s in cache.shards for f in files_for_fields(s["files"], read))
+    cache_mb /= 2**20
     tokens = statistics.mean(int(distill_positions(b["response_mask"]).sum()) for b in batches)
     print(
         f"\nbench_distill: {len(rows)} cached sequences, batch {args.batch_size} (~{tokens:.0f} distillation "
@@ -175,6 +187,11 @@ def main() -> None:
     print(f"  of which cached targets (kd / sft):   {kd_over_sft:.2f}x; the rest is B-Distill's own compute")
     print(f"ratio online-teacher / from-cache step: {timings['online teacher'] / timings['from cache']:.2f}x")
     print(
+        f"cache read of all {len(cache.shards)} shards ({cache_mb:.1f} MB of files it opens): "
+        f"{read_on * 1e3:.0f} ms with the per-shard checksums (first open), {read_off * 1e3:.0f} ms with "
+        f"them already verified (decode only): checksum on / off = {read_on / read_off:.2f}x"
+    )
+    print(
         f"Ray Train from cache, {args.ray_steps} steps: data wait = {data_wait.steady:.1%} of step time "
         f"in steady state (target < 5%); {data_wait.overall:.1%} over the whole run, "
         f"{data_wait.start_up:.0%} in the first 5 steps (Ray Data starting to stream)"
@@ -186,6 +203,22 @@ def _collate(rows, pad_id: int) -> dict[str, torch.Tensor]:
     for name in ("logit_indices", "logit_values", "logit_tail_logmass", "gates", "expert_states"):
         batch[name] = torch.cat([torch.as_tensor(r[name]) for r in rows], dim=0)
     return batch
+
+
+def _read_timings(read_all, repeats: int) -> tuple[float, float]:
+    """Median seconds of a full cache read with every file's sha256 checked at first open (the memo of
+    verified files cleared first) and with the files already verified in this process (decode only). The
+    two alternate, after the first read warmed the page cache, so both read the same cached bytes."""
+    on, off = [], []
+    for _ in range(repeats):
+        forget_verified()
+        start = time.perf_counter()
+        read_all()
+        on.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        read_all()  # every file passed just now: no hashing
+        off.append(time.perf_counter() - start)
+    return statistics.median(on), statistics.median(off)
 
 
 def _time_steps(step, batches, optimizer, steps: int) -> float:

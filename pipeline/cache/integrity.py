@@ -60,6 +60,13 @@ def _damage(cache_path: str, entry: dict[str, Any], problem: str, also: str = ""
     )
 
 
+def forget_verified() -> None:
+    """Forget which files passed in this process, so the next read of each hashes it again (what a first
+    open costs; jobs/benchmarks/bench_distill.py times reads both ways). Never skips a check."""
+    with _LOCK:
+        _VERIFIED.clear()
+
+
 def ensure_verified(cache_path: str, entry: dict[str, Any], fields: Iterable[str]) -> None:
     """CacheError unless every file of shard `entry` that a read of `fields` opens has the manifest's sha256.
 

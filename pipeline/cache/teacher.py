@@ -33,6 +33,7 @@ from pipeline.data.tokenize import tokenize_records
 from pipeline.errors import CacheError
 from pipeline.models.alignment import aggregate_expert_states, aggregate_gates
 from pipeline.models.generate import generate_token_ids
+from pipeline.network import hub_load_kwargs
 from pipeline.placement import TeacherPlacement, check_no_offload, teacher_placement, visible_gpu_memory
 
 
@@ -265,13 +266,17 @@ def load_teacher(teacher_path: str, compute_dtype: str, placement: TeacherPlacem
     from pipeline.models.build import load_causal_lm
 
     if placement.kind != "device_map":
-        return load_causal_lm(teacher_path, torch_dtype=compute_dtype).to(placement.kind)
+        model = load_causal_lm(teacher_path, torch_dtype=compute_dtype, setting="teacher.path")
+        return model.to(placement.kind)
     from transformers import AutoModelForCausalLM
 
     n = len(placement.max_memory or {})
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            teacher_path, dtype=getattr(torch, compute_dtype), **placement.from_pretrained_kwargs()
+            teacher_path,
+            dtype=getattr(torch, compute_dtype),
+            **hub_load_kwargs(teacher_path, "teacher.path"),
+            **placement.from_pretrained_kwargs(),
         )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise CacheError(

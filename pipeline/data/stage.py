@@ -19,6 +19,7 @@ from pipeline.data.records import LoadStats, Record, load_records, write_jsonl
 from pipeline.data.split import Splits, split_records
 from pipeline.data.template import format_prompt
 from pipeline.errors import DataError
+from pipeline.network import hub_load_kwargs
 from pipeline.workspace import Paths, paths_for
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def load_tokenizer(path: str) -> Any:  # a PreTrainedTokenizerBase
     from transformers import AutoTokenizer  # keeps transformers out of processes that never tokenise
 
     try:
-        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
+        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path, **hub_load_kwargs(path, "the tokenizer"))
         return _TOKENIZERS[path]
     except (OSError, ValueError) as exc:
         raise DataError(

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen3Config, Qwe
 
 from pipeline.config import ArchitectureConfig
 from pipeline.errors import ConfigError, ModelError
+from pipeline.network import hub_load_kwargs
 
 
 @dataclass(frozen=True)
@@ -143,13 +144,16 @@ def build_tiny_dense(arch: ArchitectureConfig, tokenizer: Any, seed: int) -> Pre
     return model.eval()
 
 
-def load_causal_lm(name_or_path: str, torch_dtype: torch.dtype | str | None = None) -> PreTrainedModel:
+def load_causal_lm(
+    name_or_path: str, torch_dtype: torch.dtype | str | None = None, setting: str = "the model"
+) -> PreTrainedModel:
     """`AutoModelForCausalLM.from_pretrained` (eval mode) with an actionable ModelError when it cannot load.
 
     torch_dtype: a torch.dtype, its name ("bfloat16") or "auto"; None = the checkpoint's dtype
-    (transformers 5's default, "auto").
+    (transformers 5's default, "auto"). `setting`: the config key that named it, for the offline-hub error.
     """
     kwargs = {} if torch_dtype is None else {"dtype": _as_dtype(torch_dtype)}
+    kwargs.update(hub_load_kwargs(name_or_path, setting))  # an offline hub id fails here, in seconds
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError, KeyError) as exc:

@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.config import ModelConfig
 from pipeline.errors import ConfigError
+from pipeline.network import hub_load_kwargs
 
 # What pipeline.models.build.tiny_moe_hf_config instantiates for a `build` model.
 BUILT_MODEL_TYPE = "qwen3_moe"
@@ -72,7 +73,9 @@ def read_dims(
         else:
             from transformers import AutoConfig  # hub ids only: local checkpoints need no transformers
 
-            raw = AutoConfig.from_pretrained(name_or_path, local_files_only=local_files_only).to_dict()
+            # A hub id: the local cache only when asked, else a clear error in seconds when offline.
+            hub = {"local_files_only": True} if local_files_only else hub_load_kwargs(name_or_path, role)
+            raw = AutoConfig.from_pretrained(name_or_path, **hub).to_dict()
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read the {role} config at {name_or_path!r}: {exc}. Fix: {fix}") from None
     return dims_from_config(raw, name_or_path)

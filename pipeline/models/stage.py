@@ -15,7 +15,7 @@ from pipeline.models.upcycle import upcycle_dense_to_moe
 def materialize_model(model_cfg: ModelConfig, tokenizer) -> PreTrainedModel:
     """Deterministic for a given config: every Ray worker that calls it gets identical weights."""
     if model_cfg.path is not None:
-        return load_causal_lm(model_cfg.path, torch_dtype=model_cfg.torch_dtype)
+        return load_causal_lm(model_cfg.path, torch_dtype=model_cfg.torch_dtype, setting="the model path")
     if model_cfg.upcycle_from is not None:
         return upcycle_dense_to_moe(
             model_cfg.upcycle_from,

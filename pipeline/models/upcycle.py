@@ -48,7 +48,7 @@ def upcycle_dense_to_moe(
     if noise_std < 0:
         raise ModelError(f"noise_std={noise_std} must be >= 0.")
     owned = isinstance(dense, str)
-    dense_model = load_causal_lm(dense) if owned else dense
+    dense_model = load_causal_lm(dense, setting="upcycle_from") if owned else dense
     moe_config = _moe_config(dense_model.config, num_experts, top_k)
     dtype = dense_model.dtype
 
