@@ -267,17 +267,33 @@ def warn_if_job_local(config: Any) -> list[str]:
 
 
 # --- training workers and tasks placed like them ----------------------------------------------------------
-def worker_resources(cfg: TrainConfig) -> dict[str, float] | None:
-    """Leave one CPU to Ray Data: workers that hold every CPU starve the dataset feeding them (a hang)."""
+def worker_resources(cfg: TrainConfig, reserved_cpus: float = 0.0) -> dict[str, float] | None:
+    """Leave one CPU to Ray Data: workers that hold every CPU starve the dataset feeding them (a hang).
+    `reserved_cpus`: CPUs held by other actors of the run for its whole length (the teacher service)."""
     import ray
 
     resources = dict(cfg.resources_per_worker)
     if "CPU" in resources or not ray.is_initialized():
         return resources or None
-    total_cpus = ray.cluster_resources().get("CPU", 0.0)
+    total_cpus = ray.cluster_resources().get("CPU", 0.0) - reserved_cpus
     if total_cpus - cfg.num_workers < 1:
         resources["CPU"] = max(0.1, round((total_cpus - 1) / cfg.num_workers, 2))
     return resources or None
+
+
+def small_cluster_cpu_share(num_service_actors: int, cfg: TrainConfig) -> float | None:
+    """Logical CPUs per teacher-service actor when whole CPUs for the service and the training workers
+    would leave Ray Data none (a 2-CPU machine: service 1 + worker 1 = a hang); None when they fit. Logical
+    only: the threads each side uses are set apart (torch_threads)."""
+    import ray
+
+    if not ray.is_initialized() or "CPU" in cfg.resources_per_worker:
+        return None
+    total_cpus = ray.cluster_resources().get("CPU", 0.0)
+    holders = num_service_actors + cfg.num_workers
+    if total_cpus - holders >= 1:
+        return None
+    return max(0.1, round((total_cpus - 1) / holders, 2))
 
 
 def run_placed_like(train: TrainConfig, fn: Callable[..., T], *args: Any) -> T:

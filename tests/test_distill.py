@@ -70,6 +70,10 @@ def test_two_worker_b_distill_from_cache_exports_a_working_student(cached_config
     assert generated.shape[1] > prompt["input_ids"].shape[1]
     # Asking again is a no-op: the finished run is reused, not retrained.
     assert run_distill(config).skipped
+    # Stopped after the export but before its summary.json: the rerun measures the export, never crashes.
+    (Path(result.export_dir).parent / "summary.json").unlink()
+    again = run_distill(config)
+    assert again.skipped and abs(again.val_loss - result.val_loss) < 1e-6
 
 
 def killed_at_step_3_then_rerun(config: Config, monkeypatch: pytest.MonkeyPatch) -> list[dict]:

@@ -192,7 +192,8 @@ def test_on_policy_presets_name_their_loss_source_and_simplifications() -> None:
     from pipeline.distill import onpolicy
     from pipeline.distill.methods import ON_POLICY_METHODS, get_method, method_names
 
-    assert set(ON_POLICY_METHODS) == {"imitkd", "gkd-on-policy", "minillm", "distillm-sgo", "distillm-2"}
+    names = {"imitkd", "gkd-on-policy", "minillm", "distillm-sgo", "distillm-2", "sar"}
+    assert set(ON_POLICY_METHODS) == names
     for name, spec in ON_POLICY_METHODS.items():
         assert spec.name == name and spec.source and spec.deviation and spec.data
         assert callable(getattr(onpolicy, spec.loss))

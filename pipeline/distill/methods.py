@@ -11,6 +11,8 @@ offline cache. The on-policy methods (ON_POLICY_METHODS: ImitKD, on-policy GKD, 
 student-generated outputs, DistiLLM-2) need the teacher service to score student samples: the distill stage
 runs them with pipeline.distill.onpolicy_task.OnPolicyTask, their dataset batches reading the cached fields
 of an offline preset (`OnPolicyMethodSpec.base`); one whose `missing` is set is refused, naming what it lacks.
+SAR (Student-Aware Router) runs there too: before each student step the teacher service trains the teacher's
+routers toward the student on the batch's sequences, then scores them for the student's SFT + forward KL.
 """
 
 from __future__ import annotations
@@ -180,7 +182,8 @@ _METHODS: tuple[MethodSpec, ...] = (
         uses_sft=True,
         source="Ko et al. 2024, DistiLLM: Towards Streamlined Distillation for LLMs (skew KL, alpha = 0.1)",
         deviation=(
-            "off-policy only: no adaptive student-generated outputs (scoring them needs an online teacher); "
+            "off-policy only: no adaptive student-generated outputs (they need the teacher service to score "
+            "them: that is the preset distillm-sgo); "
             f"{_SPARSE_CACHE_NOTE}; {_SFT_NOTE}"
         ),
     ),
@@ -255,8 +258,10 @@ class OnPolicyMethodSpec:
     """An on-policy method: `loss` names a function of pipeline.distill.onpolicy (called with `loss_kwargs`),
     `data` says which sequences a step trains on; the teacher scores student samples through the teacher
     service. `base`: the offline preset whose cached fields (and fixed settings) the dataset batches use;
-    `missing`: why the distill stage cannot run it yet (empty: it can). `get_method` (the offline registry)
-    refuses these; the distill stage runs them (pipeline.distill.onpolicy_task.OnPolicyTask)."""
+    `missing`: why the distill stage cannot run it yet (empty: it can); `sgo`: DistiLLM's adaptive schedule
+    (AdaptiveSGOSchedule's max_prob / step, the replay share and buffer size in batches, and how many
+    validations a run makes). `get_method` (the offline registry) refuses these; the distill stage runs them
+    (pipeline.distill.onpolicy_task.OnPolicyTask)."""
 
     name: str
     loss: str
@@ -266,6 +271,7 @@ class OnPolicyMethodSpec:
     deviation: str
     base: str = "gkd"
     missing: str = ""
+    sgo: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not callable(getattr(onpolicy, self.loss, None)):
@@ -273,6 +279,7 @@ class OnPolicyMethodSpec:
 
 
 _COARSE_NOTE = "losses on the served sparse teacher (k kept entries + one tail bin), as the cache stores it"
+SAR_ROUTER_LR = 1e-3  # Adam learning rate of SAR's router steps on the teacher (our choice, not the paper's)
 ON_POLICY_METHODS: dict[str, OnPolicyMethodSpec] = {
     m.name: m
     for m in (
@@ -316,11 +323,14 @@ ON_POLICY_METHODS: dict[str, OnPolicyMethodSpec] = {
             "rises), reused from a replay buffer, else dataset responses",
             source="Ko et al. 2024, DistiLLM: Towards Streamlined Distillation for LLMs (skew KL, adaptive "
             "off-policy student-generated outputs)",
-            deviation="schedule by our reading (+step per validation-loss rise, capped); named apart from "
-            "the off-policy preset `distillm`; " + _COARSE_NOTE,
+            deviation="schedule by our reading: the SGO probability starts at 0 and rises by 0.1 (capped at "
+            "0.5) whenever the validation loss (response-token cross-entropy on the validation split, as the "
+            "stage reports it, averaged over workers) rises over the previous one, measured 10 times per "
+            "run (every total_steps // 10 optimizer steps); the draw is per batch; a student batch reuses "
+            "samples from a per-worker replay buffer (the last 8 batches) with probability 0.5 once it holds "
+            "a batch; no SFT term; named apart from the off-policy preset `distillm`; " + _COARSE_NOTE,
             base="distillm",
-            missing="its adaptive SGO probability follows the validation loss during training, which the "
-            "training loop (pipeline.training) does not compute or hand to the task",
+            sgo={"max_prob": 0.5, "step": 0.1, "replay_prob": 0.5, "replay_batches": 8, "validations": 10},
         ),
         OnPolicyMethodSpec(
             name="distillm-2",
@@ -332,6 +342,26 @@ ON_POLICY_METHODS: dict[str, OnPolicyMethodSpec] = {
             deviation="fixed alpha and equal weights (no curriculum on alpha, no batch reweighting); one "
             "teacher response per prompt, generated once at cache time; " + _COARSE_NOTE,
             base="seqkd",  # the cached teacher responses (cache.teacher_responses), scored by the service
+        ),
+        OnPolicyMethodSpec(
+            name="sar",
+            # the router step's objective: called as reverse_kl(student's sparse rows, teacher logits), i.e.
+            # KL(teacher || student) on the student's k + 1 bins (pipeline.teacher_service.sar); the student
+            # itself trains on its base preset's terms (SFT + forward KL) against the served targets
+            loss="reverse_kl",
+            loss_kwargs={},
+            data="the batch's dataset sequences: the teacher's routers take one step toward the student's "
+            "distribution on them, then the teacher (routing densely) scores them for the student",
+            source="Kim, Chu, Yang 2025, Every Expert Matters: Towards Effective Knowledge Distillation for "
+            "Mixture-of-Experts Language Models (SAR, Student-Aware Router)",
+            deviation="a documented subset (pipeline.teacher_service.sar): router-only Adam steps at a fixed "
+            f"lr = {SAR_ROUTER_LR:g}, one per student micro-batch, on the student's top-k + tail rows "
+            "(k = cache.logits_k) of the dataset sequences; dense routing once the routers are trained; no "
+            "other regulariser or schedule from the paper; with several training workers only rank 0 steps "
+            "the routers (on its own micro-batch), every worker then scores with the updated ones; a "
+            "restarted teacher actor comes back with the original routers; SFT added as in kd; "
+            + _COARSE_NOTE,
+            base="kd",
         ),
     )
 }

@@ -29,7 +29,7 @@ from pipeline.models.dims import model_dims
 from pipeline.models.export import export_is_complete
 from pipeline.models.generate import validation_loss
 from pipeline.models.stage import load_for_evaluation
-from pipeline.placement import run_placed_like
+from pipeline.placement import run_placed_like, small_cluster_cpu_share
 from pipeline.run_identity import claim_run_dir, settings_fingerprint
 from pipeline.teacher_service import TeacherService, TeacherServiceConfig, start_teacher_service
 from pipeline.training.loop import LoopSpec, plan_total_steps
@@ -165,6 +165,8 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
         tokenizer_path, teacher_hidden_size = prepared.tokenizer_path, cache.hidden_size
         service = _start_service(config, tokenizer_path, cache.width) if online else None
         client, total_steps = (service.client() if service else None), spec.total_steps
+        # distillm-sgo validates during training (its adaptive schedule): the tokenised validation split
+        val_examples = _validation_examples(config, prepared, tokenizer) if online and online.sgo else None
 
         def make_task() -> DistillTask:
             if client is None:
@@ -182,6 +184,7 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
                 teacher_hidden_size=teacher_hidden_size,
                 client=client,
                 total_steps=total_steps,
+                validation_examples=val_examples,
             )
 
         try:
@@ -191,6 +194,7 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
                 run_name=f"{config.name}-{run_name}",
                 storage_path=str(paths.ray_storage),
                 datasets={"train": dataset},
+                reserved_cpus=_service_cpus(service),
             )
             service_stats = service.stats() if service else None
         finally:
@@ -201,9 +205,9 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
         summary = load_run_summary(run_dir)
         val_loss, num_parameters = float(summary["val_loss"]), int(summary["num_parameters"])
         service_stats = summary.get("teacher_service")
-    elif skipped:
-        service_stats = None
     else:  # where the student trains, never on the job driver (pipeline.placement.run_placed_like)
+        if skipped:  # exported, but stopped before its summary was written: measure it now
+            service_stats = None
         args = (str(export_dir), prepared.tokenizer_path, _validation_examples(config, prepared, tokenizer))
         val_loss, num_parameters = run_placed_like(config.distill.train, _measure_student, *args)
     result = DistillResult(
@@ -236,13 +240,26 @@ def _states_space(method: MethodSpec, mc_state_space: str, cache: TeacherCache) 
     return "subspace"
 
 
+def _service_cpus(service: TeacherService | None) -> float:
+    """CPUs the teacher service's actors hold while the students train."""
+    return service.config.num_actors * service.config.num_cpus_per_actor if service else 0.0
+
+
 def _start_service(config: Config, tokenizer_path: str, width: int) -> TeacherService:
     """The teacher service for an on-policy run: the cache's teacher (the fine-tuned checkpoint) and served
     format, on the cache stage's teacher placement, refused where it would share a GPU with the students."""
     spec = cache_spec_from_config(config, teacher_checkpoint(config), tokenizer_path)
+    overrides: dict[str, Any] = {}
+    share = (
+        None
+        if config.cache.num_gpus_per_actor
+        else small_cluster_cpu_share(config.cache.num_actors, config.distill.train)
+    )
+    if share is not None:  # a small CPU cluster: whole CPUs for teacher and students would starve Ray Data
+        overrides["num_cpus_per_actor"] = share
     print(f"[distill] starting the teacher service ({config.cache.num_actors} teacher actors)", flush=True)
     return start_teacher_service(
-        spec, width, TeacherServiceConfig.from_cache(config.cache), train=config.distill.train
+        spec, width, TeacherServiceConfig.from_cache(config.cache, **overrides), train=config.distill.train
     )
 
 

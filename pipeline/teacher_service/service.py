@@ -227,6 +227,19 @@ class TeacherClient:
 
         return ray.get(self.submit(examples))
 
+    def router_step(
+        self,
+        examples: Sequence[dict[str, Any]],
+        student_rows: Sequence[dict[str, Any]],
+        loss_fn: Callable[..., Any],
+        lr: float = 1e-3,
+    ) -> list[float]:
+        """SAR router update on every teacher actor (ServiceDispatcher.router_step); each actor's loss before
+        its step. Call it with none of this client's requests unanswered."""
+        import ray
+
+        return ray.get(self.dispatcher.router_step.remote(list(examples), list(student_rows), loss_fn, lr))
+
 
 @dataclass
 class TeacherService:
@@ -253,9 +266,7 @@ class TeacherService:
     ) -> list[float]:
         """SAR router update on every teacher actor (pipeline.teacher_service.sar); a restarted actor comes
         back with the original routers."""
-        import ray
-
-        return ray.get(self.dispatcher.router_step.remote(examples, student_rows, loss_fn, lr))
+        return self.client().router_step(examples, student_rows, loss_fn, lr)
 
     def shutdown(self) -> None:
         import ray

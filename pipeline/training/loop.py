@@ -2,8 +2,9 @@
 
 A `TrainingTask` says what is trained (model, loss, collation, export); this module owns everything
 else: DDP/FSDP wrapping (pipeline.training.parallel), gradient accumulation, AdamW + cosine, checkpoints
-through `ray.train.report` (model, optimiser, scheduler, RNG, data position), resume from
-`ray.train.get_checkpoint()`, metrics on rank 0 and the Hugging Face export at the end.
+through `ray.train.report` (model, optimiser, scheduler, RNG, data position, the task's own state), resume
+from `ray.train.get_checkpoint()`, periodic validation for a task that asks for it, metrics on rank 0 and the
+Hugging Face export at the end.
 
 Checkpoints hold full, unsharded state keyed by parameter name, so a run checkpointed under one strategy
 or worker count resumes under another.
@@ -47,7 +48,18 @@ FAIL_AT_STEP_ENV = "MOEDISTILL_FAIL_AT_STEP"  # failure injection for resume tes
 
 
 class TrainingTask(Protocol):
-    """What a concrete stage plugs into the shared loop (built inside each worker)."""
+    """What a concrete stage plugs into the shared loop (built inside each worker).
+
+    Optional, looked up by name (a task without them trains as before):
+    * `fsdp_units(model)`: the submodules FSDP may shard on their own (pipeline.training.parallel);
+    * `validation_every` (int, 0: never) with `validation_loss(model) -> float` and
+      `on_validation(val_loss, step) -> dict[str, float]`: every `validation_every` optimizer steps each
+      worker computes the validation loss, the loop averages it over the workers (so every rank hands its
+      task the same value), calls the hook and logs `val_loss` plus the metrics the hook returns;
+    * `task_state() -> dict` and `load_task_state(state)`: state the task changes while training (e.g.
+      what its validation hook decided), stored per rank in every checkpoint and restored on resume;
+      tensors and plain containers only (checkpoints load with weights_only=True).
+    """
 
     def build_model(self) -> torch.nn.Module: ...
 
@@ -101,7 +113,9 @@ def run_training_loop(task: TrainingTask, spec: LoopSpec) -> None:
             state = load_training_state(Path(ckpt_dir) / STATE_FILE)
         load_full_state(model, optimizer, state["model"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        _set_rng_state(_own_entry(state["rng"], rank))
+        if "task" in state:
+            task.load_task_state(_own_entry(state["task"], rank))  # type: ignore[attr-defined]
         start_step = int(state["step"])
         if rank == 0:
             print(f"[train] resumed from checkpoint at step {start_step}/{spec.total_steps}", flush=True)
@@ -116,6 +130,7 @@ def run_training_loop(task: TrainingTask, spec: LoopSpec) -> None:
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )
     progress = _progress_bar(rank, start_step, spec.total_steps)
+    validation_every = _validation_every(task)
     model.train()
     window: dict[str, float] = {}
     counts: dict[str, int] = {}  # steps that reported each key (diagnostics come on logging steps only)
@@ -139,11 +154,13 @@ def run_training_loop(task: TrainingTask, spec: LoopSpec) -> None:
         step_time += time.perf_counter() - t0
         step_metrics["grad_norm"] = float(grad_norm)
         step_metrics["lr"] = scheduler.get_last_lr()[0]
+        done = step + 1
+        if validation_every and done % validation_every == 0:
+            step_metrics.update(_validate(task, model, done, device, world))
         for k, v in step_metrics.items():
             window[k] = window.get(k, 0.0) + v
             counts[k] = counts.get(k, 0) + 1
         window_steps += 1
-        done = step + 1
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{step_metrics.get('loss', float('nan')):.3f}")
@@ -156,7 +173,7 @@ def run_training_loop(task: TrainingTask, spec: LoopSpec) -> None:
         if spec.fail_at_step is not None and done == spec.fail_at_step and rank == 0:
             _die_once(spec.metrics_dir, done)
         if done % cfg.checkpoint_every == 0 or done == spec.total_steps:
-            _report_checkpoint(model, optimizer, scheduler, done, step_metrics, rank, world)
+            _report_checkpoint(task, model, optimizer, scheduler, done, step_metrics, rank, world)
     if progress is not None:
         progress.close()
     metrics_log.close()
@@ -169,6 +186,37 @@ def run_training_loop(task: TrainingTask, spec: LoopSpec) -> None:
 def _fsdp_units(task: TrainingTask) -> Callable[[torch.nn.Module], list[torch.nn.Module]] | None:
     """A task may say which submodules are safe to shard on their own (see pipeline.training.parallel)."""
     return getattr(task, "fsdp_units", None)
+
+
+def _validation_every(task: TrainingTask) -> int:
+    """The task's validation cadence in optimizer steps (0: it never validates)."""
+    every = int(getattr(task, "validation_every", 0) or 0)
+    if every <= 0:
+        return 0
+    missing = [m for m in ("validation_loss", "on_validation") if not callable(getattr(task, m, None))]
+    if missing:
+        raise TypeError(
+            f"{type(task).__name__} sets validation_every={every} but has no {' or '.join(missing)}. Fix: "
+            "define both methods, or set validation_every = 0."
+        )
+    return every
+
+
+def _validate(
+    task: TrainingTask, model: torch.nn.Module, step: int, device: torch.device, world: int
+) -> dict[str, float]:
+    """The task's validation loss averaged over the workers, handed to its hook on every rank."""
+    value = float(task.validation_loss(model))  # type: ignore[attr-defined]
+    model.train()  # a validation pass leaves the model in eval mode
+    if world > 1 and torch.distributed.is_initialized():
+        # The replicas hold the same weights, but reduction order or kernels may still differ by a bit:
+        # one average makes every rank's hook decide the same thing.
+        total = torch.tensor([value], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(total)
+        value = float(total.item()) / world
+    metrics = {"val_loss": value}
+    metrics.update(task.on_validation(value, step) or {})  # type: ignore[attr-defined]
+    return metrics
 
 
 def _micro_batches(
@@ -233,11 +281,20 @@ def load_training_state(path: Path) -> dict[str, Any]:
 
 
 def _report_checkpoint(
-    model, optimizer, scheduler, step: int, metrics: dict[str, float], rank: int, world: int
+    task: TrainingTask,
+    model,
+    optimizer,
+    scheduler,
+    step: int,
+    metrics: dict[str, float],
+    rank: int,
+    world: int,
 ):
     import ray.train
 
-    rng_states = _gather_rng_states(world)
+    rng_states = _gather_from_ranks(_rng_state(), world)
+    get_task_state = getattr(task, "task_state", None)
+    task_states = _gather_from_ranks(get_task_state(), world) if callable(get_task_state) else None
     model_state, optimizer_state = full_state(model, optimizer)  # collective under FSDP
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
@@ -249,6 +306,7 @@ def _report_checkpoint(
                     "scheduler": scheduler.state_dict(),
                     "step": step,
                     "rng": rng_states,
+                    **({"task": task_states} if task_states is not None else {}),
                 },
                 Path(tmp) / STATE_FILE,
             )
@@ -286,13 +344,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _gather_rng_states(world: int) -> list[dict[str, Any]]:
-    own = _rng_state()
+def _gather_from_ranks(own: Any, world: int) -> list[Any]:
+    """Every rank's `own`, in rank order (a collective: every rank calls it)."""
     if world == 1 or not torch.distributed.is_initialized():
         return [own]
     gathered: list[Any] = [None] * world
     torch.distributed.all_gather_object(gathered, own)
     return gathered
+
+
+def _own_entry(per_rank: list[Any], rank: int) -> Any:
+    """This rank's entry of a per-rank checkpoint list; rank 0's when the run resumes on more workers."""
+    return per_rank[rank] if rank < len(per_rank) else per_rank[0]
 
 
 def _die_once(metrics_dir: str, step: int) -> None:

@@ -24,8 +24,10 @@ def fit(
     run_name: str,
     storage_path: str,
     datasets: dict[str, Any],
+    reserved_cpus: float = 0.0,
 ) -> Any:
-    """Run (or resume: same run_name + storage_path) a training job; returns Ray's Result.
+    """Run (or resume: same run_name + storage_path) a training job; returns Ray's Result. `reserved_cpus`:
+    CPUs other actors of the run hold meanwhile (pipeline.placement.worker_resources).
 
     Resuming is Ray Train's own mechanism: the rerun finds the run's checkpoints under
     storage_path/run_name and the workers restore from `ray.train.get_checkpoint()`.
@@ -44,7 +46,7 @@ def fit(
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
-            resources_per_worker=worker_resources(cfg),
+            resources_per_worker=worker_resources(cfg, reserved_cpus),
         ),
         run_config=RunConfig(
             name=run_name,

@@ -1,0 +1,132 @@
+"""SAR (distill.method=sar) as a distillation run: one OnPolicyTask step against a real in-process
+TeacherScorer (the teacher's routers change, nothing else does, and the student trains on the updated
+teacher's targets), then one short run_distill on a real Ray cluster through the teacher service.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from pipeline.cache import open_cache
+from pipeline.cache.stage import cache_spec_from_config, locate_cache, run_cache, teacher_checkpoint
+from pipeline.config import Config, DistillConfig, load_config, with_overrides
+from pipeline.data.stage import prepare_data
+from pipeline.distill import onpolicy
+from pipeline.distill.methods import ON_POLICY_METHODS, on_policy_method
+from pipeline.distill.onpolicy_task import OnPolicyTask
+from pipeline.distill.stage import run_distill
+from pipeline.finetune.stage import run_finetune
+from pipeline.models.alignment import layer_pairs
+from pipeline.teacher_service import TeacherScorer
+
+TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+STEPS = 2
+
+
+# The shared 2-CPU cluster of conftest.py on purpose: the teacher service and the student worker get logical
+# CPU shares (pipeline.placement.small_cluster_cpu_share) so Ray Data keeps one; whole CPUs would hang here.
+
+
+@pytest.fixture(scope="module")
+def config(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Config:
+    root = tmp_path_factory.mktemp("sar-distill")
+    base = with_overrides(
+        load_config(TINY),
+        {
+            "output_dir": str(root / "run"),
+            "cache.root": str(root / "caches"),
+            "cache.resources": {"teacher_node": 0.5},
+            "finetune.max_steps": 2,
+            "distill.method": "sar",
+            "distill.train.batch_size": 4,
+            "distill.train.max_steps": STEPS,
+            "distill.train.checkpoint_every": STEPS,
+            "distill.train.log_every": 1,
+            "distill.train.resources_per_worker": {"student_node": 0.5},
+        },
+    )
+    run_finetune(base, eval_examples=2)
+    run_cache(base)
+    return base
+
+
+class InProcessClient:
+    """The TeacherClient interface (score, router_step) over a real TeacherScorer in this process."""
+
+    def __init__(self, config: Config) -> None:
+        prepared = prepare_data(config)
+        spec = cache_spec_from_config(config, teacher_checkpoint(config), prepared.tokenizer_path)
+        self.scorer = TeacherScorer(spec, open_cache(locate_cache(config)).width, 0.0, cpu_threads=1)
+        self.served: list[dict[str, Any]] = []
+
+    def score(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        self.served = self.scorer.score(examples)["results"]
+        return self.served
+
+    def router_step(
+        self, examples: list[dict[str, Any]], rows: list[dict[str, Any]], loss_fn: Callable, lr: float
+    ) -> list[float]:
+        return [self.scorer.router_step(examples, rows, loss_fn, lr)]  # one actor
+
+
+def test_sar_is_a_registered_on_policy_preset_with_its_source() -> None:
+    spec = ON_POLICY_METHODS["sar"]
+    assert on_policy_method(DistillConfig(method="sar")) is spec  # wired: nothing missing
+    assert "Every Expert Matters" in spec.source and "Student-Aware Router" in spec.source
+    assert spec.base == "kd" and "rank 0" in spec.deviation and spec.data
+    assert getattr(onpolicy, spec.loss).__name__ == "reverse_kl"  # the router step's objective
+
+
+def test_sar_step_trains_the_teacher_routers_only_and_the_student_on_their_targets(config: Config) -> None:
+    prepared = prepare_data(config)
+    cache = open_cache(locate_cache(config))
+    client = InProcessClient(config)
+    task = OnPolicyTask(
+        config,
+        tokenizer_path=prepared.tokenizer_path,
+        pairs=layer_pairs(int(cache.manifest["teacher"]["num_layers"]), 1),
+        teacher_hidden_size=cache.hidden_size,
+        client=client,
+        total_steps=STEPS,
+    )
+    teacher = client.scorer.stage.adapter.model
+    before = {name: p.detach().clone() for name, p in teacher.named_parameters()}
+    rows = cache.read_shard(cache.shards[0]["shard_id"], {"logits"})[:4]
+    batch = task.collate({k: [r[k] for r in rows] for k in rows[0]})
+    torch.manual_seed(0)
+    model = task.build_model()
+    loss, parts = task.compute_loss(model, batch, 0)
+    loss.backward()
+    assert math.isfinite(parts["sar_loss"]) and parts["sar_loss"] > 0
+    assert {"loss_sft", "loss_forward_kl"} <= set(parts)  # the base preset kd's terms
+    assert any(bool(p.grad.abs().sum() > 0) for p in model.student.parameters() if p.grad is not None)
+    changed = {name for name, p in teacher.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(name.endswith("mlp.gate.weight") for name in changed)
+    assert len(changed) == client.scorer.stage.adapter.num_layers  # every router, nothing else
+    # the student's targets are the updated, densely routed teacher's, not the cached ones
+    served = torch.cat([torch.from_numpy(r["logit_values"]).float() for r in client.served])
+    assert served.shape == batch["logit_values"].shape
+    assert not torch.allclose(served, batch["logit_values"].float(), atol=1e-3)
+
+
+def test_sar_distillation_run_finishes_and_records_its_router_losses(config: Config) -> None:
+    result = run_distill(config)
+    run_dir = Path(result.export_dir).parent
+    metrics = [json.loads(line) for line in (run_dir / "metrics" / "metrics.jsonl").open()]
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    assert all(math.isfinite(m["sar_loss"]) and m["sar_loss"] > 0 and m["tokens"] > 0 for m in metrics)
+    assert all(math.isfinite(m["loss_forward_kl"]) for m in metrics)
+    print("sar_loss per step:", [m["sar_loss"] for m in metrics])
+    assert not result.skipped and result.method == "sar" and result.run_name.startswith("sar-")
+    assert result.val_loss > 0 and (Path(result.export_dir) / "config.json").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["method"] == "sar"
+    stats = summary["teacher_service"]
+    assert stats["requests"] >= STEPS and stats["scored_tokens"] > 0  # every step's targets were served
