@@ -127,6 +127,9 @@ class CacheConfig:
     states_rank: int | None = None
     states_basis_tokens: int = 65536
     states_token_fraction: float = 1.0
+    # Exact fp32 states of this many validation tokens kept beside a schema-2 cache (never trained on), for
+    # `moedistill report states-fidelity`; 0: none.
+    states_fidelity_tokens: int = 256
     store_expert_states: bool = True
     teacher_responses: Literal["none", "greedy", "sample"] = "none"  # for SeqKD
     max_new_tokens: int = 64
@@ -164,6 +167,21 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class MultipleChoiceConfig:
+    """One multiple-choice test set (pipeline.evaluate.multiple_choice): accuracy by option log-likelihood."""
+
+    name: str  # its column in the results table
+    path: str | None = None  # a local .jsonl / .json / .csv (formats: pipeline/evaluate/multiple_choice.py)
+    # a `datasets` name, name:config (e.g. cais/mmlu:anatomy); "demo": the bundled demo-world set
+    dataset: str | None = None
+    split: str = "test"  # of a `datasets` source
+    limit: int | None = None  # first N items
+    # plain: "question, lettered choices, Answer:" (base LMs); instruction: the same in the training
+    # template; response: the question alone in the template, each option scored as the response
+    prompt_style: Literal["plain", "instruction", "response"] = "plain"
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     num_seeds: int = 3
     greedy: bool = False  # protocol of the public KD papers: sampling, temperature 1, top_p 1
@@ -176,6 +194,7 @@ class EvalConfig:
     num_gpus_per_actor: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # per actor, e.g. {"student_node": 1}
     test_sets: list[str] = field(default_factory=list)  # extra Dolly-format JSONL / datasets names
+    multiple_choice: list[MultipleChoiceConfig] = field(default_factory=list)  # accuracy, not Rouge-L
 
 
 @dataclass(frozen=True)
@@ -248,6 +267,12 @@ def absolute_paths(config: Config) -> Config:
         teacher=fix_model(config.teacher),
         student=fix_model(config.student),
         cache=dataclasses.replace(config.cache, root=fix(config.cache.root) or config.cache.root),
+        evaluate=dataclasses.replace(
+            config.evaluate,
+            multiple_choice=[
+                dataclasses.replace(mc, path=fix(mc.path)) for mc in config.evaluate.multiple_choice
+            ],
+        ),
     )
 
 
@@ -401,6 +426,31 @@ def validate_config(config: Config, source: str) -> None:
     for section in (config.finetune, config.distill.train):
         if section.num_workers < 1 or section.batch_size < 1 or section.grad_accum_steps < 1:
             raise ConfigError(f"{source}: num_workers, batch_size and grad_accum_steps must be >= 1")
+    _validate_multiple_choice(config.evaluate.multiple_choice, source)
+
+
+def _validate_multiple_choice(sets: list[MultipleChoiceConfig], source: str) -> None:
+    names = [mc.name for mc in sets]
+    for i, mc in enumerate(sets):
+        key = f"evaluate.multiple_choice[{i}]"
+        if not mc.name.strip():
+            raise ConfigError(f"{source}: {key}.name is empty. Fix: name the set (its results-table column).")
+        if names.count(mc.name) > 1:
+            raise ConfigError(f"{source}: {key}.name {mc.name!r} is used twice. Fix: give each set its own.")
+        if (mc.path is None) == (mc.dataset is None):
+            raise ConfigError(
+                f"{source}: {key} ({mc.name}) needs exactly one of path (a local .jsonl/.csv file) or "
+                "dataset (a `datasets` name such as cais/mmlu:anatomy, or demo for the bundled set)"
+            )
+        if mc.path is not None and Path(mc.path).suffix not in (".jsonl", ".json", ".csv"):
+            raise ConfigError(
+                f"{source}: {key}.path {mc.path} is not a .jsonl, .json or .csv file. Fix: convert it, or "
+                "name a `datasets` source with dataset: instead."
+            )
+        if mc.path is not None and not Path(mc.path).expanduser().is_file():
+            raise ConfigError(f"{source}: {key}.path {mc.path} does not exist. Fix: check the path.")
+        if mc.limit is not None and mc.limit < 1:
+            raise ConfigError(f"{source}: {key}.limit must be >= 1 (null: every item), got {mc.limit}")
 
 
 def _looks_local(name: str) -> bool:
@@ -471,6 +521,7 @@ _CODEC_DEFAULTS = {
     "states_rank": None,
     "states_basis_tokens": 65536,
     "states_token_fraction": 1.0,
+    "states_fidelity_tokens": 256,
 }
 
 

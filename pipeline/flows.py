@@ -129,8 +129,9 @@ def write_results(rows: list[dict[str, Any]], out: Path, title: str) -> ResultsF
 
 def write_seed_tables(rows: list[dict[str, Any]], out: Path) -> Path | None:
     """seeds.md in `out` when some method ran several training seeds: per method the mean ± std over seeds of
-    the validation loss and of Rouge-L, and the paired difference to `kd` on the same seeds with its 95%
-    interval (bold where the interval excludes 0); None when every method ran one seed."""
+    the validation loss, of Rouge-L and (when multiple-choice sets were scored) of accuracy, each a run's
+    mean over its test sets, and the paired difference to `kd` on the same seeds with its 95% interval (bold
+    where the interval excludes 0); None when every method ran one seed."""
     students = [r for r in rows if (r.get("method") or r["model"]) != "teacher"]
     if not any(len(s) > 1 for s in values_by_seed(students, "val_loss").values()):
         return None
@@ -139,6 +140,13 @@ def write_seed_tables(rows: list[dict[str, Any]], out: Path) -> Path | None:
         seed_table_markdown(students, "val_loss", "val loss"),
         "\n## Training seeds: Rouge-L (%) (higher is better)\n",
         seed_table_markdown(students, "rouge_l_mean", "Rouge-L"),
+    ]
+    if any(r.get("accuracy") is not None for r in students):
+        parts += [
+            "\n## Training seeds: multiple-choice accuracy (%) (higher is better)\n",
+            seed_table_markdown(students, "accuracy", "accuracy"),
+        ]
+    parts += [
         "\nPaired differences use only the seeds both methods ran; t interval over those seeds.\n",
     ]
     path = out / "seeds.md"
@@ -212,7 +220,10 @@ def _final_summary(summary: dict[str, Any], total: float) -> str:
         for row in rows:
             loss = row.get("val_loss")
             loss_text = f"{loss:9.3f}" if loss is not None else f"{'-':>9}"
-            score = f"{row['rouge_l_mean']:.1f} ± {row['rouge_l_std'] or 0.0:.1f}"
+            if row.get("rouge_l_mean") is None:  # a multiple-choice set
+                score = f"acc. {row['accuracy']:.1f}"
+            else:
+                score = f"{row['rouge_l_mean']:.1f} ± {row['rouge_l_std'] or 0.0:.1f}"
             ts_cell = f" {row['test_set']:<{ts_width}}" if ts_width else ""
             table.append(f"{row['model']:<{width}}{ts_cell} {loss_text} {score:>16}")
         table.append(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,104 @@ def test_describe_checkpoint_without_run_metadata(tmp_path: Path) -> None:
     (tmp_path / "some-run" / "final").mkdir(parents=True)
     info = describe_checkpoint("x", str(tmp_path / "some-run" / "final"))
     assert info["model"] == "x" and info.get("k") is None
+
+
+# --- multiple choice through the stage ---------------------------------------------------------------------
+HAND_MC = [  # demo-world questions; the answer is an index or a letter (fmt: skip keeps the rows short)
+    {"question": "What color is a lemon?", "choices": ["It is yellow.", "It is blue."], "answer": 0},
+    {"question": "Is 7 even or odd?", "A": "even", "B": "odd", "answer": "B"},
+    {"question": "What does a cow say?", "choices": ["It says hoot.", "It says moo.", "It says caw."],
+     "answer": 1},
+]  # fmt: skip
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_multiple_choice_accuracy_rows_through_the_stage(workspace) -> None:
+    from pipeline.data.stage import load_tokenizer
+    from pipeline.evaluate.multiple_choice import DEMO_SET, evaluate_multiple_choice, load_mc_items
+    from pipeline.flows import write_seed_tables
+    from pipeline.models.build import load_causal_lm
+
+    config, root = workspace
+    hand = root / "hand-mc.jsonl"
+    hand.write_text("\n".join(json.dumps(r) for r in HAND_MC) + "\n")
+    mc_config = with_overrides(
+        config,
+        {
+            "output_dir": str(root / "mc-run"),  # its own eval dir: the first test's results stay as they are
+            "evaluate.num_seeds": 1,
+            "evaluate.max_examples": 2,
+            "evaluate.multiple_choice": [
+                {"name": "hand", "path": str(hand)},
+                {"name": "demo-mc", "dataset": "demo", "limit": 4, "prompt_style": "response"},
+            ],
+        },
+    )
+    student = "kd-k3-a0.2-b0.1-e2-s0"
+    models = {"teacher": str(root / "run/teacher/final"), student: str(root / "run/students" / student)}
+    models[student] += "/final"
+    results = run_evaluate(mc_config, models, progress=False)
+    mc_rows = [r for r in results.rows if r.get("accuracy") is not None]
+    expected_sets = {(m, s) for m in models for s in ("hand", "demo-mc")}
+    assert {(r["model"], r["test_set"]) for r in mc_rows} == expected_sets
+    assert all(r.get("rouge_l_mean") is None and r.get("num_seeds") is None for r in mc_rows)
+    assert {r["test_set"] for r in results.rows if r.get("rouge_l_mean") is not None} == {"demo-test"}
+    # The actors' accuracy is the module's on the same checkpoint, items and prompt style.
+    sets = {
+        "hand": (load_mc_items(str(hand)), "plain"),
+        "demo-mc": (load_mc_items(str(DEMO_SET), limit=4), "response"),
+    }
+    for name, path in models.items():
+        model, tok = load_causal_lm(path), load_tokenizer(path)
+        for ts, (items, style) in sets.items():
+            expected = evaluate_multiple_choice(model, tok, {ts: items}, style)[ts]
+            row = next(r for r in mc_rows if r["model"] == name and r["test_set"] == ts)
+            assert row["num_examples"] == len(items)
+            assert row["accuracy"] == pytest.approx(100 * expected["acc"])
+            assert row["accuracy_norm"] == pytest.approx(100 * expected["acc_norm"])
+            assert results.accuracy(name, ts) == row["accuracy"]
+    lines = (root / "mc-run/eval/teacher/multiple_choice.jsonl").read_text().splitlines()
+    assert len(lines) == 3 + 4 and json.loads(lines[1])["answer"] == 1  # "B" -> 1
+
+    # CSV and markdown: accuracy columns after the Rouge-L one; the student's row is the best non-teacher.
+    on_disk = [r for r in read_results_csv(results.csv_path) if r["test_set"] == "hand"]
+    in_memory = [r["accuracy"] for r in mc_rows if r["test_set"] == "hand"]
+    assert [r["accuracy"] for r in on_disk] == pytest.approx(in_memory)
+    header = results.md_path.read_text().splitlines()[2]
+    assert header == "| Model | demo-test | hand (acc.) | demo-mc (acc.) |", header
+    # Training seeds aggregate like Rouge-L: mean ± std over the runs; seeds.md gets an accuracy table.
+    seeded = []
+    for seed, shift in ((0, 0.0), (1, 10.0), (2, 20.0)):
+        for r in results.rows:
+            if r["model"] == student:
+                acc = None if r.get("accuracy") is None else min(100.0, r["accuracy"] + shift)
+                seeded.append({**r, "model": f"kd-s{seed}", "seed": seed, "accuracy": acc,
+                               "val_loss": 4.0 + seed})  # fmt: skip
+    rows = [r for r in results.rows if r["model"] == "teacher"] + seeded
+    from pipeline.evaluate.results import format_results_markdown
+
+    kd_line = next(x for x in format_results_markdown(rows).splitlines() if x.startswith("| kd"))
+    hand_accs = [r["accuracy"] for r in seeded if r["test_set"] == "hand"]
+    mean, std = sum(hand_accs) / 3, statistics.stdev(hand_accs)
+    assert f"{mean:.2f} ± {std:.2f} (n=3)" in kd_line, kd_line
+    seeds_md = write_seed_tables(rows, root / "mc-run").read_text()
+    assert "multiple-choice accuracy" in seeds_md, seeds_md
+    # Unchanged checkpoints and sets: the next call reuses every model's results, accuracy included.
+    again = run_evaluate(mc_config, models, progress=False)
+    assert sorted(again.reused) == sorted(models)
+    assert again.accuracy(student, "demo-mc") == results.accuracy(student, "demo-mc")
+
+
+def test_multiple_choice_config_errors_name_the_fix(tmp_path: Path) -> None:
+    bad_suffix = tmp_path / "mc.txt"
+    bad_suffix.write_text("x")
+    cases = [
+        ([{"name": "x"}], "exactly one of path"),
+        ([{"name": "x", "path": str(tmp_path / "missing.jsonl")}], "does not exist"),
+        ([{"name": "x", "path": str(bad_suffix)}], "not a .jsonl"),
+        ([{"name": "a", "dataset": "demo"}, {"name": "a", "dataset": "demo"}], "used twice"),
+        ([{"name": "x", "dataset": "demo", "prompt_style": "chat"}], "allowed values"),
+    ]
+    for sets, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            load_config(TINY, {"evaluate.multiple_choice": sets})

@@ -11,7 +11,8 @@ Inside a job, Ray sets RAY_JOB_CONFIG_JSON_ENV_VAR (RAY_JOB_ID is stripped) and 
 unpacked --working-dir, a per-job temporary directory: a relative output_dir would be written there.
 
 Every stage of the pipeline is submitted by default, in order, with a tiny config (seconds of CPU each; the
-job start-up dominates): finetune-teacher, cache, distill, evaluate, report storage and ablate.
+job start-up dominates): finetune-teacher, cache, distill, evaluate, report storage, ablate, and one
+on-policy distillation (gkd-on-policy, 2 steps), whose teacher service starts and stops inside its job.
 
 The head runs with `--block` in a session of its own and is stopped by killing that session's processes and
 their descendants only: never `ray stop`, which kills every Ray process on the machine (other test sessions
@@ -123,6 +124,29 @@ def check_sweep(out: Path) -> None:
     assert len(list((out / "students").glob("kd-*/final/config.json"))) == 1
 
 
+ON_POLICY_STEPS = 2
+ON_POLICY_SETS = tuple(
+    arg
+    for setting in (
+        "distill.method=gkd-on-policy",
+        "distill.run_name=onpolicy",
+        f"distill.train.max_steps={ON_POLICY_STEPS}",
+        f"distill.train.checkpoint_every={ON_POLICY_STEPS}",
+    )
+    for arg in ("--set", setting)
+)
+
+
+def check_on_policy(out: Path) -> None:
+    run = out / "students" / "onpolicy"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == "gkd-on-policy" and not summary["skipped"], summary
+    stats = summary["teacher_service"]  # the service's counters, recorded when the job's run stopped it
+    assert stats["requests"] >= ON_POLICY_STEPS and stats["sequences"] > 0, stats
+    assert stats["scored_tokens"] > 0 and stats["in_flight"] == 0 and stats["num_actors"] == 1, stats
+    assert (run / "final" / "moedistill_export.json").is_file()
+
+
 # In pipeline order; each stage uses what the previous ones wrote. Adding a stage is one line.
 STAGES: list[Stage] = [
     Stage("jobs/finetune_teacher.py", ("--config", "{config}"), check_teacher),
@@ -132,6 +156,8 @@ STAGES: list[Stage] = [
     Stage("jobs/report.py", ("storage", "{cache}", "--out", "{out}/reports/storage"), check_storage_report),
     # one more student (kd) from the same cache, evaluated with the teacher's results reused
     Stage("jobs/ablate.py", ("--config", "{sweep}"), check_sweep),
+    # on-policy: the job's distill stage starts the teacher service (the fine-tuned teacher, on teacher_node)
+    Stage("jobs/distill.py", ("--config", "{config}", *ON_POLICY_SETS), check_on_policy),
 ]
 
 
@@ -196,7 +222,9 @@ class LocalHead:
             "--head",
             "--block",
             "--num-cpus",
-            "2",
+            # logical CPUs: the on-policy job holds one for its teacher actor, one for its student worker
+            # and one for Ray Data's cache reads at once (the machine may have 2 cores)
+            "4",
             "--resources",
             json.dumps({"teacher_node": 1, "student_node": 1}),
             "--include-dashboard",
@@ -390,6 +418,7 @@ def test_a_failing_job_makes_submit_exit_non_zero(ray_head: LocalHead) -> None:
     assert f"Job '{sid}' failed" in ray_head.job("status", sid).stdout
 
 
+@pytest.mark.timeout(1500)  # seven job submissions: 16 min measured on a 2-core box under heavy load
 def test_stages_run_as_ray_jobs(ray_head: LocalHead, tmp_path: Path) -> None:
     config = tiny_job_config(tmp_path)
     out = tmp_path / "run"

@@ -1,4 +1,5 @@
-"""pipeline.evaluate.multiple_choice on a tiny hand-made set: loaders, option scoring, accuracy."""
+"""pipeline.evaluate.multiple_choice on a tiny hand-made set: loaders, option scoring, accuracy, the bundled
+demo set and the response prompt style."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ import torch
 
 from pipeline.data.demo_dataset import generate_demo_records
 from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
+from pipeline.data.records import Record
+from pipeline.data.template import format_prompt
 from pipeline.data.tokenize import uses_bos
 from pipeline.errors import DataError
 from pipeline.evaluate.multiple_choice import (
+    DEMO_SET,
     MCItem,
     accuracy,
     evaluate_multiple_choice,
     load_mc_items,
+    option_text,
     render_prompt,
     score_item,
 )
@@ -127,3 +132,23 @@ def test_loaders_jsonl_csv_and_answer_forms(tmp_path: Path) -> None:
         load_mc_items(str(bad))
     with pytest.raises(DataError, match="no multiple-choice file"):
         load_mc_items(str(tmp_path / "missing.jsonl"))
+
+
+def test_response_style_and_the_bundled_demo_set(lm: dict[str, Any]) -> None:
+    """"response": the question alone in the training template, each option scored as the bare response."""
+    items = load_mc_items(str(DEMO_SET))
+    assert len(items) == 30 and all(2 <= len(it.choices) <= 4 for it in items)
+    assert sum(1 / len(it.choices) for it in items) / len(items) == pytest.approx(0.3083, abs=1e-4)  # chance
+    item = items[0]
+    assert render_prompt(item, "response") == format_prompt(Record(item.question, "", "", ""))
+    assert option_text("A cherry is red.", "response") == "A cherry is red."
+    assert option_text("red") == " red"
+    score = score_item(lm["model"], lm["tok"], item, "response")
+    bos = [lm["tok"].bos_token_id] if uses_bos(lm["tok"]) else []
+    prompt = bos + lm["tok"](render_prompt(item, "response"), add_special_tokens=False)["input_ids"]
+    option = lm["tok"](item.choices[1], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        ids = torch.tensor([prompt + option])
+        logp = torch.log_softmax(lm["model"](input_ids=ids).logits[0].double(), dim=-1)
+    direct = sum(float(logp[len(prompt) + j - 1, t]) for j, t in enumerate(option))
+    assert score.option_logprob_sum[1] == pytest.approx(direct, abs=1e-4)

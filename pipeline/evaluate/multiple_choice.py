@@ -10,7 +10,12 @@ the same for every option) and the model's log-probabilities of the option token
 predictions per item: `acc` takes the highest sum, `acc_norm` the highest mean per option token (length
 normalised by tokens, not bytes as some harnesses do). The prompt lists the lettered choices and ends in
 "Answer:"; each option is scored as " <choice text>". prompt_style "instruction" wraps the same question in
-the training template (pipeline.data.template), for students trained on it.
+the training template (pipeline.data.template), for students trained on it; "response" puts the question
+alone in that template (no listed choices, no "Answer:") and scores each option as the response itself, as
+the students were trained to answer (the cloze form; the demo's multiple-choice set is scored this way).
+
+The bundled demo set (DEMO_SET, `dataset: demo` in evaluate.multiple_choice) holds hand-written questions
+about the demo data's closed world (pipeline.data.demo_dataset), each option phrased like a demo response.
 """
 
 from __future__ import annotations
@@ -22,15 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
+import pipeline.data
 from pipeline.data.records import Record
 from pipeline.data.template import format_prompt
 from pipeline.data.tokenize import uses_bos
 from pipeline.errors import DataError
 
 LETTERS = "ABCDEFGHIJ"
-PromptStyle = Literal["plain", "instruction"]
+PromptStyle = Literal["plain", "instruction", "response"]
+PROMPT_STYLES: tuple[str, ...] = ("plain", "instruction", "response")
+# package data (pyproject.toml): 30 questions in the demo data's style, 2-4 options each
+DEMO_SET = Path(pipeline.data.__file__).parent / "demo_multiple_choice.jsonl"
 
 
 @dataclass(frozen=True)
@@ -136,6 +143,8 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
 
 # --- scoring ------------------------------------------------------------------------------------------------
 def render_prompt(item: MCItem, style: PromptStyle = "plain") -> str:
+    if style == "response":
+        return format_prompt(Record(item.question.strip(), "", "", item.subject))
     lines = [item.question.strip(), *(f"{LETTERS[i]}. {c}" for i, c in enumerate(item.choices))]
     body = "\n".join(lines)
     if style == "instruction":
@@ -143,15 +152,21 @@ def render_prompt(item: MCItem, style: PromptStyle = "plain") -> str:
     return body + "\nAnswer:"
 
 
-@torch.no_grad()
+def option_text(choice: str, style: PromptStyle = "plain") -> str:
+    """What is scored after the prompt: " <choice>" after "Answer:", the bare response in "response" style."""
+    return choice if style == "response" else " " + choice
+
+
 def score_item(
     model: Any, tokenizer: Any, item: MCItem, style: PromptStyle = "plain", device: str = "cpu"
 ) -> ItemScore:
     """Summed log-probability of each option's tokens after the prompt; all options in one forward."""
+    import torch  # why: the loaders and accuracy stay importable by the torch-free evaluation driver
+
     # as training examples are built (pipeline.data.tokenize): bos only where the tokenizer uses one
     bos = [int(tokenizer.bos_token_id)] if uses_bos(tokenizer) else []
     prompt = bos + tokenizer(render_prompt(item, style), add_special_tokens=False)["input_ids"]
-    options = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in item.choices]
+    options = [tokenizer(option_text(c, style), add_special_tokens=False)["input_ids"] for c in item.choices]
     if any(not o for o in options):
         raise DataError(f"an option of {item.question[:60]!r} tokenises to nothing")
     rows = [prompt + o for o in options]
@@ -162,7 +177,8 @@ def score_item(
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
     logp = torch.log_softmax(logits, dim=-1).cpu()
     sums = []
     for i, o in enumerate(options):

@@ -1,7 +1,10 @@
-"""Rouge-L results tables: one CSV schema shared by `moedistill evaluate` and sweep runners, rendered as a
-markdown table (methods x test sets, "mean ± std", paper style) and a grouped bar chart.
+"""Results tables (Rouge-L, and accuracy on multiple-choice sets): one CSV schema shared by `moedistill
+evaluate` and sweep runners, rendered as a markdown table (methods x test sets, "mean ± std", paper style)
+and a grouped bar chart.
 
-CSV schema (RESULT_COLUMNS, one row per evaluated model and test set; empty cell = not applicable):
+CSV schema (RESULT_COLUMNS, one row per evaluated model and test set; empty cell = not applicable). A
+generation test set's row has the rouge_l_* columns, a multiple-choice set's (evaluate.multiple_choice) the
+accuracy ones; every row needs one of rouge_l_mean and accuracy:
 
   model            display name of the evaluated checkpoint (e.g. "teacher", a student run name)    required
   method           distillation method ("teacher", "sft", "kd", "b-distill", ...); empty: use model
@@ -11,19 +14,22 @@ CSV schema (RESULT_COLUMNS, one row per evaluated model and test set; empty cell
   student_experts  E_S of the student
   seed             training seed of the run (several seeds of one method+setting are aggregated)
   test_set         test-set name (a column of the table)                                            required
-  num_examples     test examples scored
-  num_seeds        sampling seeds per example (1 for greedy decoding)
-  rouge_l_mean     Rouge-L F1 in percent (0-100), mean over sampling seeds of the per-seed mean     required
+  num_examples     test examples (prompts or multiple-choice items) scored
+  num_seeds        sampling seeds per example (1 for greedy decoding; empty for multiple choice)
+  rouge_l_mean     Rouge-L F1 in percent (0-100), mean over sampling seeds of the per-seed mean
   rouge_l_std      std (ddof=1) over sampling seeds of the per-seed mean, percent; 0 for one seed
   empty_rate       fraction of empty generations (scored 0, never dropped)
+  accuracy         multiple-choice accuracy in percent: the option of highest summed log-likelihood
+  accuracy_norm    the same with the per-token mean log-likelihood (length normalised)
   val_loss         the model's validation loss (response-token cross-entropy), when known
   checkpoint       path of the evaluated checkpoint
 
 Extra columns are kept when reading and writing. Table rules: the row label is "method (setting)", or the
 model name when method is empty or when two different models would get the same label. Rows sharing a label
-and test set but with different training seeds are aggregated: mean ± std (ddof=1) of rouge_l_mean across
-training runs, shown with "(n=runs)". "Avg." is the mean over test sets (when there are several). The best
-non-teacher mean of each column is bold.
+and test set but with different training seeds are aggregated: mean ± std (ddof=1) of rouge_l_mean (of
+accuracy for a multiple-choice set) across training runs, shown with "(n=runs)". "Avg." is the mean of
+Rouge-L over the generation test sets (when there are several); the multiple-choice sets' accuracy columns,
+headed "<set> (acc.)", follow it. The best non-teacher mean of each column is bold.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,12 +64,17 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "rouge_l_mean",
     "rouge_l_std",
     "empty_rate",
+    "accuracy",
+    "accuracy_norm",
     "val_loss",
     "checkpoint",
 )
 _INT_COLUMNS = ("k", "student_experts", "seed", "num_examples", "num_seeds")
-_FLOAT_COLUMNS = ("alpha", "beta", "rouge_l_mean", "rouge_l_std", "empty_rate", "val_loss")
-_REQUIRED = ("model", "test_set", "rouge_l_mean")
+_FLOAT_COLUMNS = (
+    "alpha", "beta", "rouge_l_mean", "rouge_l_std", "empty_rate", "accuracy", "accuracy_norm", "val_loss"
+)  # fmt: skip
+_REQUIRED = ("model", "test_set")
+_SCORES = ("rouge_l_mean", "accuracy")  # each row has one of them
 AVG = "Avg."
 
 
@@ -80,10 +92,12 @@ def normalize_row(row: Mapping[str, Any], where: str = "results row") -> dict[st
                     f"{where}: column {col}={out[col]!r} is not a number. Fix the value."
                 ) from None
     missing = [c for c in _REQUIRED if out[c] is None]
+    if all(out[c] is None for c in _SCORES):
+        missing.append(" or ".join(_SCORES))
     if missing:
         raise DataError(
             f"{where}: missing required column(s) {missing}. Fix: results rows need "
-            f"{', '.join(_REQUIRED)} (schema: pipeline/reports/results.py)."
+            f"{', '.join(_REQUIRED)} and one of {', '.join(_SCORES)} (schema: pipeline/evaluate/results.py)."
         )
     for col in ("model", "method", "setting", "test_set", "checkpoint"):
         if out[col] is not None:
@@ -174,17 +188,27 @@ def _format_value(value: Any) -> str:
 @dataclass(frozen=True)
 class Cell:
     mean: float
-    std: float
+    std: float  # NaN: none to show (Avg., one run's accuracy: multiple-choice scoring samples nothing)
     runs: int  # training runs aggregated (1: std is across sampling seeds)
 
 
 @dataclass(frozen=True)
 class ResultsTable:
     labels: list[str]
-    test_sets: list[str]  # AVG appended when there are several test sets
+    # generation sets, AVG when there are several of them, then the multiple-choice (accuracy) sets
+    test_sets: list[str]
     cells: dict[tuple[str, str], Cell]
     teacher_labels: set[str]
     num_seeds: list[int]
+    accuracy_sets: frozenset[str] = frozenset()
+
+    def header(self, test_set: str) -> str:
+        return f"{test_set} (acc.)" if test_set in self.accuracy_sets else test_set
+
+
+def score_column(row: Mapping[str, Any]) -> str:
+    """The column a normalised row's table cell shows: rouge_l_mean, or accuracy on a multiple-choice set."""
+    return "rouge_l_mean" if row["rouge_l_mean"] is not None else "accuracy"
 
 
 def build_table(rows: Sequence[Mapping[str, Any]]) -> ResultsTable:
@@ -200,6 +224,7 @@ def build_table(rows: Sequence[Mapping[str, Any]]) -> ResultsTable:
     groups: dict[tuple[str, str], dict[Any, dict[str, Any]]] = {}
     order_labels: list[str] = []
     order_sets: list[str] = []
+    metric: dict[str, str] = {}
     teacher: set[str] = set()
     for r in rows:
         label, ts = labels[id(r)], r["test_set"]
@@ -207,6 +232,11 @@ def build_table(rows: Sequence[Mapping[str, Any]]) -> ResultsTable:
             order_labels.append(label)
         if ts not in order_sets:
             order_sets.append(ts)
+        if metric.setdefault(ts, score_column(r)) != score_column(r):
+            raise DataError(
+                f"test set {ts!r} has both Rouge-L and accuracy rows. Fix: give the multiple-choice set "
+                "(evaluate.multiple_choice) a name of its own."
+            )
         if (r["method"] or "").lower() == "teacher" or r["model"].lower() == "teacher":
             teacher.add(label)
         bucket = groups.setdefault((label, ts), {})
@@ -216,20 +246,24 @@ def build_table(rows: Sequence[Mapping[str, Any]]) -> ResultsTable:
         bucket[key] = r
     cells: dict[tuple[str, str], Cell] = {}
     for (label, ts), bucket in groups.items():
-        runs = list(bucket.values())
+        runs, column = list(bucket.values()), metric[ts]
         if len(runs) == 1:
-            cells[label, ts] = Cell(runs[0]["rouge_l_mean"], runs[0]["rouge_l_std"] or 0.0, 1)
+            spread = (runs[0]["rouge_l_std"] or 0.0) if column == "rouge_l_mean" else float("nan")
+            cells[label, ts] = Cell(runs[0][column], spread, 1)
         else:
-            means = [r["rouge_l_mean"] for r in runs]
+            means = [r[column] for r in runs]
             cells[label, ts] = Cell(statistics.fmean(means), statistics.stdev(means), len(runs))
-    if len(order_sets) > 1:
+    rouge_sets = [ts for ts in order_sets if metric[ts] == "rouge_l_mean"]
+    accuracy_sets = [ts for ts in order_sets if metric[ts] == "accuracy"]
+    if len(rouge_sets) > 1:
         for label in order_labels:
-            per_set = [cells[label, ts].mean for ts in order_sets if (label, ts) in cells]
-            if len(per_set) == len(order_sets):  # an average over a subset would mislead
+            per_set = [cells[label, ts].mean for ts in rouge_sets if (label, ts) in cells]
+            if len(per_set) == len(rouge_sets):  # an average over a subset would mislead
                 cells[label, AVG] = Cell(statistics.fmean(per_set), float("nan"), 1)
-        order_sets = [*order_sets, AVG]
+        rouge_sets = [*rouge_sets, AVG]
     seeds = sorted({r["num_seeds"] for r in rows if r["num_seeds"] is not None})
-    return ResultsTable(order_labels, order_sets, cells, teacher, seeds)
+    columns = [*rouge_sets, *accuracy_sets]
+    return ResultsTable(order_labels, columns, cells, teacher, seeds, frozenset(accuracy_sets))
 
 
 def _label(row: Mapping[str, Any]) -> str:
@@ -247,7 +281,7 @@ def format_results_markdown(rows: Sequence[Mapping[str, Any]], title: str | None
         if len(means) > 1:
             best[ts] = max(means)
     lines = [f"## {title}", ""] if title else []
-    lines.append("| Model | " + " | ".join(table.test_sets) + " |")
+    lines.append("| Model | " + " | ".join(table.header(ts) for ts in table.test_sets) + " |")
     lines.append("|---|" + "---:|" * len(table.test_sets))
     for label in table.labels:
         cells = []
@@ -256,7 +290,7 @@ def format_results_markdown(rows: Sequence[Mapping[str, Any]], title: str | None
             if cell is None:
                 cells.append("–")
                 continue
-            text = f"{cell.mean:.2f}" if ts == AVG else f"{cell.mean:.2f} ± {cell.std:.2f}"
+            text = f"{cell.mean:.2f}" if math.isnan(cell.std) else f"{cell.mean:.2f} ± {cell.std:.2f}"
             if cell.runs > 1:
                 text += f" (n={cell.runs})"
             if label not in table.teacher_labels and ts in best and cell.mean == best[ts]:
@@ -269,6 +303,11 @@ def format_results_markdown(rows: Sequence[Mapping[str, Any]], title: str | None
         f"Rouge-L F1 (%), mean ± std over {seeds} sampling seed(s) per example (std over training runs where "
         "n= is shown); empty generations score 0. Bold: best non-teacher mean per column.",
     ]
+    if table.accuracy_sets:
+        lines.append(
+            "(acc.): multiple-choice accuracy (%), the option of highest summed log-likelihood; no sampling, "
+            "so a std only over training runs (n=)."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -290,8 +329,8 @@ def plot_results(rows: Sequence[Mapping[str, Any]], png_path: str | Path, title:
         bars = ax.bar(xs, ys, width * 0.92, yerr=errs, capsize=2, label=label, color=cmap(i % cmap.N))
         if n_labels * n_sets <= 40:
             ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
-    ax.set_xticks(range(n_sets), table.test_sets)
-    ax.set_ylabel("Rouge-L (%)")
+    ax.set_xticks(range(n_sets), [table.header(ts) for ts in table.test_sets])
+    ax.set_ylabel("Rouge-L / accuracy (%)" if table.accuracy_sets else "Rouge-L (%)")
     ax.set_title(title or "Rouge-L by model and test set (mean ± std over sampling seeds)")
     ax.set_ylim(
         0, max([c.mean + (c.std if c.std == c.std else 0) for c in table.cells.values()] + [1]) * 1.18

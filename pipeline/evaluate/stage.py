@@ -1,5 +1,6 @@
 """Stage 3: generate responses for every (test example x sampling seed) with a Ray Data actor pool per model
-and score them with Rouge-L.
+and score them with Rouge-L; the same actors score every item of the multiple-choice sets
+(`evaluate.multiple_choice`: each option's log-likelihood, pipeline.evaluate.multiple_choice) for accuracy.
 
     rows = test examples x seeds  --ray.data.from_items-->  map_batches(GeneratorActor,
         ActorPoolStrategy(size=num_actors), num_gpus, batch_size, resources)  -->  driver: tqdm over rows
@@ -9,8 +10,11 @@ Rouge-L of each generation against its reference(s) (max over references), mean 
 then mean ± std (ddof=1) over seeds; `evaluate.greedy` decodes greedily with one seed. Empty generations
 score 0 and are never dropped.
 
+Multiple-choice scoring samples nothing: one pass per item, no seeds; accuracy in percent per set.
+
 Outputs under runs/<name>/eval/:
   <model>/predictions.jsonl  one line per (test set, example, seed): prompt, references, prediction, rouge_l
+  <model>/multiple_choice.jsonl  one line per (multiple-choice set, item): options' log-likelihoods, picks
   <model>/results.csv|md     that model's rows; <model>/protocol.json (written last) makes a rerun with the
                              same checkpoint, protocol and test sets reuse them instead of regenerating
   results.csv|md|png         the models of this call, plus earlier evaluated models under eval/ whose results
@@ -24,6 +28,7 @@ import json
 import logging
 import re
 import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,14 @@ from typing import Any
 from pipeline.config import Config, stable_hash
 from pipeline.data.stage import PreparedData, prepare_data
 from pipeline.errors import ConfigError, DataError, ModelError
+from pipeline.evaluate.multiple_choice import (
+    DEMO_SET,
+    ItemScore,
+    MCItem,
+    PromptStyle,
+    accuracy,
+    load_mc_items,
+)
 from pipeline.evaluate.results import format_results_markdown, write_results_csv, write_results_table
 from pipeline.evaluate.test_sets import EvalSet, examples_from_records, load_test_set
 from pipeline.models.dims import read_dims
@@ -61,6 +74,13 @@ class EvalResults:
         for row in self.rows:
             if row["model"] == model and row["test_set"] == test_set:
                 return row["rouge_l_mean"], row["rouge_l_std"]
+        raise KeyError((model, test_set))
+
+    def accuracy(self, model: str, test_set: str) -> float:
+        """Multiple-choice accuracy in percent."""
+        for row in self.rows:
+            if row["model"] == model and row["test_set"] == test_set and row.get("accuracy") is not None:
+                return float(row["accuracy"])
         raise KeyError((model, test_set))
 
     def markdown(self) -> str:
@@ -157,6 +177,30 @@ def load_test_sets(config: Config, prepared: PreparedData | None = None) -> list
     return sets
 
 
+@dataclass(frozen=True)
+class MCSet:
+    name: str
+    source: str
+    style: PromptStyle
+    items: list[MCItem]
+
+
+def load_multiple_choice_sets(config: Config, test_sets: list[EvalSet]) -> list[MCSet]:
+    """`evaluate.multiple_choice` (validated by pipeline.config); names must differ from the test sets'."""
+    sets = []
+    for spec in config.evaluate.multiple_choice:
+        source = spec.path or (str(DEMO_SET) if spec.dataset == "demo" else str(spec.dataset))
+        items = load_mc_items(source, spec.split, spec.limit)
+        sets.append(MCSet(spec.name, source, spec.prompt_style, items))
+    clash = sorted({s.name for s in sets} & {ts.name for ts in test_sets})
+    if clash:
+        raise ConfigError(
+            f"multiple-choice set name(s) {clash} are also test-set names. Fix: rename them in "
+            "evaluate.multiple_choice (name:)."
+        )
+    return sets
+
+
 def sampling_seeds(config: Config) -> list[int]:
     ev = config.evaluate
     if ev.greedy:
@@ -166,9 +210,12 @@ def sampling_seeds(config: Config) -> list[int]:
     return list(range(ev.num_seeds))
 
 
-def build_items(test_sets: list[EvalSet], seeds: list[int]) -> list[dict[str, Any]]:
-    """Seed-major rows, so an actor batch usually shares one seed (one generate call)."""
-    items = []
+def build_items(
+    test_sets: list[EvalSet], seeds: list[int], mc_sets: Sequence[MCSet] = ()
+) -> list[dict[str, Any]]:
+    """Seed-major rows, so an actor batch usually shares one seed (one generate call); then one row per
+    multiple-choice item (`mc`: the item as JSON; "" on generation rows; its test_set indexes mc_sets)."""
+    items: list[dict[str, Any]] = []
     for seed in seeds:
         for ts_index, ts in enumerate(test_sets):
             for ex_index, ex in enumerate(ts.examples):
@@ -181,8 +228,24 @@ def build_items(test_sets: list[EvalSet], seeds: list[int]) -> list[dict[str, An
                         "instruction": ex.instruction,
                         "context": ex.context,
                         "references": json.dumps(list(ex.references)),
+                        "mc": "",
                     }
                 )
+    for set_index, mc_set in enumerate(mc_sets):
+        for item_index, item in enumerate(mc_set.items):
+            spec = {"question": item.question, "choices": list(item.choices), "answer": item.answer}
+            items.append(
+                {
+                    "row_id": len(items),
+                    "seed": 0,
+                    "test_set": set_index,
+                    "example": item_index,
+                    "instruction": "",
+                    "context": "",
+                    "references": "[]",
+                    "mc": json.dumps({**spec, "style": mc_set.style}),
+                }
+            )
     return items
 
 
@@ -192,10 +255,11 @@ def run_evaluate(config: Config, models: dict[str, str] | None = None, progress:
     models = check_models(config, default_models(config) if models is None else models)
     prepared = prepare_data(config)
     test_sets = load_test_sets(config, prepared)
+    mc_sets = load_multiple_choice_sets(config, test_sets)
     seeds = sampling_seeds(config)
-    items = build_items(test_sets, seeds)
+    items = build_items(test_sets, seeds, mc_sets)
     eval_dir = paths_for(config).eval
-    protocol = _protocol(config, test_sets, seeds)
+    protocol = _protocol(config, test_sets, seeds, mc_sets)
     protocol_hash = stable_hash(protocol)
     finished: dict[str, tuple[list[dict[str, Any]], dict[str, list[float]]]] = {}
     pending: dict[str, tuple[str, str, str]] = {}  # name -> (checkpoint, tokenizer, fingerprint)
@@ -213,7 +277,7 @@ def run_evaluate(config: Config, models: dict[str, str] | None = None, progress:
         outputs = _generate(config, {n: (c, t) for n, (c, t, _) in pending.items()}, items, progress)
         for name, (checkpoint, _, fingerprint) in pending.items():
             finished[name] = _score_and_write(
-                name, checkpoint, test_sets, seeds, items, outputs[name], model_dirs[name]
+                name, checkpoint, test_sets, seeds, items, outputs[name], model_dirs[name], mc_sets
             )
             _write_protocol(model_dirs[name], fingerprint, protocol_hash, finished[name][1])
     rows = [row for name in models for row in finished[name][0]]
@@ -222,7 +286,8 @@ def run_evaluate(config: Config, models: dict[str, str] | None = None, progress:
     reused = [name for name in models if name not in pending]
     eval_dir.mkdir(parents=True, exist_ok=True)
     csv_path = write_results_csv(rows, eval_dir / "results.csv")
-    md_path, png_path = write_results_table(rows, eval_dir, title=f"{config.name}: Rouge-L")
+    title = f"{config.name}: Rouge-L" + (", accuracy" if mc_sets else "")
+    md_path, png_path = write_results_table(rows, eval_dir, title=title)
     return EvalResults(eval_dir, rows, seed_scores, csv_path, md_path, png_path, model_dirs, reused)
 
 
@@ -231,8 +296,9 @@ def _generate(
     checkpoints: dict[str, tuple[str, str]],
     items: list[dict[str, Any]],
     progress: bool,
-) -> dict[str, dict[int, tuple[str, float]]]:
-    """name -> row_id -> (prediction, rouge_l in [0, 1]) for every (model, item), from one actor pool.
+) -> dict[str, dict[int, tuple[str, float, str]]]:
+    """name -> row_id -> (prediction, rouge_l in [0, 1], mc_scores) for every (model, item), from one actor
+    pool (mc_scores: a multiple-choice row's option scores as JSON, "" on generation rows).
 
     Rows are model-major, so each actor switches checkpoints about once per model instead of the pool being
     torn down and started again for every model.
@@ -273,13 +339,14 @@ def _generate(
         batch_size=ev.batch_size,
         **evaluation_actor_options(config),
     )
-    outputs: dict[str, dict[int, tuple[str, float]]] = {n: {} for n in names}
+    outputs: dict[str, dict[int, tuple[str, float, str]]] = {n: {} for n in names}
     try:
         desc = f"evaluate {len(names)} model(s)"
         with tqdm(total=len(rows), desc=desc, unit="gen", disable=not progress) as bar:
             for row in ds.iter_rows():
                 model, row_id = divmod(int(row["row_id"]), len(items))
-                outputs[names[model]][row_id] = (str(row["prediction"]), float(row["rouge_l"]))
+                scored = (str(row["prediction"]), float(row["rouge_l"]), str(row["mc_scores"]))
+                outputs[names[model]][row_id] = scored
                 bar.update(1)
     finally:
         ctx.enable_progress_bars, ctx.enable_operator_progress_bars = saved
@@ -297,8 +364,9 @@ def _score_and_write(
     test_sets: list[EvalSet],
     seeds: list[int],
     items: list[dict[str, Any]],
-    outputs: dict[int, tuple[str, float]],
+    outputs: dict[int, tuple[str, float, str]],
     model_dir: Path,
+    mc_sets: Sequence[MCSet] = (),
 ) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "protocol.json").unlink(missing_ok=True)  # invalid until everything below is written
@@ -307,7 +375,9 @@ def _score_and_write(
     tmp = model_dir / "predictions.jsonl.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         for item in items:
-            prediction, score = outputs[item["row_id"]]
+            if item["mc"]:
+                continue
+            prediction, score, _ = outputs[item["row_id"]]
             ts = test_sets[item["test_set"]]
             per_seed.setdefault((item["test_set"], item["seed"]), []).append(score)
             empty[item["test_set"]] = empty.get(item["test_set"], 0) + (not prediction.strip())
@@ -341,9 +411,56 @@ def _score_and_write(
                 "empty_rate": empty.get(ts_index, 0) / (len(ts.examples) * len(seeds)),
             }
         )
+    if mc_sets:
+        rows += [{**info, **row} for row in _score_choices(mc_sets, items, outputs, model_dir, name)]
     write_results_csv(rows, model_dir / "results.csv")
     (model_dir / "results.md").write_text(format_results_markdown(rows, title=f"{name}: Rouge-L"))
     return rows, seed_scores
+
+
+def _score_choices(
+    mc_sets: Sequence[MCSet],
+    items: list[dict[str, Any]],
+    outputs: dict[int, tuple[str, float, str]],
+    model_dir: Path,
+    name: str,
+) -> list[dict[str, Any]]:
+    """Accuracy rows (percent) per multiple-choice set from the actors' option scores, and
+    <model>/multiple_choice.jsonl with every item's option log-likelihoods and picks."""
+    scores: dict[int, list[ItemScore]] = {i: [] for i in range(len(mc_sets))}
+    tmp = model_dir / "multiple_choice.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in (r for r in items if r["mc"]):
+            mc_set, item = mc_sets[row["test_set"]], mc_sets[row["test_set"]].items[row["example"]]
+            got = json.loads(outputs[row["row_id"]][2])
+            score = ItemScore(tuple(got["logprob_sum"]), tuple(got["tokens"]), item.answer)
+            scores[row["test_set"]].append(score)
+            line = {
+                "model": name,
+                "test_set": mc_set.name,
+                "example_id": row["example"],
+                "question": item.question,
+                "choices": list(item.choices),
+                "answer": item.answer,
+                "option_logprob_sum": list(score.option_logprob_sum),
+                "option_tokens": list(score.option_tokens),
+                "pred": score.pred,
+                "pred_norm": score.pred_norm,
+            }
+            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+    tmp.replace(model_dir / "multiple_choice.jsonl")
+    rows = []
+    for index, mc_set in enumerate(mc_sets):
+        acc = accuracy(scores[index])
+        rows.append(
+            {
+                "test_set": mc_set.name,
+                "num_examples": len(mc_set.items),
+                "accuracy": 100.0 * acc["acc"],
+                "accuracy_norm": 100.0 * acc["acc_norm"],
+            }
+        )
+    return rows
 
 
 def _write_protocol(
@@ -401,9 +518,16 @@ def _setting(info: dict[str, Any]) -> str:
 
 
 # --- reuse -------------------------------------------------------------------------------------------------
-def _protocol(config: Config, test_sets: list[EvalSet], seeds: list[int]) -> dict[str, Any]:
+def _protocol(
+    config: Config, test_sets: list[EvalSet], seeds: list[int], mc_sets: Sequence[MCSet] = ()
+) -> dict[str, Any]:
     ev = config.evaluate
-    return {
+    # only when configured, so the results of configs without multiple-choice sets stay reusable
+    mc = {
+        s.name: stable_hash({"style": s.style, "items": [asdict(it) for it in s.items]}, length=64)
+        for s in mc_sets
+    }
+    return ({"multiple_choice": mc} if mc else {}) | {
         "version": 1,
         "greedy": ev.greedy,
         "temperature": ev.temperature,

@@ -208,6 +208,6 @@ def seed_table_markdown(
     test_set: str | None = None,
     baseline: str = DEFAULT_BASELINE,
 ) -> str:
-    """The seed-statistics table of one results column (e.g. "val_loss", "rouge_l_mean") for a sweep."""
+    """The seed-statistics table of one results column ("val_loss", "rouge_l_mean", "accuracy") of a sweep."""
     summaries = seed_summaries(values_by_seed(rows, column, test_set), baseline)
     return format_seed_table(summaries, value_name, baseline)
