@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -94,6 +95,16 @@ def test_killed_distillation_resumes_from_its_checkpoint(
     config = with_overrides(cached_config, {"distill.method": "kd", "distill.train.max_steps": 6})
     metrics = killed_at_step_3_then_rerun(config, monkeypatch)
     assert [m["step"] for m in metrics] == [2, 4, 6]
+    # The resumed student is the uninterrupted one: RNG, optimizer, scheduler and data position restored.
+    resumed = run_distill(config)
+    uninterrupted = run_distill(with_overrides(config, {"distill.run_name": "kd-uninterrupted"}))
+    assert resumed.skipped and not uninterrupted.skipped
+    assert weights_digest(resumed.export_dir) == weights_digest(uninterrupted.export_dir)
+    assert resumed.val_loss == uninterrupted.val_loss
+
+
+def weights_digest(export_dir: str) -> str:
+    return hashlib.sha256((Path(export_dir) / "model.safetensors").read_bytes()).hexdigest()
 
 
 def test_two_worker_fsdp_run_resumes_and_exports(
