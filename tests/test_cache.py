@@ -652,17 +652,20 @@ def _raised_messages() -> list[tuple[str, str, bool]]:
     import pipeline.cache
 
     found = []
-    for path in sorted(Path(pipeline.cache.__file__).parent.glob("*.py")):
-        src = path.read_text()
-        tree = ast.parse(src)
-        # Module-level string constants (_REBUILD, _RESUME_HINT) that messages interpolate.
-        consts = {
-            t.id: node.value.value
-            for node in tree.body
-            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
-            for t in node.targets
-            if isinstance(t, ast.Name) and isinstance(node.value.value, str)
-        }
+    paths = sorted(Path(pipeline.cache.__file__).parent.glob("*.py"))
+    sources = {path: path.read_text() for path in paths}
+    trees = {path: ast.parse(src) for path, src in sources.items()}
+    # Module-level string constants (_REBUILD, _RESUME_HINT, FIDELITY_FIX) that messages interpolate, from
+    # any module of the package (one may import another's).
+    consts = {
+        t.id: node.value.value
+        for tree in trees.values()
+        for node in tree.body
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+        for t in node.targets
+        if isinstance(t, ast.Name) and isinstance(node.value.value, str)
+    }
+    for path, tree in trees.items():
         for node in ast.walk(tree):
             if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
                 call = node.exc
@@ -674,7 +677,7 @@ def _raised_messages() -> list[tuple[str, str, bool]]:
                 continue
             if not call.args or not isinstance(call.args[0], (ast.Constant, ast.JoinedStr, ast.BinOp)):
                 continue
-            msg = ast.get_source_segment(src, call.args[0]) or ""
+            msg = ast.get_source_segment(sources[path], call.args[0]) or ""
             if msg in _PASS_THROUGH:
                 continue
             names = {n.id for n in ast.walk(call.args[0]) if isinstance(n, ast.Name)}
