@@ -3,6 +3,7 @@ definitions."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -130,9 +131,11 @@ def test_experts_scope_mc_trains_only_experts_and_projections(student: DistillSt
         assert metrics["grad/erd/routers/norm"] > 0  # ERD keeps its full graph under either scope
 
 
-def test_stable_preset_fixes_relative_distance_and_experts_scope() -> None:
+def test_stable_preset_is_the_study_choice_cosine_distance() -> None:
     stable = resolved_distill(DistillConfig(method="b-distill-stable"))
-    assert (stable.mc_grad_scope, stable.mc_state_loss) == ("experts", "relative")
+    assert (stable.mc_grad_scope, stable.mc_state_loss) == ("model", "cosine")
+    cosine = resolved_distill(DistillConfig(method="b-distill-cosine"))
+    assert dataclasses.replace(stable, method="b-distill-cosine") == cosine  # the same settings
 
 
 def test_lambda_mc_warmup_ramp(student: DistillStudent) -> None:
@@ -216,12 +219,12 @@ def test_presets_definitions() -> None:
     assert not official.needs_expert_states and official.formulas == "released"
     assert cache_fields_for(official) == {"logits", "gates"}
     assert cache_fields_for(base) == {"logits", "gates", "expert_states"}
-    assert "PROVISIONAL" in get_method("b-distill-stable").deviation
+    assert "does NOT beat kd" in get_method("b-distill-stable").deviation
     for name in method_names():
         spec = get_method(name)
         assert spec.source and spec.deviation, name
-    with pytest.raises(ConfigError, match=r"fixes distill\.mc_state_loss = 'relative'.*sets 'cosine'"):
-        resolved_distill(DistillConfig(method="b-distill-stable", mc_state_loss="cosine"))
+    with pytest.raises(ConfigError, match=r"fixes distill\.mc_state_loss = 'cosine'.*sets 'relative'"):
+        resolved_distill(DistillConfig(method="b-distill-stable", mc_state_loss="relative"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,9 +254,7 @@ def test_switches_are_in_the_fingerprint_and_diagnostics_is_not() -> None:
     assert fingerprint({"distill.diagnostics": True}) == base
     # a preset's fixed settings are part of what is hashed
     stable = run_settings(with_overrides(config, {"distill.method": "b-distill-stable"}), "k")
-    assert (
-        stable["distill"]["mc_state_loss"] == "relative" and stable["distill"]["mc_grad_scope"] == "experts"
-    )
+    assert stable["distill"]["mc_state_loss"] == "cosine" and stable["distill"]["mc_grad_scope"] == "model"
     assert "-a0-" in default_run_name(with_overrides(config, {"distill.method": "b-distill-alpha0"}), "k")
 
 

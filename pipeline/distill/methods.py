@@ -243,10 +243,11 @@ _METHODS: tuple[MethodSpec, ...] = (
     ),
     _b_distill_variant(
         "b-distill-stable",
-        {"mc_state_loss": "relative", "mc_grad_scope": "experts"},
-        "PROVISIONAL recommendation: relative MC distance and MC gradient reaching only the experts and P, "
-        "the combination the single-seed demo measurements favoured among MC-on variants; not yet chosen by "
-        "the multi-seed validation study (jobs/configs/demo-bdistill-study.yaml), and not shown to beat kd",
+        {"mc_state_loss": "cosine"},
+        "the project's recommended B-Distill: the cosine MC distance (1 - cos(P h_S, h~T)), chosen on the "
+        "validation loss of the demo study (jobs/configs/demo-bdistill-study.yaml, 3 seeds; "
+        "docs/method.md) as the best MC-on variant; it does NOT beat kd there (paired difference within seed "
+        "noise), and plain b-distill-no-mc is as good",
     ),
 )
 
