@@ -108,7 +108,13 @@ def load_sweep(path: str | Path) -> Sweep:
 def plan_runs(sweep: Sweep) -> tuple[Config, list[Config]]:
     """The base config and one validated config per grid point; all must share the base's teacher cache, or
     (`cache_grid: true`) at least its fine-tuned teacher, differing only in `cache.*` settings."""
-    base = load_config(sweep.base, sweep.overrides)
+    base = load_config(sweep.base)  # the preset alone: its own errors name it
+    if sweep.overrides:  # it loaded, so an error from here on is caused by the sweep's `set:`
+        try:
+            base = load_config(sweep.base, sweep.overrides)
+        except ConfigError as exc:
+            reason = str(exc).removeprefix(f"{sweep.base}: ")
+            raise ConfigError(f"sweep {sweep.name}: `set:` (applied to {sweep.base}): {reason}") from None
     points = sweep.runs()
     configs = []
     for point in points:

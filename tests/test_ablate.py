@@ -89,6 +89,15 @@ def test_a_list_of_grids_runs_the_union_of_their_cross_products(tmp_path: Path) 
         load_sweep(write_sweep(tmp_path, [{"distill.method": "kd"}]))
 
 
+def test_an_error_caused_by_the_sweeps_set_names_the_sweep_not_the_preset(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, {"distill.method": ["kd"]})
+    raw = yaml.safe_load(path.read_text())
+    raw["set"]["cache.torch_threads"] = 1  # not a cache key
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"^sweep t: `set:` \(applied to .*tiny.yaml\): unknown key"):
+        plan_runs(load_sweep(path))
+
+
 def test_setting_labels_use_the_shortest_unambiguous_key() -> None:
     point = {"distill.lambda_mc": 0.5, "distill.train.lr": 3e-4, "distill.method": "kd"}
     assert format_setting(point) == "lambda_mc=0.5, lr=0.0003, method=kd"
