@@ -243,7 +243,8 @@ def test_load_causal_lm_errors(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="not a loadable checkpoint"):
         load_causal_lm(str(tmp_path / "empty"))
-    with pytest.raises(ModelError, match="offline"):  # conftest sets HF_HUB_OFFLINE=1: fails fast, no network
+    # conftest sets HF_HUB_OFFLINE=1: fails fast, no network, naming the fix
+    with pytest.raises(ModelError, match=r"HF_HUB_OFFLINE is set .* Fix: download it"):
         load_causal_lm("no-such-org/no-such-model")
 
 
