@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 import torch
+from inprocess_teacher import InProcessClient
 
 from pipeline.cache import open_cache
-from pipeline.cache.stage import cache_spec_from_config, locate_cache, run_cache, teacher_checkpoint
+from pipeline.cache.stage import locate_cache, run_cache
 from pipeline.config import Config, load_config, with_overrides
 from pipeline.data.stage import load_tokenizer, prepare_data
 from pipeline.data.tokenize import tokenize_records
@@ -25,7 +26,6 @@ from pipeline.distill.stage import default_run_name, run_distill
 from pipeline.errors import ConfigError
 from pipeline.finetune.stage import run_finetune
 from pipeline.models.alignment import layer_pairs
-from pipeline.teacher_service import TeacherScorer
 from pipeline.teacher_service.service import TEACHER_FAIL_AT_BATCH_ENV
 from pipeline.training.loop import load_training_state
 
@@ -76,20 +76,6 @@ def config(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Confi
     run_finetune(base, eval_examples=2)
     run_cache(base)
     return base
-
-
-class InProcessClient:
-    """The TeacherClient interface over a real TeacherScorer in this process (no Ray): for single steps."""
-
-    def __init__(self, config: Config) -> None:
-        prepared = prepare_data(config)
-        spec = cache_spec_from_config(config, teacher_checkpoint(config), prepared.tokenizer_path)
-        self.scorer = TeacherScorer(spec, open_cache(locate_cache(config)).width, 0.0, cpu_threads=1)
-        self.sequences = 0
-
-    def score(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        self.sequences += len(examples)
-        return self.scorer.score(examples)["results"]
 
 
 def _cached_batch(config: Config, task: OnPolicyTask, n: int = 4) -> dict[str, torch.Tensor]:

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from inprocess_teacher import InProcessClient
 
 from pipeline.cache import open_cache
-from pipeline.cache.stage import cache_spec_from_config, locate_cache, run_cache, teacher_checkpoint
+from pipeline.cache.stage import locate_cache, run_cache
 from pipeline.config import Config, DistillConfig, load_config, with_overrides
 from pipeline.data.stage import prepare_data
 from pipeline.distill import onpolicy
@@ -24,7 +23,6 @@ from pipeline.distill.onpolicy_task import OnPolicyTask
 from pipeline.distill.stage import run_distill
 from pipeline.finetune.stage import run_finetune
 from pipeline.models.alignment import layer_pairs
-from pipeline.teacher_service import TeacherScorer
 
 TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 STEPS = 2
@@ -55,25 +53,6 @@ def config(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Confi
     run_finetune(base, eval_examples=2)
     run_cache(base)
     return base
-
-
-class InProcessClient:
-    """The TeacherClient interface (score, router_step) over a real TeacherScorer in this process."""
-
-    def __init__(self, config: Config) -> None:
-        prepared = prepare_data(config)
-        spec = cache_spec_from_config(config, teacher_checkpoint(config), prepared.tokenizer_path)
-        self.scorer = TeacherScorer(spec, open_cache(locate_cache(config)).width, 0.0, cpu_threads=1)
-        self.served: list[dict[str, Any]] = []
-
-    def score(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        self.served = self.scorer.score(examples)["results"]
-        return self.served
-
-    def router_step(
-        self, examples: list[dict[str, Any]], rows: list[dict[str, Any]], loss_fn: Callable, lr: float
-    ) -> list[float]:
-        return [self.scorer.router_step(examples, rows, loss_fn, lr)]  # one actor
 
 
 def test_sar_is_a_registered_on_policy_preset_with_its_source() -> None:
