@@ -23,6 +23,7 @@ from pipeline.evaluate.results import read_results_csv
 from pipeline.evaluate.stage import (
     default_models,
     describe_checkpoint,
+    generation_units,
     parse_model_args,
     run_evaluate,
 )
@@ -187,6 +188,33 @@ def test_run_evaluate_through_the_actor_pool(workspace) -> None:
     assert again.reused == ["teacher"] and again.score("teacher", "demo-test") == pytest.approx((mean, std))
     # The combined table keeps the student evaluated earlier under the same protocol.
     assert [r["model"] for r in again.rows] == ["teacher", student]
+
+
+def test_generation_units_are_fixed_chunks_of_one_seed_and_test_set() -> None:
+    def gen(seed: int, test_set: int) -> dict:
+        return {"seed": seed, "test_set": test_set, "mc": ""}
+
+    items = [gen(0, 0)] * 5 + [gen(0, 1)] * 2 + [gen(1, 0)] * 3 + [{"seed": 0, "test_set": 0, "mc": "{}"}] * 2
+    assert generation_units(items, 2) == [[0, 1], [2, 3], [4], [5, 6], [7, 8], [9], [10], [11]]
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_sampled_results_do_not_depend_on_the_models_evaluated_beside(workspace) -> None:
+    """A model's sampled generations are the same whether it is evaluated alone or after another model, with
+    an example count that is no multiple of the batch size (Ray Data batches would straddle models)."""
+    config, root = workspace
+    teacher = str(root / "run/teacher/final")
+    student = str(root / "run/students/kd-k3-a0.2-b0.1-e2-s0/final")
+
+    def predictions(tag: str, models: dict[str, str]) -> list[str]:
+        cfg = with_overrides(config, {"output_dir": str(root / tag), "evaluate.max_examples": 5})
+        run_evaluate(cfg, models, progress=False)
+        lines = (root / tag / "eval/teacher/predictions.jsonl").read_text().splitlines()
+        return [json.loads(x)["prediction"] for x in lines]
+
+    alone = predictions("alone", {"teacher": teacher})
+    assert predictions("beside", {"student": student, "teacher": teacher}) == alone
+    assert len(alone) == 5 * 2 and len(set(alone)) > 1
 
 
 def test_describe_checkpoint_without_run_metadata(tmp_path: Path) -> None:

@@ -4,8 +4,9 @@ log-likelihood, returned in `mc_scores` for the driver to take the accuracy of).
 
 One actor = one model replica at a time (on its own GPU when `num_gpus_per_actor` > 0, on the node group
 that `evaluate.resources` names, e.g. {"student_node": 1}: the stage passes both to Ray Data). Rows name the
-checkpoint they are for (`model`, an index into `checkpoints`); rows arrive model-major, so an actor loads
-each checkpoint about once and frees the previous one before loading the next.
+checkpoint they are for (`model`, an index into `checkpoints`) and hold one generation unit each (up to
+`evaluate.batch_size` prompts generated in one call, or one multiple-choice item); rows arrive model-major,
+so an actor loads each checkpoint about once and frees the previous one before loading the next.
 """
 
 from __future__ import annotations
@@ -65,51 +66,47 @@ class GeneratorActor:
         self._loaded = index
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """One row per generation unit (pipeline.evaluate.stage.generation_units): its prompts in one generate
+        call, or one multiple-choice item."""
         from pipeline.models.generate import generate_responses  # why: torch, as in _use
 
-        row_ids = [int(r) for r in batch["row_id"]]
-        mc = [str(m) for m in batch["mc"]] if "mc" in batch else [""] * len(row_ids)
-        mc_scores = self._score_choices(batch, mc)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, (model, seed) in enumerate(zip(batch["model"], batch["seed"], strict=True)):
-            if not mc[i]:
-                groups.setdefault((int(model), int(seed)), []).append(i)
-        predictions: dict[int, str] = {i: "" for i in range(len(row_ids)) if mc[i]}
-        for (model, seed), idx in sorted(groups.items()):  # one generate call per (model, sampling seed)
-            self._use(model)
-            records = [Record(str(batch["instruction"][i]), str(batch["context"][i]), "-", "") for i in idx]
+        predictions, scores, mc_scores = [], [], []
+        for i in range(len(batch["row_id"])):
+            self._use(int(batch["model"][i]))
+            mc = str(batch["mc"][i])
+            if mc:
+                predictions.append(json.dumps([""]))
+                scores.append(json.dumps([0.0]))
+                mc_scores.append(self._score_choice(mc))
+                continue
+            prompts = json.loads(str(batch["prompts"][i]))
+            references = json.loads(str(batch["references"][i]))
+            records = [Record(instruction, context, "-", "") for instruction, context in prompts]
             outputs = generate_responses(
                 self.model,
                 self.tokenizer,
                 records,
-                # the same (item, seed) draws the same stream for every model: paired comparisons
-                seed=seed * _SEED_STRIDE + int(batch["item"][idx[0]]),
+                # the same (unit, seed) draws the same stream for every model: paired comparisons
+                seed=int(batch["seed"][i]) * _SEED_STRIDE + int(batch["first_item"][i]),
                 batch_size=len(records),
                 **self.kwargs,
             )
-            predictions.update(zip(idx, outputs, strict=True))
-        preds = [predictions[i] for i in range(len(row_ids))]
-        scores = [
-            0.0 if choice else rouge_l(p, json.loads(str(refs)))
-            for p, refs, choice in zip(preds, batch["references"], mc, strict=True)
-        ]
+            predictions.append(json.dumps(outputs))
+            scores.append(json.dumps([rouge_l(p, refs) for p, refs in zip(outputs, references, strict=True)]))
+            mc_scores.append("")
         return {
-            "row_id": np.asarray(row_ids, dtype=np.int64),
-            "prediction": np.asarray(preds, dtype=object),
-            "rouge_l": np.asarray(scores, dtype=np.float64),
+            "row_id": np.asarray(batch["row_id"], dtype=np.int64),
+            "model": np.asarray(batch["model"], dtype=np.int64),
+            "members": np.asarray(batch["members"], dtype=object),
+            "predictions": np.asarray(predictions, dtype=object),
+            "rouge_l": np.asarray(scores, dtype=object),
             "mc_scores": np.asarray(mc_scores, dtype=object),
         }
 
-    def _score_choices(self, batch: dict[str, np.ndarray], mc: list[str]) -> list[str]:
-        """JSON {"logprob_sum": [...], "tokens": [...]} per multiple-choice row, "" for generation rows."""
-        out = [""] * len(mc)
-        for i, text in enumerate(mc):
-            if text:
-                self._use(int(batch["model"][i]))
-                spec = json.loads(text)
-                item = MCItem(spec["question"], tuple(spec["choices"]), int(spec["answer"]))
-                score = score_item(self.model, self.tokenizer, item, spec["style"], self.device)
-                out[i] = json.dumps(
-                    {"logprob_sum": list(score.option_logprob_sum), "tokens": list(score.option_tokens)}
-                )
-        return out
+    def _score_choice(self, text: str) -> str:
+        """JSON {"logprob_sum": [...], "tokens": [...]} of one multiple-choice item on the loaded model."""
+        spec = json.loads(text)
+        item = MCItem(spec["question"], tuple(spec["choices"]), int(spec["answer"]))
+        score = score_item(self.model, self.tokenizer, item, spec["style"], self.device)
+        scores = {"logprob_sum": list(score.option_logprob_sum), "tokens": list(score.option_tokens)}
+        return json.dumps(scores)

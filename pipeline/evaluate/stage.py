@@ -2,8 +2,9 @@
 and score them with Rouge-L; the same actors score every item of the multiple-choice sets
 (`evaluate.multiple_choice`: each option's log-likelihood, pipeline.evaluate.multiple_choice) for accuracy.
 
-    rows = test examples x seeds  --ray.data.from_items-->  map_batches(GeneratorActor,
-        ActorPoolStrategy(size=num_actors), num_gpus, batch_size, resources)  -->  driver: tqdm over rows
+    rows = (model, generation unit: up to batch_size test examples of one seed, or one multiple-choice item)
+        --ray.data.from_items-->  map_batches(GeneratorActor, ActorPoolStrategy(size=num_actors), num_gpus,
+        batch_size=1, resources)  -->  driver: tqdm over generations
 
 Protocol (MiniLLM / DistiLLM / B-Distill): sampling at temperature 1, top-p 1, `evaluate.num_seeds` seeds,
 Rouge-L of each generation against its reference(s) (max over references), mean over examples per seed,
@@ -53,7 +54,6 @@ from pipeline.run_identity import SETTINGS_FILE
 from pipeline.workspace import paths_for
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -213,7 +213,7 @@ def sampling_seeds(config: Config) -> list[int]:
 def build_items(
     test_sets: list[EvalSet], seeds: list[int], mc_sets: Sequence[MCSet] = ()
 ) -> list[dict[str, Any]]:
-    """Seed-major rows, so an actor batch usually shares one seed (one generate call); then one row per
+    """Seed-major rows (generation_units chunks them into generate calls); then one row per
     multiple-choice item (`mc`: the item as JSON; "" on generation rows; its test_set indexes mc_sets)."""
     items: list[dict[str, Any]] = []
     for seed in seeds:
@@ -291,6 +291,29 @@ def run_evaluate(config: Config, models: dict[str, str] | None = None, progress:
     return EvalResults(eval_dir, rows, seed_scores, csv_path, md_path, png_path, model_dirs, reused)
 
 
+def generation_units(items: list[dict[str, Any]], size: int) -> list[list[int]]:
+    """The item indices each generate call covers: consecutive generation items of one (seed, test set) in
+    chunks of `size`, and every multiple-choice item alone.
+
+    A sampled generation depends on the whole batch it is generated in (one RNG stream, shared padding), so
+    the batches are fixed here, by the test sets alone, and travel as single Ray Data rows: a model's
+    results cannot depend on the other models evaluated beside it or on Ray Data's block boundaries."""
+    units: list[list[int]] = []
+    for index, item in enumerate(items):
+        previous = items[units[-1][0]] if units else None
+        if (
+            item["mc"]
+            or previous is None
+            or previous["mc"]
+            or (previous["seed"], previous["test_set"]) != (item["seed"], item["test_set"])
+            or len(units[-1]) >= size
+        ):
+            units.append([index])
+        else:
+            units[-1].append(index)
+    return units
+
+
 def _generate(
     config: Config,
     checkpoints: dict[str, tuple[str, str]],
@@ -300,8 +323,8 @@ def _generate(
     """name -> row_id -> (prediction, rouge_l in [0, 1], mc_scores) for every (model, item), from one actor
     pool (mc_scores: a multiple-choice row's option scores as JSON, "" on generation rows).
 
-    Rows are model-major, so each actor switches checkpoints about once per model instead of the pool being
-    torn down and started again for every model.
+    Rows are (model, generation unit), model-major, so each actor switches checkpoints about once per model
+    instead of the pool being torn down and started again for every model.
     """
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -316,16 +339,25 @@ def _generate(
     resolved = [
         tuple(str(Path(p).resolve()) if Path(p).exists() else p for p in checkpoints[n]) for n in names
     ]
+    units = generation_units(items, ev.batch_size)
     rows = [
-        {**item, "model": m, "item": item["row_id"], "row_id": m * len(items) + item["row_id"]}
+        {
+            "row_id": m * len(units) + u,
+            "model": m,
+            "seed": items[members[0]]["seed"],
+            "first_item": members[0],
+            "members": json.dumps(members),
+            "prompts": json.dumps([[items[i]["instruction"], items[i]["context"]] for i in members]),
+            "references": json.dumps([json.loads(items[i]["references"]) for i in members]),
+            "mc": items[members[0]]["mc"],
+        }
         for m in range(len(names))
-        for item in items
+        for u, members in enumerate(units)
     ]
     ctx = DataContext.get_current()
     saved = (ctx.enable_progress_bars, ctx.enable_operator_progress_bars)
     ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False  # ours counts finished rows
-    blocks = max(1, min(-(-len(rows) // ev.batch_size), 32 * max(1, ev.num_actors)))
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 32 * max(1, ev.num_actors))))
     ds = ds.map_batches(
         GeneratorActor,
         fn_constructor_kwargs={
@@ -336,18 +368,22 @@ def _generate(
             "top_p": ev.top_p,
         },
         compute=ActorPoolStrategy(size=max(1, ev.num_actors)),
-        batch_size=ev.batch_size,
+        batch_size=1,  # one row = one generate call of up to evaluate.batch_size prompts
         **evaluation_actor_options(config),
     )
     outputs: dict[str, dict[int, tuple[str, float, str]]] = {n: {} for n in names}
     try:
         desc = f"evaluate {len(names)} model(s)"
-        with tqdm(total=len(rows), desc=desc, unit="gen", disable=not progress) as bar:
+        total = len(names) * len(items)
+        with tqdm(total=total, desc=desc, unit="gen", disable=not progress) as bar:
             for row in ds.iter_rows():
-                model, row_id = divmod(int(row["row_id"]), len(items))
-                scored = (str(row["prediction"]), float(row["rouge_l"]), str(row["mc_scores"]))
-                outputs[names[model]][row_id] = scored
-                bar.update(1)
+                model = int(row["model"])
+                members = json.loads(str(row["members"]))
+                predictions = json.loads(str(row["predictions"]))
+                scores = json.loads(str(row["rouge_l"]))
+                for item, prediction, score in zip(members, predictions, scores, strict=True):
+                    outputs[names[model]][item] = (prediction, float(score), str(row["mc_scores"]))
+                bar.update(len(members))
     finally:
         ctx.enable_progress_bars, ctx.enable_operator_progress_bars = saved
     for name in names:
@@ -528,13 +564,14 @@ def _protocol(
         for s in mc_sets
     }
     return ({"multiple_choice": mc} if mc else {}) | {
-        "version": 1,
+        # 2: generate calls are fixed chunks of the test sets (generation_units), not Ray Data batches
+        "version": 2,
         "greedy": ev.greedy,
         "temperature": ev.temperature,
         "top_p": ev.top_p,
         "max_new_tokens": ev.max_new_tokens,
         "seeds": seeds,
-        # batch composition changes sampled outputs, so it is part of what makes results reproducible
+        # the chunk size of generation_units: batch composition changes sampled outputs
         "batch_size": ev.batch_size,
         "test_sets": {
             ts.name: hashlib.sha256(json.dumps([asdict(e) for e in ts.examples]).encode()).hexdigest()
