@@ -17,7 +17,12 @@ every figure below is measured on the held-out half. Per codec x rank x token fr
   grad cos     cosine of dL^/ds with the exact dL/ds (all tokens; subsampled tokens get no gradient)
   enc / dec    encode (project + quantise) and decode (dequantise + expand) throughput, tokens/s (best of 3)
   shard x      compute_shard time (teacher forward + everything the cache stage does but the write; best of
-               3) relative to the float16 build (basis fitting excluded: one teacher pass over its sample)
+               3) relative to the float16 build: the steady state, basis fitting excluded
+
+Then the basis fit of the timed low-rank codec (what pipeline/cache/basis.py does before the first shard: a
+teacher pass over the basis sample, the streaming Gram matrix, eigh), timed on the basis half, and the whole
+cache stage's time relative to the float16 build with that fit included, for builds of several sizes with
+the default 65,536-token sample (fewer when the build has fewer tokens: then the sample is the whole build).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from bench_cache import DEMO_TEACHER, MICRO_BATCH, ROWS_PER_SHARD, make_assets, 
 
 from pipeline.cache.codecs import (
     ROW_CODECS,
+    BasisAccumulator,
     StatesCodec,
     aggregate_coefficients,
     expand_group,
@@ -138,6 +144,28 @@ def shard_time(
     )[0]
 
 
+def basis_fit_time(stage: TeacherShardStage, examples: list[dict[str, Any]], rank: int) -> float:
+    """Seconds to fit a rank-`rank` basis on `examples` as the cache stage does (best of 3)."""
+    device = input_device(stage.adapter.model)
+
+    def fit() -> None:
+        acc = BasisAccumulator()
+        for s in range(0, len(examples), MICRO_BATCH):
+            padded = pad_batch(examples[s : s + MICRO_BATCH], stage.pad_id)
+            batch = {k: v.to(device) for k, v in padded.items()}
+            acc.update(teacher_targets(stage.adapter, batch, stage.out)["expert_states"])
+        acc.finish(rank)
+
+    return best_of(fit)[0]
+
+
+def whole_build_ratio(
+    tokens: float, sample: int, fit_per_token: float, lossy_per_token: float, fp16_per_token: float
+) -> float:
+    """(basis fit on min(sample, tokens) tokens + lossy build) / float16 build, for a `tokens`-token build."""
+    return (min(sample, tokens) * fit_per_token + tokens * lossy_per_token) / (tokens * fp16_per_token)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--records", type=int, default=192)
@@ -184,6 +212,9 @@ def main() -> None:
         timed.append(StatesCodec(codec="fp8", rank=mid, token_fraction=fractions[0]))
         times = {(c.codec, c.rank or "-", c.token_fraction): shard_time(stage, shards, c, fit) for c in timed}
         base = times[("float16", "-", 1.0)]
+        basis_examples = [e for shard in shards for e in shard][: len(ex["seq_ids"]) // 2]
+        basis_tokens = sum(int(sum(e["response_mask"][1:])) for e in basis_examples)
+        t_fit = basis_fit_time(stage, basis_examples, mid)
 
         p, w, d = ex["states"].shape[1:]
         print(
@@ -204,6 +235,19 @@ def main() -> None:
                 f"{r['recon']:>8.2e} | {r['mc_rel']:>10.2e} | {r['grad_cos']:>8.4f} | {r['enc']:>9.0f} | "
                 f"{r['dec']:>9.0f} | {(t / base if t else float('nan')):>7.2f} |"
             )
+        fp16_pt, lossy_pt = base / n, times[("fp8", mid, 1.0)] / n
+        fit_pt = t_fit / basis_tokens
+        print(
+            f"\nbasis fit, fp8 r={mid}: {t_fit:.2f} s on {basis_tokens} sample tokens "
+            f"({fit_pt / fp16_pt:.2f}x the float16 build's time per token); whole cache stage (basis fit "
+            "included, 65,536-token sample) vs the float16 build:"
+        )
+        label = f"fp8 r={mid} / float16"
+        print(f"| {'tokens built':>12} | {'sample':>6} | {label:>{len(label)}} |")
+        print(f"|{'-' * 14}|{'-' * 8}|{'-' * (len(label) + 2)}|")
+        for tokens in (n, 65_536, 1e6, 1e8, 1e9):
+            ratio = whole_build_ratio(tokens, 65_536, fit_pt, lossy_pt, fp16_pt)
+            print(f"| {tokens:>12.3g} | {min(65_536, int(tokens)):>6} | {ratio:>{len(label) - 1}.3f}x |")
 
 
 if __name__ == "__main__":
