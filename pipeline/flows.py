@@ -127,25 +127,25 @@ def write_results(rows: list[dict[str, Any]], out: Path, title: str) -> ResultsF
     return ResultsFiles(rows, csv_path, md, png)
 
 
-def write_seed_tables(rows: list[dict[str, Any]], out: Path) -> Path | None:
+def write_seed_tables(
+    rows: list[dict[str, Any]], out: Path, reference_setting: str | None = None
+) -> Path | None:
     """seeds.md in `out` when some method ran several training seeds: per method the mean ± std over seeds of
     the validation loss, of Rouge-L and (when multiple-choice sets were scored) of accuracy, each a run's
     mean over its test sets, and the paired difference to `kd` on the same seeds with its 95% interval (bold
-    where the interval excludes 0); None when every method ran one seed."""
+    where the interval excludes 0) -- or, with `reference_setting` (a sweep's `compare_to`), to the same
+    method at that grid setting; None when every method ran one seed."""
     students = [r for r in rows if (r.get("method") or r["model"]) != "teacher"]
     if not any(len(s) > 1 for s in values_by_seed(students, "val_loss").values()):
         return None
-    parts = [
-        "## Training seeds: validation loss (lower is better)\n",
-        seed_table_markdown(students, "val_loss", "val loss"),
-        "\n## Training seeds: Rouge-L (%) (higher is better)\n",
-        seed_table_markdown(students, "rouge_l_mean", "Rouge-L"),
-    ]
+    columns = [("val_loss", "val loss", "validation loss (lower is better)")]
+    columns.append(("rouge_l_mean", "Rouge-L", "Rouge-L (%) (higher is better)"))
     if any(r.get("accuracy") is not None for r in students):
-        parts += [
-            "\n## Training seeds: multiple-choice accuracy (%) (higher is better)\n",
-            seed_table_markdown(students, "accuracy", "accuracy"),
-        ]
+        columns.append(("accuracy", "accuracy", "multiple-choice accuracy (%) (higher is better)"))
+    parts = []
+    for column, name, title in columns:
+        parts.append(("\n" if parts else "") + f"## Training seeds: {title}\n")
+        parts.append(seed_table_markdown(students, column, name, reference_setting=reference_setting))
     parts += [
         "\nPaired differences use only the seeds both methods ran; t interval over those seeds.\n",
     ]
@@ -271,7 +271,7 @@ def run_ablate(sweep_path: str | Path) -> dict[str, Any]:
     summary: dict[str, Any] = {"cache": flow.cache, "runs": flow.runs, "trained": trained}
     if flow.results is not None:
         print(flow.results.md_path.read_text())
-        seeds = write_seed_tables(flow.results.rows, out)
+        seeds = write_seed_tables(flow.results.rows, out, sweep.reference_setting())
         if seeds is not None:
             print(seeds.read_text())
         print(f"[ablate] results: {flow.results.md_path}, {flow.results.png_path}, {flow.results.csv_path}")

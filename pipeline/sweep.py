@@ -40,7 +40,7 @@ from pipeline.errors import ConfigError
 from pipeline.evaluate.results import format_setting, rows_of_runs
 from pipeline.workspace import paths_for
 
-SWEEP_KEYS = {"base", "set", "grid", "evaluate", "name", "cache_grid"}
+SWEEP_KEYS = {"base", "set", "grid", "evaluate", "name", "cache_grid", "compare_to"}
 # Grid keys that are not part of a row's `setting` label: the method has its own column, and training seeds
 # of one grid point are aggregated by the results table (mean ± std across runs).
 UNLABELLED_KEYS = ("distill.method", "distill.train.seed")
@@ -56,6 +56,23 @@ class Sweep:
     # Opt-in: `cache.*` grid keys may give runs their own teacher cache (one per distinct cache setting,
     # of the same fine-tuned teacher), e.g. a sweep over expert-state codecs.
     cache_grid: bool = False
+    # Optional: seeds.md compares each method with the same method at this grid setting (e.g. the float16
+    # cache) instead of with kd.
+    compare_to: dict[str, Any] | None = None
+
+    def reference_setting(self) -> str | None:
+        """The `setting` label of the grid points that `compare_to` names (None without compare_to)."""
+        if self.compare_to is None:
+            return None
+        for point in self.runs():
+            labelled = {k: v for k, v in point.items() if k not in UNLABELLED_KEYS}
+            if labelled == self.compare_to:
+                return grid_setting(point)
+        raise ConfigError(
+            f"sweep {self.name}: compare_to {self.compare_to} matches no grid point; it must give every "
+            f"labelled grid key of one point ({sorted(k for k in self.grid if k not in UNLABELLED_KEYS)}). "
+            "Fix: copy one grid point's values into compare_to."
+        )
 
     @property
     def grid(self) -> dict[str, list[Any]]:
@@ -95,14 +112,28 @@ def load_sweep(path: str | Path) -> Sweep:
             f"{path}: `grid:` maps dotted config keys to non-empty lists of values (or is a list of such "
             "mappings, whose cross products are run one after another)"
         )
-    return Sweep(
+    sweep = Sweep(
         name=str(raw.get("name") or path.stem),
         base=(path.parent / raw["base"]).resolve(),
         overrides=dict(raw.get("set") or {}),
         grids=tuple({str(k): list(v) for k, v in g.items()} for g in grids),
         evaluate=bool(raw.get("evaluate", True)),
         cache_grid=bool(raw.get("cache_grid", False)),
+        compare_to=_compare_to(path, raw.get("compare_to")),
     )
+    sweep.reference_setting()  # a compare_to that names no grid point is refused here, before any work
+    return sweep
+
+
+def _compare_to(path: Path, raw: Any) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not raw or any(k in UNLABELLED_KEYS for k in raw):
+        raise ConfigError(
+            f"{path}: `compare_to:` maps grid keys (not {', '.join(UNLABELLED_KEYS)}) to one value each, "
+            "e.g. {cache.states_codec: float16, cache.states_rank: null}"
+        )
+    return {str(k): v for k, v in raw.items()}
 
 
 def plan_runs(sweep: Sweep) -> tuple[Config, list[Config]]:

@@ -175,3 +175,14 @@ def test_an_unknown_method_in_the_grid_is_refused_before_any_work(tmp_path: Path
     path = write_sweep(tmp_path, {"distill.method": ["kd", "b-distil"]})  # a typo
     with pytest.raises(ConfigError, match=r"\{'distill.method': 'b-distil'\}: unknown distillation"):
         plan_runs(load_sweep(path))
+
+
+def test_compare_to_names_a_grid_point_or_is_refused(tmp_path: Path) -> None:
+    grid = {"distill.lambda_mc": [0.5, 1.0], "distill.method": ["kd"], "distill.train.seed": [0, 1]}
+    sweep = load_sweep(write_sweep(tmp_path, grid, compare_to={"distill.lambda_mc": 1.0}))
+    assert sweep.reference_setting() == "lambda_mc=1"
+    assert load_sweep(write_sweep(tmp_path, grid)).reference_setting() is None
+    with pytest.raises(ConfigError, match="matches no grid point"):
+        load_sweep(write_sweep(tmp_path, grid, compare_to={"distill.lambda_mc": 2.0}))
+    with pytest.raises(ConfigError, match="compare_to"):
+        load_sweep(write_sweep(tmp_path, grid, compare_to={"distill.train.seed": 0}))

@@ -135,7 +135,7 @@ def test_loaders_jsonl_csv_and_answer_forms(tmp_path: Path) -> None:
 
 
 def test_response_style_and_the_bundled_demo_set(lm: dict[str, Any]) -> None:
-    """"response": the question alone in the training template, each option scored as the bare response."""
+    """ "response": the question alone in the training template, each option scored as the bare response."""
     items = load_mc_items(str(DEMO_SET))
     assert len(items) == 30 and all(2 <= len(it.choices) <= 4 for it in items)
     assert sum(1 / len(it.choices) for it in items) / len(items) == pytest.approx(0.3083, abs=1e-4)  # chance

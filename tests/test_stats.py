@@ -115,3 +115,28 @@ def test_seed_summaries_and_table() -> None:
     assert "**" not in sft_line
     assert "| kd (num_experts=2) | 2.000 ± – (n=1) | – |" in table
     assert seed_table_markdown(_rows(), "val_loss", "val loss") == table
+
+
+def test_differences_to_the_same_method_at_a_reference_setting() -> None:
+    """A codec sweep: each setting's student against the same method's student from the reference cache."""
+    rows = []
+    val = {
+        ("kd", "codec=fp16"): [1.20, 1.28, 1.29],
+        ("kd", "codec=fp8"): [1.22, 1.29, 1.32],
+        ("b-distill", "codec=fp16"): [1.30, 1.35, 1.40],
+        ("b-distill", "codec=fp8"): [1.40, 1.46, 1.48],
+    }
+    for (method, setting), losses in val.items():
+        for seed, loss in enumerate(losses):
+            rows.append({"model": f"{method}-{setting}-s{seed}", "method": method, "setting": setting,
+                         "seed": seed, "test_set": "a", "val_loss": loss})  # fmt: skip
+    summaries = {
+        s.label: s for s in seed_summaries(values_by_seed(rows, "val_loss"), reference_setting="codec=fp16")
+    }
+    assert summaries["kd (codec=fp16)"].vs_baseline is None
+    assert summaries["b-distill (codec=fp16)"].vs_baseline is None  # the reference is no kd here
+    kd8, bd8 = summaries["kd (codec=fp8)"].vs_baseline, summaries["b-distill (codec=fp8)"].vs_baseline
+    assert kd8 is not None and kd8.mean == pytest.approx((0.02 + 0.01 + 0.03) / 3)
+    assert bd8 is not None and bd8.mean == pytest.approx((0.10 + 0.11 + 0.08) / 3)  # to b-distill, not kd
+    table = seed_table_markdown(rows, "val_loss", "val loss", reference_setting="codec=fp16")
+    assert "difference to the same method at codec=fp16 (paired, 95% CI)" in table

@@ -7,7 +7,9 @@ sqrt(n) over the n per-seed differences d = method - baseline. It needs n >= 2 s
 
 Rows are results rows (schema: pipeline.evaluate.results): one per run and test set, keyed here by
 (method, setting) -- the grid point without the seed -- and ``seed``. A method's baseline is the baseline
-method at the same setting when the sweep ran one there, else the baseline method without a setting.
+method at the same setting when the sweep ran one there, else the baseline method without a setting; or, with
+``reference_setting``, the same method at that setting (e.g. each codec's student against the float16
+cache's student of the same method).
 """
 
 from __future__ import annotations
@@ -162,14 +164,20 @@ def seed_summaries(
     values: Mapping[tuple[str, str | None], Mapping[Any, float]],
     baseline: str = DEFAULT_BASELINE,
     confidence: float = DEFAULT_CONFIDENCE,
+    reference_setting: str | None = None,
 ) -> list[SeedSummary]:
     """Mean ± std over seeds for every (method, setting), and its paired difference to the baseline method
-    (at the same setting if run there, else without a setting) where at least 2 seeds are shared."""
+    (at the same setting if run there, else without a setting) where at least 2 seeds are shared. With
+    `reference_setting`, the difference is to the same method at that setting instead."""
     out = []
     for (method, setting), by_seed in values.items():
-        base = values.get((baseline, setting)) or values.get((baseline, None))
+        if reference_setting is not None:
+            base = values.get((method, reference_setting)) if setting != reference_setting else None
+        else:
+            base = values.get((baseline, setting)) or values.get((baseline, None))
+            base = None if method == baseline else base
         diff = None
-        if method != baseline and base is not None and len([s for s in by_seed if s in base]) >= 2:
+        if base is not None and len([s for s in by_seed if s in base]) >= 2:
             diff = paired_difference(by_seed, base, confidence)
         mean, std = mean_std(list(by_seed.values()))
         out.append(SeedSummary(method, setting, list(by_seed), mean, std, diff))
@@ -207,7 +215,11 @@ def seed_table_markdown(
     value_name: str,
     test_set: str | None = None,
     baseline: str = DEFAULT_BASELINE,
+    reference_setting: str | None = None,
 ) -> str:
-    """The seed-statistics table of one results column ("val_loss", "rouge_l_mean", "accuracy") of a sweep."""
-    summaries = seed_summaries(values_by_seed(rows, column, test_set), baseline)
-    return format_seed_table(summaries, value_name, baseline)
+    """The seed-statistics table of one results column ("val_loss", "rouge_l_mean", "accuracy") of a sweep:
+    differences to `baseline`, or to the same method at `reference_setting` when given."""
+    values = values_by_seed(rows, column, test_set)
+    summaries = seed_summaries(values, baseline, reference_setting=reference_setting)
+    against = baseline if reference_setting is None else f"the same method at {reference_setting}"
+    return format_seed_table(summaries, value_name, against)

@@ -48,7 +48,6 @@ _ARRAY_FIELD = {
 }
 
 
-
 def _dense(model_type: str, num_layers: int, hidden_size: int, vocab_size: int) -> ModelDims:
     return ModelDims(model_type, num_layers, None, hidden_size, vocab_size)
 
