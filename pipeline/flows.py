@@ -29,6 +29,7 @@ from pipeline.evaluate.stats import seed_table_markdown, values_by_seed
 from pipeline.finetune.stage import FinetuneResult, format_finetune_result, run_finetune
 from pipeline.placement import warn_if_job_local
 from pipeline.ray_session import connect
+from pipeline.reports.cost_quality import write_cost_quality
 from pipeline.reports.gates import write_gate_report
 from pipeline.reports.storage import format_storage_report, measure_store, write_storage_report
 from pipeline.sweep import load_sweep, plan_runs, sweep_results_dir, sweep_rows
@@ -274,6 +275,12 @@ def run_ablate(sweep_path: str | Path) -> dict[str, Any]:
         seeds = write_seed_tables(flow.results.rows, out, sweep.reference_setting())
         if seeds is not None:
             print(seeds.read_text())
+        cache_of_run = {r.run_name: r.cache_path for r in flow.runs}
+        title = f"sweep {sweep.name}: cost vs quality"
+        costs = write_cost_quality(flow.results.rows, cache_of_run, out, title)
+        if costs is not None:
+            print(costs[0].read_text())
+            print(f"[ablate] cost vs quality: {costs[0]}, {costs[1]}")
         print(f"[ablate] results: {flow.results.md_path}, {flow.results.png_path}, {flow.results.csv_path}")
         files = flow.results
         summary.update(rows=files.rows, results_md=files.md_path, results_png=files.png_path)

@@ -437,3 +437,41 @@ def test_demo_results_and_summary_hold_only_its_models(tmp_path: Path) -> None:
     assert len(table) == 5
     assert len({line.index(" ± ") for line in table[1:]}) == 1  # one column layout for every name
     assert table[-1].startswith(names[-1] + " ") and "    4.000" in table[-1]
+
+
+def test_cost_quality_table_and_plot_from_measured_caches(store: str, tmp_path: Path) -> None:
+    """Two real stores (the second one bigger on disk), two methods x two seeds each: measured bytes per
+    token beside mean ± std of the students' losses; a point is Pareto unless a cheaper cache gave the same
+    method a lower or equal mean loss."""
+    import shutil
+
+    from pipeline.reports.cost_quality import cost_quality_rows, write_cost_quality
+
+    big = str(tmp_path / "big")
+    shutil.copytree(store, big)
+    (Path(big) / "padding.bin").write_bytes(b"\0" * 100_000)
+    small_bytes, big_bytes = measure_store(store).disk_per_token, measure_store(big).disk_per_token
+    assert big_bytes > small_bytes
+    rows, cache_of_run = [], {}
+    losses = {("kd", "small"): [1.30, 1.32], ("kd", "big"): [1.20, 1.24],
+              ("sft", "small"): [1.40, 1.40], ("sft", "big"): [1.45, 1.47]}  # fmt: skip
+    for (method, setting), values in losses.items():
+        for seed, loss in enumerate(values):
+            run = f"{method}-{setting}-s{seed}"
+            cache_of_run[run] = store if setting == "small" else big
+            for ts, rouge in (("a", 10.0 + seed), ("b", 20.0 + seed)):
+                rows.append({"model": run, "method": method, "setting": setting, "seed": seed,
+                             "test_set": ts, "val_loss": loss, "rouge_l_mean": rouge})  # fmt: skip
+    rows.append({"model": "teacher", "method": "teacher", "test_set": "a", "rouge_l_mean": 50.0})
+    table = {(r.method, r.setting): r for r in cost_quality_rows(rows, cache_of_run)}
+    assert table["kd", "small"].cache_bytes_per_token == pytest.approx(small_bytes)
+    assert table["kd", "big"].cache_bytes_per_token == pytest.approx(big_bytes)
+    assert table["kd", "small"].states_bytes_per_token == pytest.approx(
+        measure_store(store).field_bytes("expert_states").disk_per_token
+    )
+    assert table["kd", "big"].val_loss == [1.20, 1.24] and table["kd", "big"].rouge_l == [15.0, 16.0]
+    assert table["kd", "small"].pareto and table["kd", "big"].pareto  # the bigger cache buys a lower loss
+    assert table["sft", "small"].pareto and not table["sft", "big"].pareto  # it costs more and loses
+    md, png = write_cost_quality(rows, cache_of_run, tmp_path / "out", "t")
+    assert "| kd | big |" in md.read_text() and png.stat().st_size > 0
+    assert write_cost_quality(rows, {r: store for r in cache_of_run}, tmp_path / "one", "t") is None
