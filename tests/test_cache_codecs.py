@@ -298,13 +298,13 @@ def test_qwen_preset_projection_meets_the_storage_targets() -> None:
     from pipeline.reports.storage import project_from_config
 
     preset = "jobs/configs/qwen3-4b-moe-to-0.6b-moe.yaml"
-    plain = project_from_config(load_config(preset))
+    plain = project_from_config(load_config(preset, {"cache.states_codec": None, "cache.states_rank": None}))
     assert plain.field_bytes("expert_states").logical_per_token == 28 * 4 * 2560 * 2  # bf16, 28 pairs, W=4
-    report = project_from_config(load_config(preset, {"cache.states_codec": "fp8", "cache.states_rank": 32}))
+    report = project_from_config(load_config(preset))  # the preset's own codec: fp8, rank 48
     states = report.field_bytes("expert_states").logical_per_token
-    assert states == 28 * 4 * (32 + 2)  # r fp8 coefficients + a float16 scale per (pair, slot)
+    assert states == 28 * 4 * (48 + 2)  # r fp8 coefficients + a float16 scale per (pair, slot)
     assert states <= 5700 and report.logical_per_token <= 6500
-    assert report.dims["states"] == "fp8 rank 32" and any("state basis" in n for n in report.notes)
+    assert report.dims["states"] == "fp8 rank 48" and any("state basis" in n for n in report.notes)
 
 
 def test_states_fidelity_report_ranks_the_codecs(caches: dict[str, str], tmp_path: Path) -> None:

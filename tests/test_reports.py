@@ -246,7 +246,7 @@ def test_projection_of_the_paper_presets(tmp_path: Path, capsys: pytest.CaptureF
             config_from_dict(yaml.safe_load(preset.read_text())), projected_tokens=1e9
         )
         assert report.dims["cached_layers"] == 28
-        assert report.field_bytes("expert_states").logical_per_token == 573_440
+        assert report.field_bytes("expert_states").logical_per_token == 28 * 4 * (48 + 2)  # fp8, rank 48
     args = ["report", "storage", "--config", str(REPO / "jobs/configs/demo.yaml"), "--tokens", "5e8"]
     assert main([*args, "--out", str(tmp_path)]) == 0
     assert "projection" in capsys.readouterr().out
