@@ -186,3 +186,17 @@ def test_compare_to_names_a_grid_point_or_is_refused(tmp_path: Path) -> None:
         load_sweep(write_sweep(tmp_path, grid, compare_to={"distill.lambda_mc": 2.0}))
     with pytest.raises(ConfigError, match="compare_to"):
         load_sweep(write_sweep(tmp_path, grid, compare_to={"distill.train.seed": 0}))
+
+
+@pytest.mark.parametrize("name", ["demo-sweep", "demo-bdistill-study", "demo-codecs", "demo-baselines"])
+def test_every_shipped_sweep_file_plans(name: str) -> None:
+    """The sweep files the README runs load and plan (every method a preset, every grid point its own run)
+    before any work; the baselines and codec sweeps run 3 training seeds per row."""
+    from pipeline.config import teacher_cache_hash
+    from pipeline.distill.stage import default_run_name
+
+    sweep = load_sweep(Path(__file__).resolve().parents[1] / "jobs" / "configs" / f"{name}.yaml")
+    _, runs = plan_runs(sweep)
+    assert len({default_run_name(r, teacher_cache_hash(r)) for r in runs}) == len(runs)
+    if name in ("demo-codecs", "demo-baselines"):
+        assert sweep.grid["distill.train.seed"] == [0, 1, 2]
