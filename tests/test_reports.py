@@ -463,6 +463,8 @@ def test_cost_quality_table_and_plot_from_measured_caches(store: str, tmp_path: 
                 rows.append({"model": run, "method": method, "setting": setting, "seed": seed,
                              "test_set": ts, "val_loss": loss, "rouge_l_mean": rouge})  # fmt: skip
     rows.append({"model": "teacher", "method": "teacher", "test_set": "a", "rouge_l_mean": 50.0})
+    mc = {"model": "kd-big-s0", "method": "kd", "setting": "big", "seed": 0, "test_set": "mc"}
+    rows.append({**mc, "val_loss": 1.20, "accuracy": 60.0})  # a multiple-choice row: no Rouge-L
     table = {(r.method, r.setting): r for r in cost_quality_rows(rows, cache_of_run)}
     assert table["kd", "small"].cache_bytes_per_token == pytest.approx(small_bytes)
     assert table["kd", "big"].cache_bytes_per_token == pytest.approx(big_bytes)

@@ -59,7 +59,8 @@ def cost_quality_rows(
         run = str(row["model"])
         if row.get("val_loss") is not None:
             group["val"][run] = float(row["val_loss"])
-        group["rouge"].setdefault(run, []).append(float(row["rouge_l_mean"]))
+        if row.get("rouge_l_mean") is not None:  # multiple-choice rows carry accuracy instead
+            group["rouge"].setdefault(run, []).append(float(row["rouge_l_mean"]))
     out = [
         CostQualityRow(
             method,
