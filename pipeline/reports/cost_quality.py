@@ -11,12 +11,12 @@ validation loss and Rouge-L, mean ± std over training seeds.
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pipeline.evaluate.stats import mean_std, values_by_seed
 from pipeline.plotting import pyplot
 from pipeline.reports.storage import measure_store
 
@@ -33,9 +33,8 @@ class CostQualityRow:
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+    """stats.mean_std, NaN for no values (a row without evaluated runs)."""
+    return mean_std(values) if values else (math.nan, math.nan)
 
 
 def cost_quality_rows(
@@ -43,33 +42,24 @@ def cost_quality_rows(
 ) -> list[CostQualityRow]:
     """Group results rows (one per run and test set; pipeline.evaluate.results schema) by (method, setting)
     with the on-disk bytes of the cache each run read; cheapest first, Pareto-optimal rows marked."""
-    sizes: dict[str, tuple[float, float]] = {}
-    groups: dict[tuple[str, str | None], dict[str, Any]] = {}
-    for row in rows:
-        cache = cache_of_run.get(str(row["model"]))
-        if cache is None:  # the teacher, or a run of no cache of this sweep
-            continue
-        if cache not in sizes:
-            report = measure_store(cache)
-            sizes[cache] = (report.disk_per_token, report.field_bytes("expert_states").disk_per_token)
+    runs = [r for r in rows if str(r["model"]) in cache_of_run]  # not the teacher, nor other runs
+    cache_of: dict[tuple[str, str | None], str] = {}
+    for row in runs:
         key = (str(row.get("method") or row["model"]), row.get("setting") or None)
-        group = groups.setdefault(key, {"cache": cache, "val": {}, "rouge": {}})
-        if group["cache"] != cache:
-            raise ValueError(f"{key} mixes runs of two caches ({group['cache']}, {cache})")
-        run = str(row["model"])
-        if row.get("val_loss") is not None:
-            group["val"][run] = float(row["val_loss"])
-        if row.get("rouge_l_mean") is not None:  # multiple-choice rows carry accuracy instead
-            group["rouge"].setdefault(run, []).append(float(row["rouge_l_mean"]))
+        cache = cache_of_run[str(row["model"])]
+        if cache_of.setdefault(key, cache) != cache:
+            raise ValueError(f"{key} mixes runs of two caches ({cache_of[key]}, {cache})")
+    sizes = {}
+    for cache in dict.fromkeys(cache_of.values()):
+        report = measure_store(cache)
+        sizes[cache] = (report.disk_per_token, report.field_bytes("expert_states").disk_per_token)
+    # per seed: a run's value, averaged over its test sets (multiple-choice rows carry no Rouge-L)
+    val, rouge = values_by_seed(runs, "val_loss"), values_by_seed(runs, "rouge_l_mean")
     out = [
         CostQualityRow(
-            method,
-            setting,
-            *sizes[g["cache"]],
-            list(g["val"].values()),
-            [statistics.fmean(r) for r in g["rouge"].values()],
+            *key, *sizes[cache], list(val.get(key, {}).values()), list(rouge.get(key, {}).values())
         )
-        for (method, setting), g in groups.items()
+        for key, cache in cache_of.items()
     ]
     out.sort(key=lambda r: (r.method, r.cache_bytes_per_token))
 
