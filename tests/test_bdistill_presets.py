@@ -256,6 +256,10 @@ def test_switches_are_in_the_fingerprint_and_diagnostics_is_not() -> None:
     stable = run_settings(with_overrides(config, {"distill.method": "b-distill-stable"}), "k")
     assert stable["distill"]["mc_state_loss"] == "cosine" and stable["distill"]["mc_grad_scope"] == "model"
     assert "-a0-" in default_run_name(with_overrides(config, {"distill.method": "b-distill-alpha0"}), "k")
+    # an on-policy preset's loss settings too: changing them (e.g. MiniLLM's whitening) never reuses a run
+    minillm = run_settings(with_overrides(config, {"distill.method": "minillm"}), "k")
+    assert minillm["on_policy"]["loss_kwargs"] == {"mix_alpha": 0.0, "whiten": True}
+    assert "on_policy" not in run_settings(config, "k")
 
 
 def test_study_sweep_loads_with_three_seeds_per_method() -> None:

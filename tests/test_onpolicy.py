@@ -27,6 +27,7 @@ from pipeline.distill.onpolicy import (
     minillm_loss,
     mix_rows,
     mixed_sampling_weights,
+    whitened_returns,
 )
 from pipeline.errors import ConfigError
 
@@ -124,6 +125,31 @@ def test_minillm_loss_value_and_gradient_by_hand() -> None:
     w = [q_rows[t][y[t]] / (0.5 * p_rows[t][y[t]] + 0.5 * q_rows[t][y[t]]) for t in range(2)]
     terms = [_kl(q_rows[t], p_rows[t]) - big_r[t] * math.log(q_rows[t][y[t]]) for t in range(2)]
     assert float(mixed) == pytest.approx(sum(a * b for a, b in zip(w, terms, strict=True)) / 2, rel=1e-9)
+
+
+def test_minillm_whitens_future_returns_over_the_batch() -> None:
+    # returns of two sequences (3 and 2 positions); the last position of each has no future and stays 0
+    returns = torch.tensor([2.5, 3.0, 0.0, 5.0, 0.0])
+    std = math.sqrt((1.0**2 + 0.5**2 + 1.5**2) / 2)  # of (2.5, 3.0, 5.0), mean 3.5, unbiased
+    expected = [-1.0 / std, -0.5 / std, 0.0, 1.5 / std, 0.0]
+    assert whitened_returns(returns, [3, 2]).tolist() == pytest.approx(expected, rel=1e-6)
+    assert whitened_returns(torch.tensor([1.0, 0.0]), [2]).tolist() == [1.0, 0.0]  # one value: unchanged
+    # the loss uses the whitened returns: one sequence of three positions, V = 2, teacher fully kept
+    p_rows = [[0.7, 0.3], [0.4, 0.6], [0.2, 0.8]]
+    z = torch.tensor([[0.2, -0.1], [0.5, 0.5], [-0.3, 0.4]], dtype=torch.float64)
+    y = torch.tensor([0, 1, 1])
+    q_rows = [_softmax(row) for row in z.tolist()]
+    r = [math.log(p_rows[t][y[t]]) - math.log(q_rows[t][y[t]]) for t in range(3)]
+    raw = [(r[1] + r[2]) / 2, r[2], 0.0]
+    mean = (raw[0] + raw[1]) / 2
+    sd = math.sqrt(((raw[0] - mean) ** 2 + (raw[1] - mean) ** 2) / 1)
+    big_a = [(raw[0] - mean) / sd, (raw[1] - mean) / sd, 0.0]
+    terms = [_kl(q_rows[t], p_rows[t]) - big_a[t] * math.log(q_rows[t][y[t]]) for t in range(3)]
+    loss = minillm_loss(_full(p_rows), z, y, lengths=[3])
+    assert float(loss) == pytest.approx(sum(terms) / 3, abs=1e-6)  # fp32 teacher targets
+    plain = minillm_loss(_full(p_rows), z, y, lengths=[3], whiten=False)
+    terms = [_kl(q_rows[t], p_rows[t]) - raw[t] * math.log(q_rows[t][y[t]]) for t in range(3)]
+    assert float(plain) == pytest.approx(sum(terms) / 3, rel=1e-9)
 
 
 def test_distillm_schedule_replay_buffer_and_skew_losses() -> None:

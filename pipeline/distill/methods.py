@@ -307,13 +307,15 @@ ON_POLICY_METHODS: dict[str, OnPolicyMethodSpec] = {
         OnPolicyMethodSpec(
             name="minillm",
             loss="minillm_loss",
-            loss_kwargs={"mix_alpha": 0.0},
+            loss_kwargs={"mix_alpha": 0.0, "whiten": True},
             data="the student's own samples",
             source="Gu et al. 2024, MiniLLM: Knowledge Distillation of Large Language Models (reverse KL by "
             "policy gradient: single-step term, length-normalised rewards, teacher-mixed sampling weights)",
             deviation="samples from the student alone (mix_alpha = 0; the paper mixes in the teacher at 0.2, "
-            "which needs the teacher at every decoding step); rewards on the coarsened bins; no PPO clipping "
-            "and no pre-training loss; " + _COARSE_NOTE,
+            "which needs the teacher at every decoding step); future returns whitened over the batch as the "
+            "released code does (a baseline for the policy gradient); rewards on the coarsened bins; no "
+            "PPO clipping (one update per batch of samples: the ratio is 1) and no pre-training loss; "
+            + _COARSE_NOTE,
             base="kd",
         ),
         OnPolicyMethodSpec(

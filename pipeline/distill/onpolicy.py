@@ -14,9 +14,12 @@ Methods and what is simplified here (beyond the coarsened bins):
   responses; generalised JSD_beta on either. As in the paper (choice per batch).
 * MiniLLM (Gu et al. 2024): reverse KL by policy gradient: the single-step term (per-token reverse KL) plus a
   long-term term with length-normalised future rewards r_t = log p(y_t) - log q(y_t), both weighted by the
-  importance weight of teacher-mixed sampling (per-token approximation, as the paper). Simplified: rewards
+  importance weight of teacher-mixed sampling (per-token approximation, as the paper). The future returns
+  are whitened over the batch, as the released code does to its advantages (the baseline the paper's
+  equations leave out; without it the demo's students collapsed, docs/method.md). Simplified: rewards
   are read on the coarsened bins (log-mass of the tail bin for a token outside the teacher's top-k); no PPO
-  clipping and no pre-training (L_PT) term; generating from the teacher-mixed distribution p~ = alpha p +
+  clipping (each batch of samples makes one update, so the ratio is 1 and clipping would be a no-op) and no
+  pre-training (L_PT) term; generating from the teacher-mixed distribution p~ = alpha p +
   (1 - alpha) q needs the teacher at every decoding step, so the integration samples from the student
   (alpha = 0, weights 1) and `mixed_sampling_weights` serves a caller that does mix.
 * DistiLLM (Ko et al. 2024): skew KL / skew reverse KL, with student-generated outputs (SGO) used with a
@@ -182,6 +185,20 @@ def length_normalized_returns(rewards: Tensor, lengths: Sequence[int]) -> Tensor
     return torch.cat(out)
 
 
+def whitened_returns(returns: Tensor, lengths: Sequence[int]) -> Tensor:
+    """Returns shifted and scaled to mean 0 and std 1 over the positions that have a future (the released
+    MiniLLM code whitens its advantages over the batch). The whitening is the baseline of the policy
+    gradient: raw returns E_q[log p - log q] = -KL are negative on average, and a gradient that pushes down
+    every sampled token moves mass to unsampled ones. Each sequence's last position (no future rewards)
+    keeps 0. Fewer than two such positions: returned unchanged."""
+    has_future = torch.cat([torch.arange(n - 1, -1, -1, device=returns.device) > 0 for n in lengths])
+    picked = returns[has_future]
+    if picked.numel() < 2:
+        return returns
+    scaled = (picked - picked.mean()) / (picked.std() + 1e-8)
+    return torch.zeros_like(returns).masked_scatter(has_future, scaled)
+
+
 def mixed_sampling_weights(student_logp: Tensor, teacher_logp: Tensor, alpha: float) -> Tensor:
     """w_t = q(y_t) / (alpha p(y_t) + (1 - alpha) q(y_t)) for tokens drawn from the teacher-mixed policy;
     alpha = 0 (pure student sampling) gives 1."""
@@ -201,14 +218,18 @@ def minillm_loss(
     lengths: Sequence[int],
     mix_alpha: float = 0.0,
     teacher_log_floor: float = DEFAULT_TEACHER_LOG_FLOOR,
+    whiten: bool = True,
 ) -> Tensor:
-    """Surrogate whose gradient is MiniLLM's: sum_t w_t [KL_t(q || p) - R^Norm_{t+1} log q(y_t)] with w and R
-    held constant, averaged per sequence then over sequences. `next_tokens` [N]: the sampled token at each
-    position; `mix_alpha`: the teacher share of the distribution they were sampled from."""
+    """Surrogate whose gradient is MiniLLM's: sum_t w_t [KL_t(q || p) - A_{t+1} log q(y_t)] with w and A
+    held constant, averaged per sequence then over sequences. A = R^Norm, whitened over the batch unless
+    `whiten=False` (the paper's equation as written; see whitened_returns). `next_tokens` [N]: the sampled
+    token at each position; `mix_alpha`: the teacher share of the distribution they were sampled from."""
     t_lp, s_lp = bin_logprobs(targets, student_logits, next_tokens)
     t_lp = t_lp.clamp_min(teacher_log_floor)
     weights = mixed_sampling_weights(s_lp.detach(), t_lp, mix_alpha)
     returns = length_normalized_returns((t_lp - s_lp).detach(), lengths)
+    if whiten:
+        returns = whitened_returns(returns, lengths)
     single = reverse_kl(*targets, student_logits, teacher_log_floor=teacher_log_floor)
     return _per_sequence_mean(weights * (single - returns * s_lp), lengths)
 

@@ -63,6 +63,9 @@ def run_settings(config: Config, cache_key: str) -> dict[str, Any]:
     }
     if config.student.init == "upcycle":  # the pretrained starting point decides the student too
         settings["student_pretrain"] = train_settings(config.student_pretrain)
+    online = on_policy_method(config.distill)
+    if online is not None:  # a preset's loss settings decide the student: a changed preset never reuses runs
+        settings["on_policy"] = {"loss": online.loss, "loss_kwargs": online.loss_kwargs, "sgo": online.sgo}
     return settings
 
 
