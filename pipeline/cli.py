@@ -187,9 +187,13 @@ def cmd_report(args: argparse.Namespace) -> list[Path]:
             if args.kind in ("gates", "terms")
             else "a teacher cache directory"
             if args.kind == "states-fidelity"
+            else "a sweep YAML file whose sweep has finished"
+            if args.kind == "sample-divergence"
             else "a results CSV, an eval or sweep results directory, or a sweep YAML file"
         )
         raise ConfigError(f"`moedistill report {args.kind}` needs a TARGET: {what}")
+    if args.kind == "sample-divergence":
+        return _done(_report_sample_divergence(args))
     if args.kind == "terms":
         from pipeline.reports.terms import write_terms_report
 
@@ -226,6 +230,25 @@ def _sweep_results(sweep_file: Path) -> Path:
             f"`moedistill ablate --config {sweep_file}` first (with `evaluate: true` in the sweep file)."
         )
     return csv_path
+
+
+def _report_sample_divergence(args: argparse.Namespace) -> list[Path]:
+    """The sweep's base config gives the validation data; its results.csv the models (teacher included)."""
+    from pipeline.sweep import load_sweep
+
+    target = Path(args.target)
+    if target.suffix not in (".yaml", ".yml"):
+        raise ConfigError(
+            f"`moedistill report sample-divergence` takes a sweep YAML file, got {target}. Fix: pass the "
+            "file given to `moedistill ablate --config`."
+        )
+    sweep = load_sweep(target)
+    results_csv = _sweep_results(target)
+    config = load_config(sweep.base, sweep.overrides)
+    from pipeline.reports.sample_divergence import run_sample_divergence
+
+    out = Path(args.out) if args.out else None
+    return run_sample_divergence(config, results_csv, args.limit, args.device, out)
 
 
 def _report_storage(args: argparse.Namespace) -> list[Path]:
@@ -299,7 +322,9 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=["storage", "gates", "terms", "results", "states-fidelity"])
+    p.add_argument(
+        "kind", choices=["storage", "gates", "terms", "results", "states-fidelity", "sample-divergence"]
+    )
     p.add_argument(
         "target", nargs="?", help="cache path (storage), run dir (gates, terms), sweep file/dir (results)"
     )
@@ -317,6 +342,10 @@ def _report_args(p: argparse.ArgumentParser) -> None:
         "--sequences", type=int, default=16, help="cached sequences compared (states-fidelity, teacher)"
     )
     p.add_argument("--teacher", help="teacher checkpoint, default: the cache's (states-fidelity)")
+    p.add_argument(
+        "--limit", type=int, default=128, help="validation records each model samples (sample-divergence)"
+    )
+    p.add_argument("--device", default="cpu", help="torch device of the models (sample-divergence)")
     p.add_argument("--out", help="output folder for PNG/markdown (default: beside the target)")
 
 

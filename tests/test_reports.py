@@ -477,3 +477,94 @@ def test_cost_quality_table_and_plot_from_measured_caches(store: str, tmp_path: 
     md, png = write_cost_quality(rows, cache_of_run, tmp_path / "out", "t")
     assert "| kd | big |" in md.read_text() and png.stat().st_size > 0
     assert write_cost_quality(rows, {r: store for r in cache_of_run}, tmp_path / "one", "t") is None
+
+
+def _tiny_models(tmp_path: Path):
+    """The tiny config's teacher and a student whose final norm is zeroed (every logit 0: uniform q)."""
+    import torch
+
+    from pipeline.data.stage import load_tokenizer, prepare_data
+    from pipeline.models.stage import materialize_model
+
+    config = load_config(REPO / "tests/configs/tiny.yaml", {"output_dir": str(tmp_path / "run")})
+    tokenizer = load_tokenizer(prepare_data(config).tokenizer_path)
+    teacher = materialize_model(config.teacher, tokenizer).eval()
+    uniform = materialize_model(config.student, tokenizer).eval()
+    with torch.no_grad():
+        uniform.model.norm.weight.zero_()
+    return config, tokenizer, teacher, uniform
+
+
+def test_sample_divergence_by_hand(tmp_path: Path) -> None:
+    import math
+
+    import torch
+
+    from pipeline.data.collate import pad_batch
+    from pipeline.data.stage import prepare_data
+    from pipeline.data.tokenize import tokenize_prompt, tokenize_records
+    from pipeline.models.generate import generate_token_ids, validation_loss
+    from pipeline.reports.sample_divergence import measure_model
+
+    config, tok, teacher, uniform = _tiny_models(tmp_path)
+    records = prepare_data(config).splits.validation[:6]
+    refs, _ = tokenize_records(tok, records, config.data.max_length)
+    prompts = [tokenize_prompt(tok, records[ex["seq_id"]]) for ex in refs]
+    kw = {"pad_id": tok.pad_token_id, "eos_id": tok.eos_token_id, "max_new_tokens": 8}
+    itself = measure_model(teacher, teacher, refs, prompts, **kw)
+    assert itself.sample_rkl == pytest.approx(0.0, abs=1e-6)
+    assert itself.sample_fkl == pytest.approx(0.0, abs=1e-6)
+    assert itself.ref_ce == pytest.approx(validation_loss(teacher, refs, tok.pad_token_id), rel=1e-5)
+    got = measure_model(uniform, teacher, refs, prompts, **kw)
+    log_v = math.log(len(tok))
+    for value in (got.ref_ce, got.ref_entropy, got.sample_entropy):
+        assert value == pytest.approx(log_v, rel=1e-5)
+    # KL(u || p) = sum_v (1/V)(-log V - log p_v), at every position predicting a sampled token
+    samples = generate_token_ids(uniform, prompts, greedy=False, seed=0, **kw)
+    kl, n = 0.0, 0
+    for p, r in zip(prompts, samples, strict=True):
+        example = {"input_ids": [*p, *r], "response_mask": [0] * len(p) + [1] * len(r)}
+        batch = pad_batch([example], tok.pad_token_id)
+        with torch.no_grad():
+            log_p = teacher(input_ids=batch["input_ids"]).logits[0, len(p) - 1 : -1].log_softmax(-1)
+        kl += float((-log_v - log_p).mean(-1).sum())
+        n += len(r)
+    assert got.sample_rkl == pytest.approx(kl / n, rel=1e-4)
+    assert got.sample_len == pytest.approx(n / len(prompts))
+
+
+def test_sample_divergence_report_on_a_sweep_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import csv
+
+    import yaml
+
+    _, _, teacher, uniform = _tiny_models(tmp_path)
+    teacher.save_pretrained(tmp_path / "teacher")
+    uniform.save_pretrained(tmp_path / "uniform")
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "sd", "base": str(REPO / "tests/configs/tiny.yaml"),
+                                     "set": {"output_dir": str(tmp_path / "run")},
+                                     "grid": {"distill.method": ["kd"]}}))  # fmt: skip
+    assert main(["report", "sample-divergence", str(sweep)]) == 2  # no results yet: names the fix
+    assert "moedistill ablate --config" in capsys.readouterr().err
+    out_dir = tmp_path / "run" / "sweeps" / "sd"
+    rows = [
+        {
+            "model": "teacher",
+            "method": "teacher",
+            "test_set": "t",
+            "rouge_l_mean": 1.0,
+            "checkpoint": str(tmp_path / "teacher"),
+        }
+    ]
+    rows += [{"model": f"kd-s{s}", "method": "kd", "seed": s, "test_set": "t", "rouge_l_mean": 1.0,
+              "checkpoint": str(tmp_path / ("uniform" if s else "teacher"))} for s in (0, 1)]  # fmt: skip
+    write_results_csv(rows, out_dir / "results.csv")
+    assert main(["report", "sample-divergence", str(sweep), "--limit", "4"]) == 0
+    with open(out_dir / "sample_divergence.csv") as fh:
+        got = {r["model"]: r for r in csv.DictReader(fh)}
+    assert set(got) == {"teacher", "kd-s0", "kd-s1"}
+    assert float(got["teacher"]["sample_rkl"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(got["kd-s1"]["sample_rkl"]) > 1e-3  # the untrained teacher is itself nearly uniform
+    assert "sample KL(q||p)" in (out_dir / "sample_divergence.md").read_text()
+    assert (out_dir / "sample_divergence.png").read_bytes()[:8] == PNG_MAGIC
