@@ -172,14 +172,27 @@ def test_cache_of_a_retrained_teacher_is_refused(cached_config: Config) -> None:
         marker.write_text(original)
 
 
-def test_explicit_run_name_reused_with_other_settings_is_refused(cached_config: Config) -> None:
+def test_explicit_run_name_reused_with_other_settings_is_refused(
+    cached_config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.cache.lock import WAIT_ENV, CacheLock
+    from pipeline.distill.stage import RUN_LOCK_FILE
     from pipeline.errors import ConfigError
+    from pipeline.workspace import paths_for
 
     config = with_overrides(
         cached_config, {"distill.method": "sft", "distill.run_name": "named", "distill.train.max_steps": 2}
     )
     assert not run_distill(config).skipped
     assert run_distill(with_overrides(config, {"distill.train.log_every": 1})).skipped  # runtime-only change
+    # another process (e.g. a second sweep sharing the run) holds the run: this one waits, here 0 s
+    run_dir = paths_for(config).students / "named"
+    monkeypatch.setenv(WAIT_ENV, "0")
+    held = CacheLock(str(run_dir), what="student run", holder="run", lock_file=RUN_LOCK_FILE)
+    busy = r"another run is writing the student run .*pid \d+.*Fix: wait"
+    with held, pytest.raises(CacheError, match=busy):
+        run_distill(config)
+    assert not (run_dir / RUN_LOCK_FILE).exists() and run_distill(config).skipped
     with pytest.raises(ConfigError, match=r"distill\.train\.lr: 0\.003 -> 0\.01.*Fix: choose another"):
         run_distill(with_overrides(config, {"distill.train.lr": 0.01}))
 

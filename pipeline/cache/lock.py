@@ -1,4 +1,6 @@
-"""An advisory lock per cache directory: one build (or repair) writes a cache at a time.
+"""An advisory lock per cache directory: one build (or repair) writes a cache at a time. The distill stage
+takes the same kind of lock on a student run's directory (`what="student run"`), so two sweeps that share a
+run never train it at once: the second waits, then reuses the finished run.
 
 The lock is a small JSON file (ROOT/<key>/_BUILD.lock) naming its owner (host, pid) with a heartbeat that a
 background thread refreshes. A second build waits for it (then usually finds the cache complete) and
@@ -32,12 +34,20 @@ WAIT_ENV = "MOEDISTILL_CACHE_LOCK_WAIT_S"
 class CacheLock:
     """`with CacheLock(url):` holds the build lock of the cache directory `url`."""
 
-    def __init__(self, url: str, wait_s: float | None = None, stale_s: float | None = None) -> None:
-        self.url = url
+    def __init__(
+        self,
+        url: str,
+        wait_s: float | None = None,
+        stale_s: float | None = None,
+        what: str = "teacher cache",
+        holder: str = "build",
+        lock_file: str = LOCK_FILE,
+    ) -> None:
+        self.url, self.what, self.holder = url, what, holder
         self.wait_s = float(os.environ.get(WAIT_ENV, 3600)) if wait_s is None else wait_s
         self.stale_s = float(os.environ.get(STALE_ENV, 60)) if stale_s is None else stale_s
         self.fs, root = cfs.get_fs(url)
-        self.path = cfs.join(root, LOCK_FILE)
+        self.path = cfs.join(root, lock_file)
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -85,7 +95,8 @@ class CacheLock:
                 continue  # released between our attempt and the read
             if time.time() - float(held.get("heartbeat", 0.0)) > self.stale_s:
                 log.warning(
-                    "taking over the build lock of %s: its holder (%s) stopped sending heartbeats",
+                    "taking over the lock of the %s %s: its holder (%s) stopped sending heartbeats",
+                    self.what,
                     cfs.redact(self.url),
                     self._holder_text(held),
                 )
@@ -93,14 +104,17 @@ class CacheLock:
                 continue
             if time.monotonic() >= deadline:
                 raise CacheError(
-                    f"another build is writing the teacher cache {cfs.redact(self.url)} "
-                    f"({self._holder_text(held)}). Fix: wait for it to finish and rerun (the cache is then "
-                    f"complete); if that build is gone, its lock expires {self.stale_s:.0f} s after its last "
-                    f"heartbeat ({STALE_ENV})."
+                    f"another {self.holder} is writing the {self.what} {cfs.redact(self.url)} "
+                    f"({self._holder_text(held)}). Fix: wait for it to finish and rerun (its finished work "
+                    f"is then reused); if that {self.holder} is gone, its lock expires {self.stale_s:.0f} s "
+                    f"after its last heartbeat ({STALE_ENV}); waits give up after {self.wait_s:.0f} s "
+                    f"({WAIT_ENV})."
                 )
             if not said:
                 log.warning(
-                    "waiting for another build of %s to finish (%s)",
+                    "waiting for another %s of the %s %s to finish (%s)",
+                    self.holder,
+                    self.what,
                     cfs.redact(self.url),
                     self._holder_text(held),
                 )
@@ -113,7 +127,7 @@ class CacheLock:
         while not self._stop.wait(max(0.05, self.stale_s / 4)):
             held = self._read()
             if held is None or held.get("token") != self.owner["token"]:
-                log.warning("lost the build lock of %s to another build", cfs.redact(self.url))
+                log.warning("lost the lock of the %s %s to another process", self.what, cfs.redact(self.url))
                 return
             cfs.write_atomic(self.fs, self.path, self._record())
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cache.fs import redact
+from pipeline.cache.lock import CacheLock
 from pipeline.cache.reader import TeacherCache, open_cache, read_cache_dataset
 from pipeline.cache.stage import cache_spec_from_config, locate_cache, teacher_checkpoint
 from pipeline.config import Config, ModelConfig, train_settings
@@ -35,6 +36,8 @@ from pipeline.teacher_service import TeacherService, TeacherServiceConfig, start
 from pipeline.training.loop import LoopSpec, plan_total_steps
 from pipeline.training.runner import fit
 from pipeline.workspace import paths_for
+
+RUN_LOCK_FILE = "_RUN.lock"
 
 
 def cache_fields_for(method: MethodSpec) -> set[str]:
@@ -134,100 +137,108 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
         fix="choose another distill.run_name (or leave it unset: default names carry a settings "
         "fingerprint), or delete that folder to retrain under this name.",
     )
-    export_dir = run_dir / "final"
-    if export_is_complete(export_dir):
-        print(f"[distill] {run_name}: already finished at {export_dir}; reusing it", flush=True)
-        skipped, wall = True, 0.0
-    else:
-        skipped = False
-        dataset = read_cache_dataset(
-            cache_path,
-            fields=fields,
-            num_student_experts=num_experts,
-            teacher_layers=[t for _, t in pairs],
-            states_space=states_space,
-            with_state_mask=True,  # the objective averages the MC term over expert_state_mask
-        )
-        rows = cache.num_sequences
-        train = config.distill.train
-        spec = LoopSpec(
-            train=train,
-            total_steps=plan_total_steps(train, rows),
-            rows_per_epoch=rows,
-            export_dir=str(export_dir),
-            metrics_dir=str(run_dir / "metrics"),
-        )
-        print(
-            f"[distill] {run_name}: {rows} cached sequences from {redact(cache_path)} (fields: "
-            f"{', '.join(sorted(fields)) or 'none'}), {spec.total_steps} steps",
-            flush=True,
-        )
-        # student.init: upcycle -> the workers build the upcycled pretrained dense student (made once).
-        task_config = replace(config, student=resolve_student(config))
-        started = time.perf_counter()
-        tokenizer_path, teacher_hidden_size = prepared.tokenizer_path, cache.hidden_size
-        service = _start_service(config, tokenizer_path, cache.width) if online else None
-        client, total_steps = (service.client() if service else None), spec.total_steps
-        # distillm-sgo validates during training (its adaptive schedule): the tokenised validation split
-        val_examples = _validation_examples(config, prepared, tokenizer) if online and online.sgo else None
+    # one process trains a run at a time: a second (another sweep sharing this run) waits, then reuses it
+    with CacheLock(str(run_dir), what="student run", holder="run", lock_file=RUN_LOCK_FILE):
+        export_dir = run_dir / "final"
+        if export_is_complete(export_dir):
+            print(f"[distill] {run_name}: already finished at {export_dir}; reusing it", flush=True)
+            skipped, wall = True, 0.0
+        else:
+            skipped = False
+            dataset = read_cache_dataset(
+                cache_path,
+                fields=fields,
+                num_student_experts=num_experts,
+                teacher_layers=[t for _, t in pairs],
+                states_space=states_space,
+                with_state_mask=True,  # the objective averages the MC term over expert_state_mask
+            )
+            rows = cache.num_sequences
+            train = config.distill.train
+            spec = LoopSpec(
+                train=train,
+                total_steps=plan_total_steps(train, rows),
+                rows_per_epoch=rows,
+                export_dir=str(export_dir),
+                metrics_dir=str(run_dir / "metrics"),
+            )
+            print(
+                f"[distill] {run_name}: {rows} cached sequences from {redact(cache_path)} (fields: "
+                f"{', '.join(sorted(fields)) or 'none'}), {spec.total_steps} steps",
+                flush=True,
+            )
+            # student.init: upcycle -> the workers build the upcycled pretrained dense student (made once).
+            task_config = replace(config, student=resolve_student(config))
+            started = time.perf_counter()
+            tokenizer_path, teacher_hidden_size = prepared.tokenizer_path, cache.hidden_size
+            service = _start_service(config, tokenizer_path, cache.width) if online else None
+            client, total_steps = (service.client() if service else None), spec.total_steps
+            # distillm-sgo validates during training (its adaptive schedule): the tokenised validation split
+            val_examples = (
+                _validation_examples(config, prepared, tokenizer) if online and online.sgo else None
+            )
 
-        def make_task() -> DistillTask:
-            if client is None:
-                return DistillTask(
+            def make_task() -> DistillTask:
+                if client is None:
+                    return DistillTask(
+                        task_config,
+                        tokenizer_path=tokenizer_path,
+                        pairs=pairs,
+                        teacher_hidden_size=teacher_hidden_size,
+                        cache_path=cache_path,
+                    )
+                return OnPolicyTask(  # student samples scored through `client` (token ids only)
                     task_config,
                     tokenizer_path=tokenizer_path,
                     pairs=pairs,
                     teacher_hidden_size=teacher_hidden_size,
-                    cache_path=cache_path,
+                    client=client,
+                    total_steps=total_steps,
+                    validation_examples=val_examples,
                 )
-            return OnPolicyTask(  # student samples scored through `client` (token ids only)
-                task_config,
-                tokenizer_path=tokenizer_path,
-                pairs=pairs,
-                teacher_hidden_size=teacher_hidden_size,
-                client=client,
-                total_steps=total_steps,
-                validation_examples=val_examples,
-            )
 
-        try:
-            fit(
-                make_task,
-                spec,
-                run_name=f"{config.name}-{run_name}",
-                storage_path=str(paths.ray_storage),
-                datasets={"train": dataset},
-                reserved_cpus=_service_cpus(service),
+            try:
+                fit(
+                    make_task,
+                    spec,
+                    run_name=f"{config.name}-{run_name}",
+                    storage_path=str(paths.ray_storage),
+                    datasets={"train": dataset},
+                    reserved_cpus=_service_cpus(service),
+                )
+                service_stats = service.stats() if service else None
+            finally:
+                if service:
+                    service.shutdown()
+            wall = time.perf_counter() - started
+        if skipped and (run_dir / "summary.json").exists():  # measured when the run finished
+            summary = load_run_summary(run_dir)
+            val_loss, num_parameters = float(summary["val_loss"]), int(summary["num_parameters"])
+            service_stats = summary.get("teacher_service")
+        else:  # where the student trains, never on the job driver (pipeline.placement.run_placed_like)
+            if skipped:  # exported, but stopped before its summary was written: measure it now
+                service_stats = None
+            args = (
+                str(export_dir),
+                prepared.tokenizer_path,
+                _validation_examples(config, prepared, tokenizer),
             )
-            service_stats = service.stats() if service else None
-        finally:
-            if service:
-                service.shutdown()
-        wall = time.perf_counter() - started
-    if skipped and (run_dir / "summary.json").exists():  # measured when the run finished
-        summary = load_run_summary(run_dir)
-        val_loss, num_parameters = float(summary["val_loss"]), int(summary["num_parameters"])
-        service_stats = summary.get("teacher_service")
-    else:  # where the student trains, never on the job driver (pipeline.placement.run_placed_like)
-        if skipped:  # exported, but stopped before its summary was written: measure it now
-            service_stats = None
-        args = (str(export_dir), prepared.tokenizer_path, _validation_examples(config, prepared, tokenizer))
-        val_loss, num_parameters = run_placed_like(config.distill.train, _measure_student, *args)
-    result = DistillResult(
-        run_name=run_name,
-        method=online.name if online else method.name,
-        export_dir=str(export_dir),
-        skipped=skipped,
-        wall_s=wall,
-        val_loss=val_loss,
-        num_parameters=num_parameters,
-        cache_path=cache_path,
-        teacher_service=service_stats,
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stored = {**asdict(result), "cache_path": redact(result.cache_path)}  # never store URL credentials
-    (run_dir / "summary.json").write_text(json.dumps(stored, indent=2))
-    return result
+            val_loss, num_parameters = run_placed_like(config.distill.train, _measure_student, *args)
+        result = DistillResult(
+            run_name=run_name,
+            method=online.name if online else method.name,
+            export_dir=str(export_dir),
+            skipped=skipped,
+            wall_s=wall,
+            val_loss=val_loss,
+            num_parameters=num_parameters,
+            cache_path=cache_path,
+            teacher_service=service_stats,
+        )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        stored = {**asdict(result), "cache_path": redact(result.cache_path)}  # never store URL credentials
+        (run_dir / "summary.json").write_text(json.dumps(stored, indent=2))
+        return result
 
 
 def _states_space(method: MethodSpec, mc_state_space: str, cache: TeacherCache) -> str:
