@@ -197,6 +197,25 @@ def test_a_stale_lock_is_taken_over(tmp_path: Path) -> None:
     assert not (tmp_path / LOCK_FILE).exists()
 
 
+def test_a_lock_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path: Path) -> None:
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid now names no process (a holder killed with SIGKILL)
+    held = {"host": socket.gethostname(), "pid": dead.pid, "token": "x", "heartbeat": time.time()}
+    (tmp_path / LOCK_FILE).write_text(json.dumps(held))  # a fresh heartbeat: not stale by age
+    with CacheLock(str(tmp_path), wait_s=0.0, stale_s=600.0) as lock:
+        assert cfs.read_json(lock.fs, lock.path)["token"] == lock.owner["token"]
+    alive = {**held, "pid": os.getpid()}  # a live holder on this host keeps its lock
+    (tmp_path / LOCK_FILE).write_text(json.dumps(alive))
+    with pytest.raises(CacheError, match="another build"):
+        CacheLock(str(tmp_path), wait_s=0.0, stale_s=600.0).acquire()
+
+
 def test_a_held_lock_keeps_its_heartbeat_fresh(tmp_path: Path) -> None:
     import time
 

@@ -31,6 +31,20 @@ STALE_ENV = "MOEDISTILL_CACHE_LOCK_STALE_S"
 WAIT_ENV = "MOEDISTILL_CACHE_LOCK_WAIT_S"
 
 
+def _holder_is_gone(held: dict[str, Any]) -> bool:
+    """A holder on this host whose process no longer exists (killed with SIGKILL, say): its lock is stale
+    now, not only once its heartbeat is old."""
+    if held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
+        return False
+    try:
+        os.kill(held["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        return False
+    return False
+
+
 class CacheLock:
     """`with CacheLock(url):` holds the build lock of the cache directory `url`."""
 
@@ -93,7 +107,7 @@ class CacheLock:
             held = self._read()
             if held is None:
                 continue  # released between our attempt and the read
-            if time.time() - float(held.get("heartbeat", 0.0)) > self.stale_s:
+            if time.time() - float(held.get("heartbeat", 0.0)) > self.stale_s or _holder_is_gone(held):
                 log.warning(
                     "taking over the lock of the %s %s: its holder (%s) stopped sending heartbeats",
                     self.what,
