@@ -115,6 +115,12 @@ def test_seed_summaries_and_table() -> None:
     assert "**" not in sft_line
     assert "| kd (num_experts=2) | 2.000 ± – (n=1) | – |" in table
     assert seed_table_markdown(_rows(), "val_loss", "val loss") == table
+    # kd at a setting with the seeds of plain kd (e.g. from a knowledge-augmented cache): against plain kd
+    ka_losses = enumerate((1.19, 1.26, 1.30))
+    rows = _rows() + [{"model": f"kd-ka-s{s}", "method": "kd", "setting": "ka", "seed": s, "test_set": "a",
+                       "rouge_l_mean": 1.0, "val_loss": v} for s, v in ka_losses]  # fmt: skip
+    ka = {s.label: s for s in seed_summaries(values_by_seed(rows, "val_loss"))}["kd (ka)"].vs_baseline
+    assert ka is not None and ka.mean == pytest.approx((-0.01 - 0.02 + 0.01) / 3)
 
 
 def test_differences_to_the_same_method_at_a_reference_setting() -> None:

@@ -167,15 +167,17 @@ def seed_summaries(
     reference_setting: str | None = None,
 ) -> list[SeedSummary]:
     """Mean ± std over seeds for every (method, setting), and its paired difference to the baseline method
-    (at the same setting if run there, else without a setting) where at least 2 seeds are shared. With
+    (at the same setting if run there, else without a setting; the baseline itself at a setting against
+    the baseline without one) where at least 2 seeds are shared. With
     `reference_setting`, the difference is to the same method at that setting instead."""
     out = []
     for (method, setting), by_seed in values.items():
         if reference_setting is not None:
             base = values.get((method, reference_setting)) if setting != reference_setting else None
+        elif method == baseline:  # the baseline at a setting (e.g. kd from another cache): against plain kd
+            base = values.get((baseline, None)) if setting is not None else None
         else:
             base = values.get((baseline, setting)) or values.get((baseline, None))
-            base = None if method == baseline else base
         diff = None
         if base is not None and len([s for s in by_seed if s in base]) >= 2:
             diff = paired_difference(by_seed, base, confidence)
