@@ -118,7 +118,14 @@ def _terms(student: DistillStudent, distill: DistillConfig, step: int = 0, **for
     )
 
 
-def test_experts_scope_mc_trains_only_experts_and_projections(student: DistillStudent) -> None:
+def test_experts_scope_mc_trains_only_experts_and_projections() -> None:
+    # top-2 routing: with top-1 and renormalised weights every routing weight is exactly 1, so the routers'
+    # MC gradient in the "model" scope would be float rounding (~1e-13) and its sign a matter of luck
+    arch = TinyMoEConfig(
+        hidden_size=32, num_layers=2, num_experts=EXPERTS, top_k=2, moe_intermediate_size=32,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    student = DistillStudent(build_tiny_moe(arch, VOCAB, 0, 1, 2, seed=0).train(), [0, 1], TEACHER_HIDDEN)
     for scope, detach in (("model", False), ("experts", True)):
         terms, _ = _terms(student, DistillConfig(mc_grad_scope=scope), detach_expert_inputs=detach)
         metrics = term_gradient_metrics(student, terms)
@@ -126,7 +133,7 @@ def test_experts_scope_mc_trains_only_experts_and_projections(student: DistillSt
         if scope == "experts":
             assert all(v == 0.0 for v in norm.values()), norm
         else:
-            assert all(v > 0.0 for v in norm.values()), norm
+            assert all(v > 1e-6 for v in norm.values()), norm
         assert metrics["grad/mc/experts/norm"] > 0 and metrics["grad/mc/projections/norm"] > 0
         assert metrics["grad/erd/routers/norm"] > 0  # ERD keeps its full graph under either scope
 
