@@ -23,6 +23,7 @@ the teacher beside them: a diagnostic for models that fit one device, not a clus
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -180,7 +181,8 @@ def plot_sample_divergence(rows: Sequence[Mapping[str, Any]], png_path: Path) ->
     fig, ax = plt.subplots(figsize=(7, 5))
     for key in ce:
         (x, dx), (y, dy) = mean_std(list(ce[key].values())), mean_std(list(rkl[key].values()))
-        ax.errorbar(x, y, xerr=0 if dx != dx else dx, yerr=0 if dy != dy else dy, fmt="o", capsize=3)
+        xerr, yerr = (0.0 if math.isnan(d) else d for d in (dx, dy))  # one seed: no std
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3)
         ax.annotate(key[0] if key[1] is None else f"{key[0]} ({key[1]})", (x, y), fontsize=8)
     teacher = [r for r in rows if r["model"] == "teacher"]
     if teacher:
