@@ -78,7 +78,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    num_workers: int = 1
+    num_workers: int = 1  # 0: in-process (Ray Train local mode; no persisted checkpoints, so no resume)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # e.g. {"student_node": 0.01}
     batch_size: int = 16  # per worker, per micro-step
@@ -424,8 +424,11 @@ def validate_config(config: Config, source: str) -> None:
             f"{d.lambda_mc_warmup_steps}"
         )
     for section in (config.finetune, config.distill.train):
-        if section.num_workers < 1 or section.batch_size < 1 or section.grad_accum_steps < 1:
-            raise ConfigError(f"{source}: num_workers, batch_size and grad_accum_steps must be >= 1")
+        if section.num_workers < 0 or section.batch_size < 1 or section.grad_accum_steps < 1:
+            raise ConfigError(
+                f"{source}: num_workers must be >= 0 (0: train in-process, Ray Train's local mode), "
+                "batch_size and grad_accum_steps >= 1"
+            )
     _validate_multiple_choice(config.evaluate.multiple_choice, source)
 
 

@@ -5,7 +5,7 @@
 
 Writes `summary.json` (everything) and `summary.md` (the tables) into --out:
 
-1. cuda_tests: `pytest -m cuda tests/test_cuda.py` in a subprocess; passed / failed / skipped counts.
+1. cuda_tests: `pytest -m cuda tests/training/test_cuda.py` in a subprocess; passed / failed / skipped counts.
 2. teacher: a Qwen3-4B-MoE-shaped teacher as jobs/configs/qwen3-4b-moe-to-0.6b-moe.yaml upcycles it (hidden
    2560, 4 experts top-2 of FFN width 9728, vocab 151,936; bf16; random weights from the config, no download)
    over one shard of synthetic sequences, side by side: plain forward, forward + all experts of the cached
@@ -197,7 +197,7 @@ def cuda_tests(profile: Profile, out_dir: Path) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     try:
         proc = subprocess.run(
-            [*cmd, "tests/test_cuda.py"],
+            [*cmd, "tests/training/test_cuda.py"],
             cwd=REPO,
             env=env,
             capture_output=True,
@@ -527,7 +527,7 @@ def markdown(s: dict[str, Any]) -> str:
         "",
     ]
     t = s["cuda_tests"]
-    lines += ["## CUDA tests (`pytest -m cuda tests/test_cuda.py`)", ""]
+    lines += ["## CUDA tests (`pytest -m cuda tests/training/test_cuda.py`)", ""]
     if "error" in t:
         lines += [f"error: {t['error']}", ""]
     else:

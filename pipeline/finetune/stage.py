@@ -104,7 +104,7 @@ def run_finetune(config: Config, *, force: bool = False, eval_examples: int = 12
             config.finetune.max_steps
             * config.finetune.batch_size
             * config.finetune.grad_accum_steps
-            * config.finetune.num_workers
+            * max(1, config.finetune.num_workers)  # 0: one in-process loop
             * train_tokens
             / max(1, len(train_examples))
         )

@@ -85,7 +85,7 @@ class LoopSpec:
 def plan_total_steps(cfg: TrainConfig, num_rows: int) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
-    per_step = cfg.num_workers * cfg.batch_size * cfg.grad_accum_steps
+    per_step = max(1, cfg.num_workers) * cfg.batch_size * cfg.grad_accum_steps  # 0 workers: in-process
     return max(1, math.ceil(cfg.epochs * num_rows / per_step))
 
 
@@ -171,7 +171,7 @@ def run_training_loop(task: TrainingTask, spec: LoopSpec) -> None:
             metrics_log.log(done, averaged)
             window, counts, window_steps, data_wait, step_time = {}, {}, 0, 0.0, 0.0
         if spec.fail_at_step is not None and done == spec.fail_at_step and rank == 0:
-            _die_once(spec.metrics_dir, done)
+            _die_once(spec.metrics_dir, done, in_process=cfg.num_workers == 0)
         if done % cfg.checkpoint_every == 0 or done == spec.total_steps:
             _report_checkpoint(task, model, optimizer, scheduler, done, step_metrics, rank, world)
     if progress is not None:
@@ -358,13 +358,16 @@ def _own_entry(per_rank: list[Any], rank: int) -> Any:
     return per_rank[rank] if rank < len(per_rank) else per_rank[0]
 
 
-def _die_once(metrics_dir: str, step: int) -> None:
-    """Simulate a killed worker exactly once per run directory (the marker survives the restart)."""
+def _die_once(metrics_dir: str, step: int, in_process: bool = False) -> None:
+    """Simulate a killed worker exactly once per run directory (the marker survives the restart). In-process
+    (num_workers: 0) the loop shares the driver's process, so the failure is raised, not an exit."""
     marker = Path(metrics_dir) / f".injected-failure-{step}"
     if marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("failure injected\n")
+    if in_process:
+        raise RuntimeError(f"injected failure at step {step} (in-process run)")
     print(f"[train] injected failure at step {step} (worker process exits)", flush=True)
     # Give the controller time to register the checkpoint already reported, so a test knows which one is
     # "the last"; a real crash may lose an unregistered checkpoint and then resumes from the one before.

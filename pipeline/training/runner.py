@@ -31,6 +31,10 @@ def fit(
 
     Resuming is Ray Train's own mechanism: the rerun finds the run's checkpoints under
     storage_path/run_name and the workers restore from `ray.train.get_checkpoint()`.
+
+    `train.num_workers: 0` trains in this process (Ray Train's local mode): no controller, worker group or
+    collective start-up (~10 s per run saved), for debugging and for tests whose subject is not distribution.
+    Its checkpoints are not persisted, so a killed in-process run starts over.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -38,16 +42,20 @@ def fit(
     cfg: TrainConfig = spec.train
     if spec.fail_at_step is None and os.environ.get(FAIL_AT_STEP_ENV):
         spec = LoopSpec(**{**spec.__dict__, "fail_at_step": int(os.environ[FAIL_AT_STEP_ENV])})
-    check_placement(cfg.resources_per_worker, what="training workers (train.resources_per_worker)")
+    if cfg.num_workers == 0:
+        scaling = ScalingConfig(num_workers=0)  # local mode: the loop runs right here
+    else:
+        check_placement(cfg.resources_per_worker, what="training workers (train.resources_per_worker)")
+        scaling = ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=worker_resources(cfg, reserved_cpus),
+        )
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={"task_factory": task_factory, "spec": spec},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers,
-            use_gpu=cfg.use_gpu,
-            resources_per_worker=worker_resources(cfg, reserved_cpus),
-        ),
+        scaling_config=scaling,
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,

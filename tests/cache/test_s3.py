@@ -7,13 +7,15 @@ import dataclasses
 import os
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
+
+from support.paths import TINY
+from support.tiny import save_teacher
 
 from pipeline.cache import open_cache, read_cache_dataset, verify_cache
 from pipeline.cache.repair import repair_cache
@@ -23,7 +25,6 @@ from pipeline.config import load_config, with_overrides
 from pipeline.data.stage import prepare_data
 from pipeline.errors import CacheError
 
-TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 BUCKET = "moedistill-test"
 
 
@@ -63,14 +64,13 @@ def s3() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def cluster(s3: Any, request: pytest.FixtureRequest) -> None:
-    request.getfixturevalue("ray_cluster")  # started after the S3 environment is set: workers inherit it
+    # started after the S3 environment is set: its workers inherit it
+    request.getfixturevalue("private_ray_cluster")
 
 
 @pytest.fixture(scope="module")
 def config(cluster: None, s3: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The tiny config with its cache at s3://; the teacher is a saved tiny checkpoint (no fine-tuning)."""
-    from test_faults import save_teacher
-
     root = tmp_path_factory.mktemp("s3")
     base = with_overrides(
         load_config(TINY), {"output_dir": str(root / "run"), "cache.root": f"s3://{BUCKET}/caches"}

@@ -1,8 +1,8 @@
 """FSDP2 against DDP on two real gloo processes: one B-Distill step must give the same weights, gradient norm
 and optimizer state, and a full-state round trip must restore a sharded model exactly.
 
-No Ray here (tests/test_distill.py runs FSDP through Ray Train); two processes on one machine, because the
-parts under test are the collectives: sharding, gradient reduction, clipping, state gathering.
+No Ray here (tests/distill/test_distill.py runs FSDP through Ray Train); two processes on one machine, because
+the parts under test are the collectives: sharding, gradient reduction, clipping, state gathering.
 """
 
 from __future__ import annotations

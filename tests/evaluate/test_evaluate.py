@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from rouge_score import rouge_scorer
+from support.paths import TINY
 
 from pipeline.cli import evaluate_models
 from pipeline.config import load_config, with_overrides
@@ -30,8 +31,6 @@ from pipeline.evaluate.stage import (
 from pipeline.evaluate.test_sets import load_test_set, read_examples_jsonl
 from pipeline.models.build import TinyMoEConfig, build_tiny_moe
 from pipeline.run_identity import claim_run_dir
-
-TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 
 
 # --- Rouge-L ------------------------------------------------------------------------------------------------

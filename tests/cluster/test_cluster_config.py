@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from support.paths import REPO
 
 from pipeline.config import Config, load_config, teacher_cache_hash, with_overrides
 from pipeline.errors import MoeDistillError
@@ -28,7 +29,6 @@ from pipeline.placement import (
     check_placement,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = REPO / "cluster.yaml"
 PRESETS = {
     "qwen": (REPO / "jobs/configs/qwen3-4b-moe-to-0.6b-moe.yaml", "Qwen/Qwen3-4B", "Qwen/Qwen3-0.6B"),

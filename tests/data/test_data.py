@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.paths import REPO
 from transformers import AutoTokenizer
 
 from pipeline.data.collate import distill_positions, pad_batch
@@ -21,8 +22,6 @@ from pipeline.data.records import Record, load_records, records_fingerprint, wri
 from pipeline.data.template import format_prompt
 from pipeline.data.tokenize import split_records, tokenize_prompt, tokenize_record, tokenize_records
 from pipeline.errors import ConfigError, DataError
-
-REPO = Path(__file__).resolve().parents[1]
 
 GOOD = {"instruction": "Name a warm color.", "context": "", "response": "red", "category": "brainstorming"}
 

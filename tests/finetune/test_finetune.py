@@ -6,14 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from support.paths import TINY
 from transformers import AutoModelForCausalLM
 
 from pipeline.config import load_config, with_overrides
 from pipeline.errors import ConfigError
 from pipeline.finetune.stage import run_finetune
 from pipeline.training.loop import FAIL_AT_STEP_ENV
-
-TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

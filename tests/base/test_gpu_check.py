@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
+from support.paths import REPO
 
 
 def test_gpu_check_tiny_cpu_run_writes_both_summaries(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 import torch
-from inprocess_teacher import InProcessClient
+from support.inprocess_teacher import InProcessClient
+from support.paths import TINY
 
 from pipeline.cache import open_cache
 from pipeline.cache.stage import locate_cache, run_cache
@@ -29,7 +30,6 @@ from pipeline.models.alignment import layer_pairs
 from pipeline.teacher_service.service import TEACHER_FAIL_AT_BATCH_ENV
 from pipeline.training.loop import load_training_state
 
-TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 STEPS = 2
 
 

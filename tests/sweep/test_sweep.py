@@ -1,5 +1,5 @@
 """Sweep files: parsing, planning, refusal of teacher-side grids and shared run directories, and the sweep's
-own results table (the Ray run is in test_distill.py)."""
+own results table (the Ray run is in tests/distill/test_distill.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from support.paths import CONFIGS, TINY
 
 from pipeline.errors import ConfigError
 from pipeline.evaluate.results import format_results_markdown, format_setting
 from pipeline.sweep import grid_setting, load_sweep, plan_runs, sweep_results_dir, sweep_rows
-
-TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 
 
 def write_sweep(tmp_path: Path, grid: dict, **extra) -> Path:
@@ -195,7 +194,7 @@ def test_every_shipped_sweep_file_plans(name: str) -> None:
     from pipeline.config import teacher_cache_hash
     from pipeline.distill.stage import default_run_name
 
-    sweep = load_sweep(Path(__file__).resolve().parents[1] / "jobs" / "configs" / f"{name}.yaml")
+    sweep = load_sweep(CONFIGS / f"{name}.yaml")
     _, runs = plan_runs(sweep)
     assert len({default_run_name(r, teacher_cache_hash(r)) for r in runs}) == len(runs)
     if name in ("demo-codecs", "demo-baselines"):

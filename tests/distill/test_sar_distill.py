@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from inprocess_teacher import InProcessClient
+from support.inprocess_teacher import InProcessClient
+from support.paths import TINY
 
 from pipeline.cache import open_cache
 from pipeline.cache.stage import locate_cache, run_cache
@@ -24,7 +25,6 @@ from pipeline.distill.stage import run_distill
 from pipeline.finetune.stage import run_finetune
 from pipeline.models.alignment import layer_pairs
 
-TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 STEPS = 2
 
 

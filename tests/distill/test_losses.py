@@ -607,7 +607,7 @@ def test_check_sparse_targets_rejects_bad_rows() -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-# B-Distill presets beyond the paper's ablations (tests/test_bdistill_presets.py covers them).
+# B-Distill presets beyond the paper's ablations (tests/distill/test_bdistill_presets.py covers them).
 VARIANTS = (
     "b-distill-official",
     "b-distill-relative",

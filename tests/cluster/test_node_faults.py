@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support.paths import REPO
+from support.tiny import save_teacher
 
 from pipeline.config import config_to_dict, load_config, with_overrides
 from pipeline.data.stage import prepare_data
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -104,8 +105,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
 def write_config(tmp_path: Path, overrides: dict) -> Path:
     """The tiny config with a saved tiny teacher (no fine-tuning), written for the CLI."""
-    from test_faults import save_teacher
-
     base = with_overrides(
         load_config(TINY), {"output_dir": str(tmp_path / "run"), "cache.root": str(tmp_path / "caches")}
     )

@@ -1,4 +1,7 @@
-"""Student distillation from a real teacher cache on a local Ray cluster (2 workers, gloo)."""
+"""Student distillation from a real teacher cache on a local Ray cluster: the module's copy of the session's
+fine-tuned tiny teacher and cache. Real Ray Train workers where distribution is the subject (DDP on two gloo
+workers run twice, FSDP2 killed and resumed, one worker killed and resumed); in-process runs
+(`num_workers: 0`) where it is not (run names, locks, sweeps, upcycled students)."""
 
 from __future__ import annotations
 
@@ -11,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.paths import TINY
+from support.tiny import SHARED_TEACHER
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.cache.stage import run_cache
-from pipeline.config import Config, DistillConfig, load_config, with_overrides
+from pipeline.config import Config, DistillConfig, with_overrides
 from pipeline.distill.losses import aggregate_expert_states, aggregate_gates, layer_pairs
 from pipeline.distill.methods import get_method
 from pipeline.distill.objective import distill_objective
@@ -22,23 +26,18 @@ from pipeline.distill.stage import default_run_name, run_distill
 from pipeline.distill.student import DistillStudent
 from pipeline.distill.task import DistillTask
 from pipeline.errors import CacheError
-from pipeline.finetune.stage import run_finetune
 from pipeline.models.adapter import MoEAdapter
 from pipeline.training.loop import FAIL_AT_STEP_ENV
 
-TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
-
 
 @pytest.fixture(scope="module")
-def cached_config(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Config]:
-    """A fine-tuned tiny teacher and its cache, shared by the module (and by the sweep test)."""
-    root = tmp_path_factory.mktemp("distill")
-    config = with_overrides(
-        load_config(TINY), {"output_dir": str(root / "run"), "cache.root": str(root / "caches")}
-    )
-    run_finetune(config, eval_examples=2)
-    run_cache(config)
-    yield config
+def cached_config(tiny_workspace: Config) -> Config:
+    """The module's copy of the fine-tuned tiny teacher and its cache (conftest), shared by its tests."""
+    return tiny_workspace
+
+
+# Ray Train's local mode: for tests whose subject is not the workers
+IN_PROCESS = {"distill.train.num_workers": 0}
 
 
 @contextlib.contextmanager
@@ -75,6 +74,12 @@ def test_two_worker_b_distill_from_cache_exports_a_working_student(cached_config
     (Path(result.export_dir).parent / "summary.json").unlink()
     again = run_distill(config)
     assert again.skipped and abs(again.val_loss - result.val_loss) < 1e-6
+    # DDP is deterministic: the same config trained again (another run name) gives identical weights and
+    # losses, each worker its half of every batch.
+    twin = run_distill(with_overrides(config, {"distill.run_name": "ddp-twin"}))
+    assert not twin.skipped
+    assert weights_digest(twin.export_dir) == weights_digest(result.export_dir)
+    assert twin.val_loss == result.val_loss
 
 
 def killed_at_step_3_then_rerun(config: Config, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
@@ -92,12 +97,14 @@ def killed_at_step_3_then_rerun(config: Config, monkeypatch: pytest.MonkeyPatch)
 def test_killed_distillation_resumes_from_its_checkpoint(
     cached_config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = with_overrides(cached_config, {"distill.method": "kd", "distill.train.max_steps": 6})
+    """B-Distill (its MC draws use the RNG) on one worker, killed at step 3 and resumed; then the same config
+    trained uninterrupted. Equal weights prove both the exact resume and that two runs of one config agree."""
+    config = with_overrides(cached_config, {"distill.method": "b-distill", "distill.train.max_steps": 6})
     metrics = killed_at_step_3_then_rerun(config, monkeypatch)
     assert [m["step"] for m in metrics] == [2, 4, 6]
     # The resumed student is the uninterrupted one: RNG, optimizer, scheduler and data position restored.
     resumed = run_distill(config)
-    uninterrupted = run_distill(with_overrides(config, {"distill.run_name": "kd-uninterrupted"}))
+    uninterrupted = run_distill(with_overrides(config, {"distill.run_name": "uninterrupted"}))
     assert resumed.skipped and not uninterrupted.skipped
     assert weights_digest(resumed.export_dir) == weights_digest(uninterrupted.export_dir)
     assert resumed.val_loss == uninterrupted.val_loss
@@ -181,7 +188,8 @@ def test_explicit_run_name_reused_with_other_settings_is_refused(
     from pipeline.workspace import paths_for
 
     config = with_overrides(
-        cached_config, {"distill.method": "sft", "distill.run_name": "named", "distill.train.max_steps": 2}
+        cached_config,
+        {"distill.method": "sft", "distill.run_name": "named", "distill.train.max_steps": 2, **IN_PROCESS},
     )
     assert not run_distill(config).skipped
     assert run_distill(with_overrides(config, {"distill.train.log_every": 1})).skipped  # runtime-only change
@@ -298,8 +306,10 @@ def test_sweep_reuses_the_one_cache_for_every_run(cached_config: Config, tmp_pat
         "name": "t",
         "base": str(TINY),
         "set": {
+            **SHARED_TEACHER,  # the module's teacher and cache, found, not trained or built again
             "output_dir": cached_config.output_dir,
             "cache.root": cached_config.cache.root,
+            **IN_PROCESS,
             "distill.train.max_steps": 2,
             "evaluate.max_examples": 4,
             "evaluate.num_seeds": 1,
@@ -332,6 +342,8 @@ def test_upcycled_student_init_is_pretrained_once_and_reused(cached_config: Conf
             "student.init": "upcycle",
             "student_pretrain.max_steps": 2,
             "student_pretrain.batch_size": 8,
+            "student_pretrain.num_workers": 0,
+            **IN_PROCESS,
             "distill.method": "kd",
             "distill.train.max_steps": 2,
         },

@@ -14,7 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from support.paths import REPO
 
 # Absent from the GPU image: Ray (and jsonschema, only Ray pulls it in), zarr, datasets, Rouge, matplotlib.
 HIDDEN = ("ray", "zarr", "numcodecs", "datasets", "rouge_score", "jsonschema", "matplotlib")

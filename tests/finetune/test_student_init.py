@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.paths import TINY
 
 from pipeline.config import ArchitectureConfig, ModelConfig, load_config
 from pipeline.data.demo_tokenizer import train_demo_tokenizer
@@ -13,8 +14,6 @@ from pipeline.errors import ConfigError
 from pipeline.models.build import build_tiny_dense
 from pipeline.models.dims import model_dims
 from pipeline.models.upcycle import upcycle_dense_to_moe
-
-TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 
 
 def test_upcycled_dense_student_computes_the_dense_function(tmp_path: Path) -> None:

@@ -39,11 +39,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support.paths import REPO
 
 from pipeline.cache.fs import resolve_under
 from pipeline.placement import RAY_JOB_ENV, job_local_paths, ray_job_working_dir, warn_if_job_local
 
-REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "jobs" / "configs" / "demo.yaml"
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 # Not uploaded with --working-dir (.venv alone is GBs; Ray refuses packages over its size limit).

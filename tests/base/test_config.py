@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support.paths import REPO
 
 from pipeline.config import load_config, teacher_cache_hash, with_overrides
 from pipeline.errors import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "jobs" / "configs" / "demo.yaml"
 
 

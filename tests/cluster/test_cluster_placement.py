@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.paths import TINY
 
 from pipeline.config import TrainConfig, load_config, with_overrides
 from pipeline.errors import MoeDistillError
@@ -22,9 +23,9 @@ from pipeline.placement import AUTOSCALED_RESOURCES_ENV, check_placement
 from pipeline.training.loop import LoopSpec
 from pipeline.training.runner import fit
 
-pytestmark = pytest.mark.usefixtures("ray_cluster")
+# A fresh cluster: the actor table must hold only this module's actors.
+pytestmark = pytest.mark.usefixtures("private_ray_cluster")
 
-TINY = Path(__file__).parent / "configs" / "tiny.yaml"
 
 
 def actors_of(class_fragment: str) -> list[dict[str, Any]]:

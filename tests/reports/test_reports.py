@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.paths import REPO
 
 from pipeline.cli import main
 from pipeline.config import config_from_dict, load_config
@@ -31,7 +32,6 @@ from pipeline.reports.storage import (
     write_storage_report,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TEACHER = {"model_type": "qwen3_moe", "num_layers": 4, "num_experts": 8, "hidden_size": 16, "vocab_size": 300}
 

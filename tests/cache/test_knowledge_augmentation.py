@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from support.paths import TINY
 
 from pipeline.cache import CacheRuntime, CacheSpec, build_teacher_cache
 from pipeline.cache.augment import (
@@ -148,12 +149,11 @@ def test_augmented_cache_is_an_average_in_its_key(teacher: dict[str, Any]) -> No
 
 
 def test_config_option_reaches_the_spec_and_the_config_hash(teacher: dict[str, Any]) -> None:
-    from pathlib import Path
 
     from pipeline.cache.stage import cache_spec_from_config
     from pipeline.config import load_config, teacher_cache_hash, with_overrides
 
-    base = load_config(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
+    base = load_config(TINY)
     ka = with_overrides(base, {"cache.knowledge_augmentation": {"repeats": 2, "sampling_prob": 0.3}})
     plain = with_overrides(base, {"cache.knowledge_augmentation": {"repeats": 1, "sampling_prob": 0}})
     assert teacher_cache_hash(plain) == teacher_cache_hash(base) != teacher_cache_hash(ka)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.paths import REPO
 
 from pipeline.cli import main
 from pipeline.config import load_config
@@ -18,7 +19,6 @@ from pipeline.data.stage import prepare_data
 from pipeline.errors import DataError, ModelError
 from pipeline.models.dims import model_dims, read_dims
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 GOOD = {"instruction": "Say hi", "context": "", "response": "hi", "category": "open_qa"}
 

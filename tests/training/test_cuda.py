@@ -1,7 +1,7 @@
 """The CUDA paths: bf16 teacher forward, MC sampling on the GPU, bf16-autocast training steps, FSDP2 on nccl,
 a device_map teacher and the cache's shard computation on a GPU, each against its CPU / fp32 counterpart.
 
-    python -m pytest -m cuda tests/test_cuda.py     # on a GPU machine; skipped (but collected) without CUDA
+    python -m pytest -m cuda tests/training/test_cuda.py  # on a GPU machine; skipped (collected) without CUDA
 
 Needs only torch, transformers, accelerate, numpy and pytest (no Ray, zarr or datasets).
 """

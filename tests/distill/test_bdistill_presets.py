@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.paths import CONFIGS
 
 from pipeline.config import DistillConfig, load_config, with_overrides
 from pipeline.data.collate import distill_positions
@@ -24,7 +25,6 @@ from pipeline.models.build import TinyMoEConfig, build_tiny_moe
 from pipeline.run_identity import settings_fingerprint
 from pipeline.sweep import load_sweep, plan_runs
 
-CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "configs"
 DEMO, STUDY = CONFIGS / "demo.yaml", CONFIGS / "demo-bdistill-study.yaml"
 
 # Two tokens, two experts. One-hot teacher gates make every draw deterministic: token 0 always draws expert 0
