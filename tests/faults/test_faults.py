@@ -211,7 +211,7 @@ def test_10_a_dead_ray_address_is_an_error_naming_it(capsys: pytest.CaptureFixtu
 
 # --- 11. determinism: two runs of one config give identical weights and losses ----------
 # Covered in tests/distill/test_distill.py on the same tiny config: one worker (the killed-and-resumed
-# B-Distill run equals the same config trained uninterrupted) and two DDP workers (the same run trained twice).
+# B-Distill run equals the same config trained uninterrupted) and two DDP workers (one run trained twice).
 
 
 def test_collate_class_raises_no_deprecation_warning(ray_cluster: None) -> None:
