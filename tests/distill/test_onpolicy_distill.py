@@ -1,31 +1,30 @@
 """On-policy methods through the distill stage: run_distill starts the teacher service on teacher_node, trains
 with OnPolicyTask on student_node, stops the service and records its counters; a teacher actor killed
-mid-run is replaced and the run finishes every step. Single OnPolicyTask steps (imitkd, minillm) use a real
-in-process TeacherScorer. One module Ray cluster, one fine-tuned tiny teacher.
+mid-run is replaced and the run finishes every step (a real Ray Train worker); distillm-sgo's run trains
+in-process (its subject is the validation hook). Single OnPolicyTask steps (imitkd, minillm) use a real
+in-process TeacherScorer. The session's cluster (2 CPUs: the service and the worker get logical CPU shares,
+pipeline.placement.small_cluster_cpu_share) and the module's copy of the shared fine-tuned tiny teacher.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from support.inprocess_teacher import InProcessClient
-from support.paths import TINY
 
 from pipeline.cache import open_cache
-from pipeline.cache.stage import locate_cache, run_cache
-from pipeline.config import Config, load_config, with_overrides
+from pipeline.cache.stage import locate_cache
+from pipeline.config import Config, with_overrides
 from pipeline.data.stage import load_tokenizer, prepare_data
 from pipeline.data.tokenize import tokenize_records
 from pipeline.distill.methods import ON_POLICY_METHODS
 from pipeline.distill.onpolicy_task import OnPolicyTask
 from pipeline.distill.stage import default_run_name, run_distill
 from pipeline.errors import ConfigError
-from pipeline.finetune.stage import run_finetune
 from pipeline.models.alignment import layer_pairs
 from pipeline.teacher_service.service import TEACHER_FAIL_AT_BATCH_ENV
 from pipeline.training.loop import load_training_state
@@ -34,37 +33,13 @@ STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    """4 logical CPUs (the machine may have 2): the teacher actor, the student worker and Ray Data's read
-    tasks each hold one while the run trains."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(
-        num_cpus=4,
-        resources={"teacher_node": 1, "student_node": 1},
-        include_dashboard=False,
-        log_to_driver=False,
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def config(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Config:
-    root = tmp_path_factory.mktemp("onpolicy-distill")
-    base = with_overrides(
-        load_config(TINY),
+def config(tiny_workspace: Config) -> Config:
+    """The module's copy of the shared teacher (its cache holds greedy teacher responses: distillm-2's
+    teacher side), with the on-policy student settings."""
+    return with_overrides(
+        tiny_workspace,
         {
-            "output_dir": str(root / "run"),
-            "cache.root": str(root / "caches"),
             "cache.resources": {"teacher_node": 0.5},
-            "cache.teacher_responses": "greedy",  # distillm-2's teacher side
-            "cache.max_new_tokens": 16,
-            "finetune.max_steps": 2,
             "distill.method": "gkd-on-policy",
             "distill.train.batch_size": 4,
             "distill.train.max_steps": STEPS,
@@ -73,9 +48,6 @@ def config(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Confi
             "distill.train.resources_per_worker": {"student_node": 0.5},
         },
     )
-    run_finetune(base, eval_examples=2)
-    run_cache(base)
-    return base
 
 
 def _cached_batch(config: Config, task: OnPolicyTask, n: int = 4) -> dict[str, torch.Tensor]:
@@ -193,6 +165,7 @@ def test_distillm_sgo_run_validates_during_training_and_logs_its_schedule(config
             "distill.method": "distillm-sgo",
             "distill.train.max_steps": steps,
             "distill.train.checkpoint_every": 2,
+            "distill.train.num_workers": 0,  # in-process student; the teacher service is Ray's as always
         },
     )
     result = run_distill(cfg)

@@ -1,6 +1,7 @@
 """SAR (distill.method=sar) as a distillation run: one OnPolicyTask step against a real in-process
 TeacherScorer (the teacher's routers change, nothing else does, and the student trains on the updated
-teacher's targets), then one short run_distill on a real Ray cluster through the teacher service.
+teacher's targets), then one short run_distill through the teacher service on the session's cluster (the
+module's copy of the shared fine-tuned tiny teacher).
 """
 
 from __future__ import annotations
@@ -12,17 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from support.inprocess_teacher import InProcessClient
-from support.paths import TINY
 
 from pipeline.cache import open_cache
-from pipeline.cache.stage import locate_cache, run_cache
-from pipeline.config import Config, DistillConfig, load_config, with_overrides
+from pipeline.cache.stage import locate_cache
+from pipeline.config import Config, DistillConfig, with_overrides
 from pipeline.data.stage import prepare_data
 from pipeline.distill import onpolicy
 from pipeline.distill.methods import ON_POLICY_METHODS, on_policy_method
 from pipeline.distill.onpolicy_task import OnPolicyTask
 from pipeline.distill.stage import run_distill
-from pipeline.finetune.stage import run_finetune
 from pipeline.models.alignment import layer_pairs
 
 STEPS = 2
@@ -33,15 +32,12 @@ STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def config(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Config:
-    root = tmp_path_factory.mktemp("sar-distill")
-    base = with_overrides(
-        load_config(TINY),
+def config(tiny_workspace: Config) -> Config:
+    """The module's copy of the shared fine-tuned tiny teacher and its cache, with SAR's student settings."""
+    return with_overrides(
+        tiny_workspace,
         {
-            "output_dir": str(root / "run"),
-            "cache.root": str(root / "caches"),
             "cache.resources": {"teacher_node": 0.5},
-            "finetune.max_steps": 2,
             "distill.method": "sar",
             "distill.train.batch_size": 4,
             "distill.train.max_steps": STEPS,
@@ -50,9 +46,6 @@ def config(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Confi
             "distill.train.resources_per_worker": {"student_node": 0.5},
         },
     )
-    run_finetune(base, eval_examples=2)
-    run_cache(base)
-    return base
 
 
 def test_sar_is_a_registered_on_policy_preset_with_its_source() -> None:
@@ -96,7 +89,9 @@ def test_sar_step_trains_the_teacher_routers_only_and_the_student_on_their_targe
 
 
 def test_sar_distillation_run_finishes_and_records_its_router_losses(config: Config) -> None:
-    result = run_distill(config)
+    # the student in-process: the subject is the service's router steps (test_onpolicy_distill.py runs
+    # an on-policy student on a Ray Train worker)
+    result = run_distill(with_overrides(config, {"distill.train.num_workers": 0}))
     run_dir = Path(result.export_dir).parent
     metrics = [json.loads(line) for line in (run_dir / "metrics" / "metrics.jsonl").open()]
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
