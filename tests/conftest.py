@@ -25,8 +25,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # waits for a poll. A tight poll saves seconds per run on the tiny models here (propagated to the controller).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
-# Fixtures that need Ray: a test using any of them is an integration test.
-RAY_FIXTURES = frozenset({"ray_cluster", "private_ray_cluster", "tiny_teacher_cache", "tiny_workspace"})
+# Fixtures that need Ray: a test using any of them is an integration test (`ray_head`: a `ray start` head of
+# tests/cluster/test_jobs_submit.py).
+RAY_FIXTURES = frozenset(
+    {"ray_cluster", "private_ray_cluster", "tiny_teacher_cache", "tiny_workspace", "ray_head"}
+)
 _SESSION_CLUSTER = {"started": False}  # the session's cluster is up (a private one hands back to it)
 
 

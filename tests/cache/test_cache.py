@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from support.tiny import teacher_assets, teacher_cache_spec, tiny_arch
 
 from pipeline.cache import (
     CacheRuntime,
@@ -40,54 +41,35 @@ from pipeline.cache.build import stored_runtime
 from pipeline.cache.fs import get_fs
 from pipeline.cache.shard import committed_shards
 from pipeline.cache.teacher import TeacherShardStage, decode_states, encode_states, input_device
-from pipeline.data.demo_dataset import generate_demo_records
-from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
-from pipeline.data.template import TEMPLATE_SPEC
 from pipeline.errors import CacheError, ConfigError
-from pipeline.models.build import TinyMoEConfig, build_tiny_moe
 from pipeline.placement import check_no_offload, teacher_placement
 
 NUM_RECORDS = 36
 ROWS_PER_SHARD = 8  # -> 5 shards, the last one partial
 BATCH, RESUME_BATCH = 3, 5  # micro-batch sizes of the first build and of the resume (they round differently)
 E_T, WIDTH, LAYERS, K = 8, 4, (1, 3), 8
+VOCAB = 384  # the teacher's vocabulary: its demo tokenizer's size
 
 
 # --- fixtures -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("cache_assets")
-    records = generate_demo_records(NUM_RECORDS, seed=3)
-    tok = train_demo_tokenizer(record_texts(records), root / "tok", vocab_size=384)
-    cfg = TinyMoEConfig(
-        hidden_size=32,
-        num_layers=4,
-        num_experts=E_T,
-        top_k=2,
-        moe_intermediate_size=32,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        max_position_embeddings=512,
-        initializer_range=0.1,
+    a = teacher_assets(
+        root, NUM_RECORDS, records_seed=3, vocab_size=VOCAB, arch=tiny_arch(num_experts=E_T), model_seed=0
     )
-    model = build_tiny_moe(cfg, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, seed=0)
-    model.save_pretrained(root / "teacher")
     # max_length=150 drops record 30 (152 tokens): a dropped record leaves a gap in seq_ids, never a shift.
-    spec = CacheSpec(
-        teacher_path=str(root / "teacher"),
-        tokenizer_path=str(root / "tok"),
+    spec = teacher_cache_spec(
+        a,
         cached_layers=LAYERS,
         width=WIDTH,
-        logits_mode="topk",
         logits_k=K,
         states_dtype="bfloat16",
         max_length=150,
-        prompt_template=TEMPLATE_SPEC,
         teacher_responses="greedy",
         max_new_tokens=4,
     )
-    return {"root": root, "records": records, "tok": tok, "model": model, "spec": spec}
+    return {"root": root, "records": a.records, "tok": a.tok, "model": a.model, "spec": spec}
 
 
 class _Notes(logging.Handler):

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from support.tiny import teacher_assets, teacher_cache_spec, tiny_arch
 
 from pipeline.cache import (
     CacheRuntime,
-    CacheSpec,
     build_teacher_cache,
     open_cache,
     read_cache_dataset,
@@ -28,11 +28,8 @@ from pipeline.cache.key import key_inputs
 from pipeline.cache.teacher import TeacherShardStage, input_device, teacher_targets, tokenize_shard
 from pipeline.data.collate import pad_batch
 from pipeline.data.demo_dataset import generate_demo_records
-from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
-from pipeline.data.template import TEMPLATE_SPEC
 from pipeline.errors import CacheError
 from pipeline.models.alignment import aggregate_expert_states, aggregate_gates
-from pipeline.models.build import TinyMoEConfig, build_tiny_moe
 
 NUM_RECORDS, ROWS_PER_SHARD, E_T, WIDTH, LAYERS, D = 20, 8, 8, 4, (1, 3), 32
 HELDOUT_RECORDS, FIDELITY_TOKENS = 6, 64
@@ -41,37 +38,20 @@ HELDOUT_RECORDS, FIDELITY_TOKENS = 6, 64
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("codec_assets")
-    records = generate_demo_records(NUM_RECORDS, seed=3)
-    tok = train_demo_tokenizer(record_texts(records), root / "tok", vocab_size=384)
-    cfg = TinyMoEConfig(
-        hidden_size=D,
-        num_layers=4,
-        num_experts=E_T,
-        top_k=2,
-        moe_intermediate_size=32,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        max_position_embeddings=512,
-        initializer_range=0.1,
-    )
-    model = build_tiny_moe(cfg, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, seed=0)
-    model.save_pretrained(root / "teacher")
-    spec = CacheSpec(
-        teacher_path=str(root / "teacher"),
-        tokenizer_path=str(root / "tok"),
+    arch = tiny_arch(hidden_size=D, num_experts=E_T)
+    a = teacher_assets(root, NUM_RECORDS, records_seed=3, vocab_size=384, arch=arch, model_seed=0)
+    spec = teacher_cache_spec(
+        a,
         cached_layers=LAYERS,
         width=WIDTH,
-        logits_mode="topk",
         logits_k=8,
         states_dtype="float16",
         max_length=150,
-        prompt_template=TEMPLATE_SPEC,
         states_basis_tokens=300,
         states_fidelity_tokens=FIDELITY_TOKENS,
     )
     heldout = generate_demo_records(HELDOUT_RECORDS, seed=4)  # the validation split's stand-in
-    return {"root": root, "records": records, "heldout": heldout, "tok": tok, "spec": spec}
+    return {"root": root, "records": a.records, "heldout": heldout, "tok": a.tok, "spec": spec}
 
 
 @pytest.fixture(scope="module")

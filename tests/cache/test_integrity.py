@@ -15,16 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from support.tiny import teacher_assets, teacher_cache_spec, tiny_arch
 
-from pipeline.cache import CacheRuntime, CacheSpec, build_teacher_cache, open_cache, verify_cache
+from pipeline.cache import CacheRuntime, build_teacher_cache, open_cache, verify_cache
 from pipeline.cache import fs as cfs
 from pipeline.cache.integrity import check_before_read, quick_check, verify_shards
 from pipeline.cache.lock import LOCK_FILE, CacheLock
-from pipeline.data.demo_dataset import generate_demo_records
-from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
-from pipeline.data.template import TEMPLATE_SPEC
 from pipeline.errors import CacheError, MoeDistillError
-from pipeline.models.build import TinyMoEConfig, build_tiny_moe
 from pipeline.training import loop
 
 NUM_RECORDS, ROWS_PER_SHARD = 20, 8  # 3 shards, the last one partial
@@ -34,35 +31,20 @@ LOCAL = CacheRuntime(batch_size=4, rows_per_shard=ROWS_PER_SHARD, executor="loca
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("integrity")
-    records = generate_demo_records(NUM_RECORDS, seed=5)
-    tok = train_demo_tokenizer(record_texts(records), root / "tok", vocab_size=384)
-    cfg = TinyMoEConfig(
-        hidden_size=32,
-        num_layers=2,
-        num_experts=4,
-        top_k=2,
-        moe_intermediate_size=32,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=16,
-        max_position_embeddings=512,
+    arch = tiny_arch(
+        num_layers=2, num_experts=4, num_heads=2, num_kv_heads=1, head_dim=16, initializer_range=0.02
     )
-    build_tiny_moe(
-        cfg, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, seed=0
-    ).save_pretrained(root / "teacher")
-    spec = CacheSpec(
-        teacher_path=str(root / "teacher"),
-        tokenizer_path=str(root / "tok"),
+    a = teacher_assets(root, NUM_RECORDS, records_seed=5, vocab_size=384, arch=arch, model_seed=0)
+    spec = teacher_cache_spec(
+        a,
         cached_layers=(0, 1),
         width=None,
-        logits_mode="topk",
         logits_k=8,
         states_dtype="float16",
         max_length=256,
-        prompt_template=TEMPLATE_SPEC,
     )
-    info = build_teacher_cache(spec, records, str(root / "caches"), LOCAL)
-    return {"root": root, "records": records, "spec": spec, "info": info}
+    info = build_teacher_cache(spec, a.records, str(root / "caches"), LOCAL)
+    return {"root": root, "records": a.records, "spec": spec, "info": info}
 
 
 def copy_cache(assets: dict[str, Any], dest: Path) -> Path:

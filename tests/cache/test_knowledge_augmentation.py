@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 from support.paths import TINY
+from support.tiny import teacher_assets, teacher_cache_spec, tiny_arch
 
-from pipeline.cache import CacheRuntime, CacheSpec, build_teacher_cache
+from pipeline.cache import CacheRuntime, build_teacher_cache
 from pipeline.cache.augment import (
     KnowledgeAugmentation,
     augmented_targets,
@@ -21,13 +22,9 @@ from pipeline.cache.augment import (
 from pipeline.cache.key import key_inputs
 from pipeline.cache.teacher import TeacherOutputSpec, compute_shard, teacher_targets
 from pipeline.data.collate import pad_batch
-from pipeline.data.demo_dataset import generate_demo_records
-from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
-from pipeline.data.template import TEMPLATE_SPEC
 from pipeline.data.tokenize import tokenize_records
 from pipeline.errors import ConfigError
 from pipeline.models.adapter import MoEAdapter
-from pipeline.models.build import TinyMoEConfig, build_tiny_moe
 
 LAYERS, WIDTH, K = (0, 1), 4, 8
 
@@ -35,36 +32,18 @@ LAYERS, WIDTH, K = (0, 1), 4, 8
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("ka")
-    records = generate_demo_records(6, seed=2)
-    tok = train_demo_tokenizer(record_texts(records), root / "tok", vocab_size=320)
-    cfg = TinyMoEConfig(
-        hidden_size=32,
-        num_layers=2,
-        num_experts=8,
-        top_k=2,
-        moe_intermediate_size=32,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        max_position_embeddings=512,
-        initializer_range=0.1,
-    )
-    model = build_tiny_moe(cfg, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, seed=4)
-    model.save_pretrained(root / "teacher")
-    spec = CacheSpec(
-        teacher_path=str(root / "teacher"),
-        tokenizer_path=str(root / "tok"),
+    a = teacher_assets(root, 6, records_seed=2, vocab_size=320, arch=tiny_arch(num_layers=2), model_seed=4)
+    spec = teacher_cache_spec(
+        a,
         cached_layers=LAYERS,
         width=WIDTH,
-        logits_mode="topk",
         logits_k=K,
         states_dtype="float16",
         max_length=256,
-        prompt_template=TEMPLATE_SPEC,
     )
-    examples, _ = tokenize_records(tok, records, 256)
-    return {"root": root, "records": records, "model": model.eval(), "spec": spec, "examples": examples,
-            "pad": tok.pad_token_id}  # fmt: skip
+    examples, _ = tokenize_records(a.tok, a.records, 256)
+    return {"root": root, "records": a.records, "model": a.model.eval(), "spec": spec, "examples": examples,
+            "pad": a.tok.pad_token_id}  # fmt: skip
 
 
 def _shard(t: dict[str, Any], ka: KnowledgeAugmentation) -> dict[str, np.ndarray]:

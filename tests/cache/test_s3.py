@@ -25,6 +25,8 @@ from pipeline.config import load_config, with_overrides
 from pipeline.data.stage import prepare_data
 from pipeline.errors import CacheError
 
+pytestmark = pytest.mark.integration  # a Ray cluster of its own, after the S3 environment is set
+
 BUCKET = "moedistill-test"
 
 

@@ -27,6 +27,8 @@ from pipeline.data.stage import prepare_data
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 RAY = str(Path(sys.executable).with_name("ray"))
 
+pytestmark = pytest.mark.integration  # `ray start` nodes of its own
+
 
 class Node:
     """One `ray start --block` process group."""

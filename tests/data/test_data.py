@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from support.paths import REPO
+from support.tiny import demo_tokenizer
 from transformers import AutoTokenizer
 
 from pipeline.data.collate import distill_positions, pad_batch
@@ -39,7 +40,7 @@ def demo_records() -> list[Record]:
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory, demo_records: list[Record]):
     out = tmp_path_factory.mktemp("tok")
-    train_demo_tokenizer(record_texts(demo_records), out, vocab_size=1024)
+    demo_tokenizer(demo_records, out, vocab_size=1024)
     return AutoTokenizer.from_pretrained(str(out))  # what every other stage will do
 
 

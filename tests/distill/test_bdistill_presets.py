@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.paths import CONFIGS
+from support.tiny import teacher_assets, teacher_cache_spec, tiny_arch, tiny_moe
 
 from pipeline.config import DistillConfig, load_config, with_overrides
 from pipeline.data.collate import distill_positions
@@ -21,7 +22,6 @@ from pipeline.distill.objective import distill_objective, lambda_mc_at, objectiv
 from pipeline.distill.stage import cache_fields_for, default_run_name, run_settings
 from pipeline.distill.student import DistillStudent, StudentForward
 from pipeline.errors import ConfigError
-from pipeline.models.build import TinyMoEConfig, build_tiny_moe
 from pipeline.run_identity import settings_fingerprint
 from pipeline.sweep import load_sweep, plan_runs
 
@@ -75,15 +75,16 @@ def test_double_softmax_erd_by_hand() -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 VOCAB, TEACHER_HIDDEN, EXPERTS = 64, 48, 2
+# Untied, top-1 over EXPERTS experts; head_dim, positions and init are TinyMoEConfig's defaults.
+STUDENT_ARCH = tiny_arch(
+    num_layers=2, num_experts=EXPERTS, top_k=1, head_dim=16, max_position_embeddings=256,
+    initializer_range=0.02, tie_word_embeddings=False,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def student() -> DistillStudent:
-    arch = TinyMoEConfig(
-        hidden_size=32, num_layers=2, num_experts=EXPERTS, top_k=1, moe_intermediate_size=32,
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    return DistillStudent(build_tiny_moe(arch, VOCAB, 0, 1, 2, seed=0).train(), [0, 1], TEACHER_HIDDEN)
+    return DistillStudent(tiny_moe(STUDENT_ARCH, VOCAB, seed=0).train(), [0, 1], TEACHER_HIDDEN)
 
 
 def _batch() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -121,11 +122,8 @@ def _terms(student: DistillStudent, distill: DistillConfig, step: int = 0, **for
 def test_experts_scope_mc_trains_only_experts_and_projections() -> None:
     # top-2 routing: with top-1 and renormalised weights every routing weight is exactly 1, so the routers'
     # MC gradient in the "model" scope would be float rounding (~1e-13) and its sign a matter of luck
-    arch = TinyMoEConfig(
-        hidden_size=32, num_layers=2, num_experts=EXPERTS, top_k=2, moe_intermediate_size=32,
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    student = DistillStudent(build_tiny_moe(arch, VOCAB, 0, 1, 2, seed=0).train(), [0, 1], TEACHER_HIDDEN)
+    arch = dataclasses.replace(STUDENT_ARCH, top_k=2)
+    student = DistillStudent(tiny_moe(arch, VOCAB, seed=0).train(), [0, 1], TEACHER_HIDDEN)
     for scope, detach in (("model", False), ("experts", True)):
         terms, _ = _terms(student, DistillConfig(mc_grad_scope=scope), detach_expert_inputs=detach)
         metrics = term_gradient_metrics(student, terms)
@@ -299,28 +297,19 @@ def test_study_sweep_loads_with_three_seeds_per_method() -> None:
 def test_official_trains_from_a_gates_only_cache(tmp_path: Path) -> None:
     import numpy as np
 
-    from pipeline.cache import CacheRuntime, CacheSpec, build_teacher_cache, open_cache
+    from pipeline.cache import CacheRuntime, build_teacher_cache, open_cache
     from pipeline.config import ArchitectureConfig, Config, ModelConfig
-    from pipeline.data.demo_dataset import generate_demo_records
-    from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
-    from pipeline.data.template import TEMPLATE_SPEC
     from pipeline.distill.task import DistillTask
     from pipeline.errors import CacheError
 
-    records = generate_demo_records(8, seed=0)
-    tok = train_demo_tokenizer(record_texts(records), tmp_path / "tok", vocab_size=300)
-    arch = TinyMoEConfig(hidden_size=32, num_layers=4, num_experts=4, top_k=2, moe_intermediate_size=32,
-                         num_heads=4, num_kv_heads=2, head_dim=8)  # fmt: skip
-    build_tiny_moe(
-        arch, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, seed=0
-    ).save_pretrained(tmp_path / "teacher")
-    spec = CacheSpec(
-        teacher_path=str(tmp_path / "teacher"), tokenizer_path=str(tmp_path / "tok"), cached_layers=(1, 3),
-        width=None, logits_mode="topk", logits_k=8, states_dtype="float16", max_length=256,
-        prompt_template=TEMPLATE_SPEC, store_expert_states=False,
+    arch = tiny_arch(num_experts=4, max_position_embeddings=256, initializer_range=0.02)
+    a = teacher_assets(tmp_path, 8, records_seed=0, vocab_size=300, arch=arch, model_seed=0)
+    spec = teacher_cache_spec(
+        a, cached_layers=(1, 3), width=None, logits_k=8, states_dtype="float16", max_length=256,
+        store_expert_states=False,
     )  # fmt: skip
     runtime = CacheRuntime(batch_size=4, rows_per_shard=8, executor="local", progress=False)
-    cache = open_cache(build_teacher_cache(spec, records, str(tmp_path / "caches"), runtime).path)
+    cache = open_cache(build_teacher_cache(spec, a.records, str(tmp_path / "caches"), runtime).path)
     official = get_method("b-distill-official")
     fields, pairs = cache_fields_for(official), [(0, 1), (1, 3)]
     cache.check_student(fields=fields, num_student_experts=2, teacher_layers_needed=[1, 3])
@@ -342,7 +331,7 @@ def test_official_trains_from_a_gates_only_cache(tmp_path: Path) -> None:
         student=ModelConfig(build=student),
         distill=DistillConfig(method="b-distill-official"),
     )
-    task = DistillTask(config, tokenizer_path=str(tmp_path / "tok"), pairs=pairs, teacher_hidden_size=32)
+    task = DistillTask(config, tokenizer_path=a.tokenizer_path, pairs=pairs, teacher_hidden_size=32)
     batch = task.collate({k: column([r[k] for r in rows]) for k in rows[0]})
     assert "gates" in batch and "expert_states" not in batch
     model = task.build_model()

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from support.tiny import tiny_arch, tiny_moe
 
 from pipeline.data.collate import distill_positions
 from pipeline.distill.diagnostics import (
@@ -18,19 +19,19 @@ from pipeline.distill.diagnostics import (
 )
 from pipeline.distill.losses import erd_loss, mc_exploration_loss, sft_loss
 from pipeline.distill.student import DistillStudent
-from pipeline.models.build import TinyMoEConfig, build_tiny_moe
 from pipeline.training.metrics import MetricsLogger
 
 VOCAB, TEACHER_HIDDEN, EXPERTS = 64, 48, 2
+# Untied, top-1 over EXPERTS experts; head_dim, positions and init are TinyMoEConfig's defaults.
+STUDENT_ARCH = tiny_arch(
+    num_layers=2, num_experts=EXPERTS, top_k=1, head_dim=16, max_position_embeddings=256,
+    initializer_range=0.02, tie_word_embeddings=False,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def model() -> DistillStudent:
-    arch = TinyMoEConfig(
-        hidden_size=32, num_layers=2, num_experts=EXPERTS, top_k=1, moe_intermediate_size=32,
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    student = build_tiny_moe(arch, VOCAB, 0, 1, 2, seed=0).train()
+    student = tiny_moe(STUDENT_ARCH, VOCAB, seed=0).train()
     return DistillStudent(student, [0, 1], teacher_hidden_size=TEACHER_HIDDEN)
 
 

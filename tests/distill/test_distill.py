@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.paths import TINY
-from support.tiny import SHARED_TEACHER
+from support.tiny import SHARED_TEACHER, tiny_moe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import Config, DistillConfig, with_overrides
@@ -146,13 +146,13 @@ def _other_tokenizer(config: Config, out: Path):
 
 def test_student_with_another_tokenizer_is_refused_before_any_work(cached_config: Config, tmp_path: Path):
     from pipeline.errors import ModelError
-    from pipeline.models.build import TinyMoEConfig, build_tiny_moe
+    from pipeline.models.build import TinyMoEConfig
 
     student_dir = tmp_path / "student"
     other = _other_tokenizer(cached_config, student_dir)
-    build_tiny_moe(
-        TinyMoEConfig(hidden_size=32, num_layers=1, num_experts=2, top_k=1), len(other), 0, 1, 2, 0
-    ).save_pretrained(student_dir)
+    tiny_moe(TinyMoEConfig(hidden_size=32, num_layers=1, num_experts=2, top_k=1), len(other)).save_pretrained(
+        student_dir
+    )
     config = with_overrides(cached_config, {"student.build": None, "student.path": str(student_dir)})
     with pytest.raises(ModelError, match=r"student checkpoint .* ships a tokenizer that differs.*Fix:"):
         run_distill(config)
@@ -214,12 +214,10 @@ def test_missing_cache_names_the_command_to_run(cached_config: Config, tmp_path:
 def test_one_b_distill_step_sends_gradient_to_every_paired_student_part() -> None:
     """Experts (all of them, not only the top-k), routers and projections all receive gradient."""
     torch.manual_seed(0)
-    from pipeline.models.build import TinyMoEConfig, build_tiny_moe
+    from pipeline.models.build import TinyMoEConfig
 
-    teacher = build_tiny_moe(TinyMoEConfig(hidden_size=48, num_layers=4, num_experts=4), 64, 0, 1, 2, seed=0)
-    student = build_tiny_moe(
-        TinyMoEConfig(hidden_size=32, num_layers=2, num_experts=2, top_k=1), 64, 0, 1, 2, 1
-    )
+    teacher = tiny_moe(TinyMoEConfig(hidden_size=48, num_layers=4, num_experts=4), 64, seed=0)
+    student = tiny_moe(TinyMoEConfig(hidden_size=32, num_layers=2, num_experts=2, top_k=1), 64, seed=1)
     pairs = layer_pairs(4, 2)
     input_ids = torch.randint(3, 64, (2, 12))
     attention = torch.ones_like(input_ids)

@@ -12,14 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from support.tiny import teacher_assets, teacher_cache_spec, tiny_arch, tiny_moe
 
-from pipeline.cache import CacheRuntime, CacheSpec, build_teacher_cache, open_cache
+from pipeline.cache import CacheRuntime, build_teacher_cache, open_cache
 from pipeline.cache.reader import _read_shard_batch
 from pipeline.config import Config, DistillConfig
 from pipeline.data.collate import distill_positions
-from pipeline.data.demo_dataset import generate_demo_records
-from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
-from pipeline.data.template import TEMPLATE_SPEC
 from pipeline.distill.losses import STATE_LOSSES, mc_exploration_loss
 from pipeline.distill.methods import get_method
 from pipeline.distill.objective import objective_terms
@@ -28,52 +26,41 @@ from pipeline.distill.student import DistillStudent
 from pipeline.distill.task import DistillTask
 from pipeline.errors import ConfigError
 from pipeline.models.alignment import layer_pairs
-from pipeline.models.build import TinyMoEConfig, build_tiny_moe
 
 D, E_T, WIDTH, E_S, RANK = 32, 8, 4, 2, 6
 PAIRS = layer_pairs(4, 2)  # [(0, 1), (1, 3)]
 TEACHER_LAYERS = [t for _, t in PAIRS]
 FIELDS = ["expert_states", "gates", "logits"]
+STUDENT_ARCH = tiny_arch(
+    hidden_size=16, num_layers=2, num_experts=E_S, top_k=1, moe_intermediate_size=16, num_heads=2,
+    num_kv_heads=1, max_position_embeddings=256, initializer_range=0.02,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("distill_codecs")
-    records = generate_demo_records(12, seed=5)
-    tok = train_demo_tokenizer(record_texts(records), root / "tok", vocab_size=384)
-    teacher_cfg = TinyMoEConfig(
-        hidden_size=D,
-        num_layers=4,
-        num_experts=E_T,
-        top_k=2,
-        moe_intermediate_size=32,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        initializer_range=0.1,
-    )
-    teacher = build_tiny_moe(teacher_cfg, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, 0)
-    teacher.save_pretrained(root / "teacher")
-    spec = CacheSpec(
-        teacher_path=str(root / "teacher"),
-        tokenizer_path=str(root / "tok"),
+    teacher_arch = tiny_arch(hidden_size=D, num_experts=E_T, max_position_embeddings=256)
+    a = teacher_assets(root, 12, records_seed=5, vocab_size=384, arch=teacher_arch, model_seed=0)
+    spec = teacher_cache_spec(
+        a,
         cached_layers=tuple(TEACHER_LAYERS),
         width=WIDTH,
-        logits_mode="topk",
         logits_k=8,
         states_dtype="float16",
         max_length=150,
-        prompt_template=TEMPLATE_SPEC,
         states_basis_tokens=200,
     )
     runtime = CacheRuntime(batch_size=4, rows_per_shard=6, executor="local", progress=False)
 
     def build(**codec: Any) -> str:
-        return build_teacher_cache(dataclasses.replace(spec, **codec), records, str(root / "c"), runtime).path
+        return build_teacher_cache(
+            dataclasses.replace(spec, **codec), a.records, str(root / "c"), runtime
+        ).path
 
     return {
-        "tok": tok,
-        "tok_path": str(root / "tok"),
+        "tok": a.tok,
+        "tok_path": a.tokenizer_path,
         "full": build(),
         "low_rank": build(states_codec="fp8", states_rank=RANK),
         "subsampled": build(states_codec="int8", states_token_fraction=0.5),
@@ -89,11 +76,7 @@ def _columns(path: str, space: str, shard_id: int = 0) -> dict[str, np.ndarray]:
 
 
 def _student(vocab: int, seed: int = 1) -> DistillStudent:
-    cfg = TinyMoEConfig(
-        hidden_size=16, num_layers=2, num_experts=E_S, top_k=1, moe_intermediate_size=16, num_heads=2,
-        num_kv_heads=1, head_dim=8,
-    )  # fmt: skip
-    student = build_tiny_moe(cfg, vocab, 0, 1, 2, seed=seed).train()
+    student = tiny_moe(STUDENT_ARCH, vocab_size=vocab, seed=seed).train()
     torch.manual_seed(seed)  # the projections P initialise from the global generator
     return DistillStudent(student, [s for s, _ in PAIRS], teacher_hidden_size=D)
 

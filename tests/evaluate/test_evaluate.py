@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from rouge_score import rouge_scorer
 from support.paths import TINY
+from support.tiny import demo_tokenizer, tiny_arch, tiny_moe
 
 from pipeline.cli import evaluate_models
 from pipeline.config import load_config, with_overrides
-from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
 from pipeline.data.rouge import mean_rouge_l, rouge_l
 from pipeline.data.stage import prepare_data
 from pipeline.distill.stage import run_settings
@@ -29,7 +29,6 @@ from pipeline.evaluate.stage import (
     run_evaluate,
 )
 from pipeline.evaluate.test_sets import load_test_set, read_examples_jsonl
-from pipeline.models.build import TinyMoEConfig, build_tiny_moe
 from pipeline.run_identity import claim_run_dir
 
 
@@ -80,12 +79,15 @@ def test_model_args() -> None:
 
 
 # --- the Ray Data stage -------------------------------------------------------------------------------------
+# One layer, top-1 over 2 experts; positions and init are TinyMoEConfig's defaults.
+CHECKPOINT_ARCH = tiny_arch(
+    num_layers=1, num_experts=2, top_k=1, num_heads=2, num_kv_heads=1, head_dim=16,
+    max_position_embeddings=256, initializer_range=0.02,
+)  # fmt: skip
+
+
 def _save_checkpoint(out: Path, tokenizer, info: dict, seed: int, always_empty: bool = False) -> Path:
-    cfg = TinyMoEConfig(hidden_size=32, num_layers=1, num_experts=2, top_k=1, moe_intermediate_size=32,
-                        num_heads=2, num_kv_heads=1, head_dim=16)  # fmt: skip
-    model = build_tiny_moe(
-        cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, seed
-    )
+    model = tiny_moe(CHECKPOINT_ARCH, seed=seed, tokenizer=tokenizer)
     if always_empty:  # every token but eos suppressed: each generation decodes to ""
         model.generation_config.suppress_tokens = [
             i for i in range(len(tokenizer)) if i != tokenizer.eos_token_id
@@ -110,7 +112,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory):
         },
     )
     prepared = prepare_data(config)
-    tokenizer = train_demo_tokenizer(record_texts(prepared.splits.train), root / "tok", vocab_size=300)
+    tokenizer = demo_tokenizer(prepared.splits.train, root / "tok", vocab_size=300)
     teacher = _save_checkpoint(
         root / "run" / "teacher" / "final", tokenizer, {"stage": "finetune-teacher"}, 0
     )

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import torch
+from support.tiny import demo_tokenizer, tiny_arch, tiny_moe
 
 from pipeline.data.demo_dataset import generate_demo_records
-from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
 from pipeline.data.records import Record
 from pipeline.data.template import format_prompt
 from pipeline.data.tokenize import uses_bos
@@ -26,7 +26,6 @@ from pipeline.evaluate.multiple_choice import (
     render_prompt,
     score_item,
 )
-from pipeline.models.build import TinyMoEConfig, build_tiny_moe
 
 ITEMS = [
     MCItem("Which organ pumps blood?", ("the heart", "a kidney", "lungs"), 0, "medicine"),
@@ -40,21 +39,15 @@ ITEMS = [
 def lm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("mc")
     records = generate_demo_records(16, seed=0)
-    texts = [*record_texts(records), *(it.question + " " + " ".join(it.choices) for it in ITEMS)]
-    tok = train_demo_tokenizer(texts, root / "tok", vocab_size=320)
-    cfg = TinyMoEConfig(
-        hidden_size=32,
+    items = [it.question + " " + " ".join(it.choices) for it in ITEMS]
+    tok = demo_tokenizer(records, root / "tok", vocab_size=320, extra_texts=items)
+    arch = tiny_arch(
         num_layers=2,
         num_experts=4,
-        top_k=2,
-        moe_intermediate_size=32,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
         max_position_embeddings=256,
         initializer_range=0.5,  # peaked, well-separated option scores
     )
-    model = build_tiny_moe(cfg, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, seed=3)
+    model = tiny_moe(arch, seed=3, tokenizer=tok)
     return {"model": model.eval(), "tok": tok}
 
 

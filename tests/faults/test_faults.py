@@ -183,6 +183,7 @@ def _run_connect(env: dict[str, str], timeout: float) -> subprocess.CompletedPro
     )
 
 
+@pytest.mark.integration  # starts a private Ray cluster in a subprocess
 def test_10_a_stale_local_address_starts_a_private_cluster() -> None:
     port = _closed_port()
     with tempfile.TemporaryDirectory(prefix="rt", dir="/tmp") as tmp:  # short: Ray's socket paths

@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.tiny import tiny_moe
 from transformers import LlamaConfig, MixtralConfig
 
 from pipeline.config import ArchitectureConfig, ModelConfig
 from pipeline.errors import ConfigError
-from pipeline.models.build import TinyMoEConfig, build_tiny_moe, tiny_moe_hf_config
+from pipeline.models.build import TinyMoEConfig, tiny_moe_hf_config
 from pipeline.models.dims import ModelDims, model_dims, read_dims
 
 
@@ -23,7 +24,7 @@ def _dims_of_built(model) -> ModelDims:
 def test_a_build_section_gives_the_dims_of_the_model_it_builds() -> None:
     arch = ArchitectureConfig(hidden_size=32, num_layers=3, num_experts=2, top_k=1, moe_intermediate_size=32,
                               num_heads=2, num_kv_heads=1, head_dim=16)  # fmt: skip
-    built = build_tiny_moe(TinyMoEConfig(**dataclasses.asdict(arch)), 300, 0, 1, 2, seed=0)
+    built = tiny_moe(TinyMoEConfig(**dataclasses.asdict(arch)), vocab_size=300, seed=0)
     assert model_dims(ModelConfig(build=arch), vocab_size=300) == _dims_of_built(built)
     assert model_dims(ModelConfig(build=arch)).vocab_size is None  # no tokenizer given: width unknown
 

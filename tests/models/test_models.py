@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.tiny import tiny_arch, tiny_moe
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -47,18 +48,14 @@ def _from_config(config) -> PreTrainedModel:
 
 
 def _qwen3_moe() -> PreTrainedModel:
-    cfg = TinyMoEConfig(
-        hidden_size=32,
+    arch = tiny_arch(
         num_layers=3,
         num_experts=6,
-        top_k=2,
         moe_intermediate_size=24,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
+        max_position_embeddings=256,
         initializer_range=INIT,
     )
-    return build_tiny_moe(cfg, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, seed=0)
+    return tiny_moe(arch, vocab_size=VOCAB, seed=0)
 
 
 def _mixtral() -> PreTrainedModel:
@@ -342,9 +339,7 @@ def test_check_same_vocabulary() -> None:
 def test_check_model_vocab() -> None:
     tokenizer = _tokenizer([f"w{i}" for i in range(VOCAB - 4)])
     check_model_vocab(_qwen3_moe(), tokenizer, role="student")
-    small = build_tiny_moe(
-        TinyMoEConfig(), vocab_size=VOCAB - 10, pad_token_id=0, bos_token_id=1, eos_token_id=2, seed=0
-    )
+    small = tiny_moe(TinyMoEConfig(), vocab_size=VOCAB - 10, seed=0)  # the class's default architecture
     with pytest.raises(
         ModelError, match=f"student model's input embedding has {VOCAB - 10} rows.*{VOCAB} tokens"
     ):

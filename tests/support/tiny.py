@@ -8,17 +8,20 @@ asserts on them.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pipeline.cache.spec import CacheSpec
 from pipeline.config import Config, config_to_dict, load_config, with_overrides
 from pipeline.data.demo_dataset import generate_demo_records
 from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
 from pipeline.data.records import Record
 from pipeline.data.stage import load_tokenizer, prepare_data
+from pipeline.data.template import TEMPLATE_SPEC
 from pipeline.models.build import TinyMoEConfig, build_tiny_moe
 from pipeline.models.export import export_hf_checkpoint
 from pipeline.models.stage import materialize_model
@@ -61,9 +64,11 @@ def tiny_moe(arch: TinyMoEConfig, vocab_size: int = 64, seed: int = 0, tokenizer
     return build_tiny_moe(arch, vocab_size, 0, 1, 2, seed=seed)
 
 
-def demo_tokenizer(records: list[Record], out_dir: Path, vocab_size: int) -> Any:
-    """The pipeline's demo BPE trained on `records`' texts, saved to `out_dir`."""
-    return train_demo_tokenizer(record_texts(records), out_dir, vocab_size=vocab_size)
+def demo_tokenizer(
+    records: list[Record], out_dir: Path, vocab_size: int, extra_texts: Iterable[str] = ()
+) -> Any:
+    """The pipeline's demo BPE trained on `records`' texts (then `extra_texts`), saved to `out_dir`."""
+    return train_demo_tokenizer([*record_texts(records), *extra_texts], out_dir, vocab_size=vocab_size)
 
 
 @dataclass
@@ -92,6 +97,15 @@ def teacher_assets(
     model = tiny_moe(arch, seed=model_seed, tokenizer=tok)
     model.save_pretrained(root / "teacher")
     return TeacherAssets(root=root, records=records, tok=tok, model=model)
+
+
+def teacher_cache_spec(assets: TeacherAssets, **fields: Any) -> CacheSpec:
+    """A CacheSpec of `assets`' teacher and tokenizer: top-k logits and the chat template unless `fields`
+    say otherwise; `fields` give the rest (cached_layers, width, logits_k, states_dtype, max_length, ...)."""
+    defaults = {"logits_mode": "topk", "prompt_template": TEMPLATE_SPEC}
+    return CacheSpec(
+        teacher_path=assets.teacher_path, tokenizer_path=assets.tokenizer_path, **{**defaults, **fields}
+    )
 
 
 def tiny_config(root: Path, overrides: dict[str, Any] | None = None) -> Config:

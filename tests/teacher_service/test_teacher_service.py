@@ -14,14 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from support.tiny import teacher_assets, teacher_cache_spec, tiny_arch
 
-from pipeline.cache import CacheRuntime, CacheSpec, build_teacher_cache, open_cache
+from pipeline.cache import CacheRuntime, build_teacher_cache, open_cache
 from pipeline.config import TrainConfig
-from pipeline.data.demo_dataset import generate_demo_records
-from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
-from pipeline.data.template import TEMPLATE_SPEC
 from pipeline.errors import ConfigError
-from pipeline.models.build import TinyMoEConfig, build_tiny_moe
 from pipeline.placement import check_separate_gpus
 from pipeline.teacher_service import TeacherServiceConfig, plan_batches, start_teacher_service
 
@@ -33,38 +30,21 @@ MAX_IN_FLIGHT = 2
 def cached(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A tiny teacher and its cache (local executor: the cache stage's own per-shard code)."""
     root = tmp_path_factory.mktemp("service")
-    records = generate_demo_records(NUM_RECORDS, seed=5)
-    tok = train_demo_tokenizer(record_texts(records), root / "tok", vocab_size=320)
-    cfg = TinyMoEConfig(
-        hidden_size=32,
-        num_layers=3,
-        num_experts=8,
-        top_k=2,
-        moe_intermediate_size=32,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        max_position_embeddings=512,
-        initializer_range=0.1,
-    )
-    model = build_tiny_moe(cfg, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, seed=1)
-    model.save_pretrained(root / "teacher")
-    spec = CacheSpec(
-        teacher_path=str(root / "teacher"),
-        tokenizer_path=str(root / "tok"),
+    arch = tiny_arch(num_layers=3)
+    a = teacher_assets(root, NUM_RECORDS, records_seed=5, vocab_size=320, arch=arch, model_seed=1)
+    spec = teacher_cache_spec(
+        a,
         cached_layers=LAYERS,
         width=WIDTH,
-        logits_mode="topk",
         logits_k=K,
         states_dtype="float16",
         max_length=256,
-        prompt_template=TEMPLATE_SPEC,
         store_expert_states=False,
     )
     runtime = CacheRuntime(batch_size=3, rows_per_shard=6, executor="local", progress=False)
-    cache = open_cache(build_teacher_cache(spec, records, str(root / "caches"), runtime).path)
+    cache = open_cache(build_teacher_cache(spec, a.records, str(root / "caches"), runtime).path)
     examples = [ex for s in cache.shards for ex in cache.read_shard(s["shard_id"], {"logits", "gates"})]
-    return {"spec": spec, "examples": examples, "path": cache.path, "tok": str(root / "tok"), "root": root}
+    return {"spec": spec, "examples": examples, "path": cache.path, "tok": a.tokenizer_path, "root": root}
 
 
 @pytest.fixture(scope="module")

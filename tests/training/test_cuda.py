@@ -48,6 +48,7 @@ pytestmark = [
 DEVICE = torch.device("cuda")
 BACKEND = "nccl"
 VOCAB = 128
+# Built here, not through tests/support/tiny.py: the GPU image has no Ray, zarr or datasets to import.
 TEACHER = TinyMoEConfig(hidden_size=64, num_layers=4, num_experts=4, top_k=2)
 STUDENT = TinyMoEConfig(hidden_size=32, num_layers=2, num_experts=2, top_k=1)
 PAIRS = layer_pairs(TEACHER.num_layers, STUDENT.num_layers)
