@@ -46,6 +46,7 @@ def _start_local_cluster() -> None:
     if ray.is_initialized():
         ray.shutdown()
     ray.init(
+        address="local",  # always a new cluster of its own, never one a `ray start` elsewhere recorded
         num_cpus=2,
         resources={"teacher_node": 1, "student_node": 1},
         include_dashboard=False,

@@ -13,6 +13,8 @@ unpacked --working-dir, a per-job temporary directory: a relative output_dir wou
 Every stage of the pipeline is submitted by default, in order, with a tiny config (seconds of CPU each; the
 job start-up dominates): finetune-teacher, cache, distill, evaluate, report storage, ablate, and one
 on-policy distillation (gkd-on-policy, 2 steps), whose teacher service starts and stops inside its job.
+Only the distill job starts a Ray Train worker group; the other trainings run in their job's driver
+(`num_workers: 0`), since their subject here is the job, not the workers.
 
 The head runs with `--block` in a session of its own and is stopped by killing that session's processes and
 their descendants only: never `ray stop`, which kills every Ray process on the machine (other test sessions
@@ -132,6 +134,7 @@ ON_POLICY_SETS = tuple(
         "distill.run_name=onpolicy",
         f"distill.train.max_steps={ON_POLICY_STEPS}",
         f"distill.train.checkpoint_every={ON_POLICY_STEPS}",
+        "distill.train.num_workers=0",  # the student in the job's driver; the teacher service on teacher_node
     )
     for arg in ("--set", setting)
 )
@@ -350,8 +353,10 @@ def tiny_job_config(tmp_path: Path) -> Path:
     small_train = dict(
         batch_size=8, warmup_steps=1, max_steps=3, checkpoint_every=3, log_every=3, max_failures=0
     )
-    # Pinned like on a cluster: the head advertises one teacher_node and one student_node.
-    cfg["finetune"].update(small_train, resources_per_worker={"teacher_node": 1})
+    # Pinned like on a cluster: the head advertises one teacher_node and one student_node. The teacher trains
+    # in the job's driver (num_workers 0, Ray Train's local mode); the distill job is the one whose Ray Train
+    # worker group runs inside a job.
+    cfg["finetune"].update(small_train, num_workers=0, resources_per_worker={"teacher_node": 1})
     cfg["distill"]["train"].update(small_train, resources_per_worker={"student_node": 1})
     cfg["distill"]["run_name"] = "probe"
     cfg["cache"].update(
@@ -370,7 +375,7 @@ def tiny_job_config(tmp_path: Path) -> Path:
     sweep = {
         "name": SWEEP_NAME,
         "base": path.name,
-        "set": {"distill.run_name": None},
+        "set": {"distill.run_name": None, "distill.train.num_workers": 0},
         "grid": {"distill.method": ["kd"]},
         "evaluate": True,
     }
