@@ -14,15 +14,12 @@ import pytest
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-from support.paths import TINY
-from support.tiny import save_teacher
+from support.tiny import with_saved_teacher
 
 from pipeline.cache import open_cache, read_cache_dataset, verify_cache
 from pipeline.cache.repair import repair_cache
 from pipeline.cache.shard import committed_shards
 from pipeline.cache.stage import cache_runtime_from_config, locate_cache, run_cache
-from pipeline.config import load_config, with_overrides
-from pipeline.data.stage import prepare_data
 from pipeline.errors import CacheError
 
 pytestmark = pytest.mark.integration  # a Ray cluster of its own, after the S3 environment is set
@@ -74,18 +71,7 @@ def cluster(s3: Any, request: pytest.FixtureRequest) -> None:
 def config(cluster: None, s3: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The tiny config with its cache at s3://; the teacher is a saved tiny checkpoint (no fine-tuning)."""
     root = tmp_path_factory.mktemp("s3")
-    base = with_overrides(
-        load_config(TINY), {"output_dir": str(root / "run"), "cache.root": f"s3://{BUCKET}/caches"}
-    )
-    teacher = save_teacher(base, root / "teacher", seed=0)
-    return with_overrides(
-        base,
-        {
-            "teacher.build": None,
-            "teacher.path": str(teacher),
-            "tokenizer.path": prepare_data(base).tokenizer_path,
-        },
-    )
+    return with_saved_teacher(root, {"cache.root": f"s3://{BUCKET}/caches"})
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from pathlib import Path
 import pytest
 import yaml
 from support.paths import REPO
+from support.ports import free_port
 
 from pipeline.cache.fs import resolve_under
 from pipeline.placement import RAY_JOB_ENV, job_local_paths, ray_job_working_dir, warn_if_job_local
@@ -169,12 +169,6 @@ def _ray_cli() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "ray.scripts.scripts"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tail(text: str, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
@@ -199,7 +193,7 @@ class LocalHead:
         token = self.root / "auth_token"
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
-        self.dashboard_port = _free_port()
+        self.dashboard_port = free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         env = {
             k: v
@@ -243,7 +237,7 @@ class LocalHead:
             "--disable-usage-stats",
         ]
         for flag in self.PORT_FLAGS:
-            cmd += [flag, str(_free_port())]
+            cmd += [flag, str(free_port())]
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
                 cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,10 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 from support.paths import REPO
-from support.tiny import save_teacher
+from support.ports import free_port
+from support.tiny import with_saved_teacher
 
-from pipeline.config import config_to_dict, load_config, with_overrides
-from pipeline.data.stage import prepare_data
+from pipeline.config import config_to_dict
 
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -60,12 +59,6 @@ class Node:
         self.proc = None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     tmp_path = tmp_path_factory.mktemp("nodes")
@@ -79,7 +72,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         RAY_AUTH_TOKEN_PATH=str(token),
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1"]
     head = Node(
@@ -107,20 +100,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
 def write_config(tmp_path: Path, overrides: dict) -> Path:
     """The tiny config with a saved tiny teacher (no fine-tuning), written for the CLI."""
-    base = with_overrides(
-        load_config(TINY), {"output_dir": str(tmp_path / "run"), "cache.root": str(tmp_path / "caches")}
-    )
-    teacher = save_teacher(base, tmp_path / "teacher", seed=0)
-    config = with_overrides(
-        base,
-        {
-            "teacher.build": None,
-            "teacher.path": str(teacher),
-            "tokenizer.path": prepare_data(base).tokenizer_path,
-            "cache.resources": {"teacher_node": 1},
-            **overrides,
-        },
-    )
+    config = with_saved_teacher(tmp_path, {"cache.resources": {"teacher_node": 1}, **overrides})
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     return path

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 from support.paths import REPO, TINY
+from support.ports import free_port
 from support.tiny import save_teacher, with_saved_teacher, write_config
 
 from pipeline.cache.stage import locate_cache, teacher_checkpoint
@@ -167,12 +167,6 @@ def test_9_a_truncated_index_is_an_error_before_training(
 
 
 # --- 10. a dead local head ----------
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens once closed
-
-
 def _run_connect(env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     code = (
         "import ray; from pipeline.ray_session import connect; connect(num_cpus=1); "
@@ -185,7 +179,7 @@ def _run_connect(env: dict[str, str], timeout: float) -> subprocess.CompletedPro
 
 @pytest.mark.integration  # starts a private Ray cluster in a subprocess
 def test_10_a_stale_local_address_starts_a_private_cluster() -> None:
-    port = _closed_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="rt", dir="/tmp") as tmp:  # short: Ray's socket paths
         (Path(tmp) / "ray").mkdir()
         (Path(tmp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
@@ -201,7 +195,7 @@ def test_10_a_stale_local_address_starts_a_private_cluster() -> None:
 
 
 def test_10_a_dead_ray_address_is_an_error_naming_it(capsys: pytest.CaptureFixture) -> None:
-    port = _closed_port()
+    port = free_port()
     env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}
     started = time.perf_counter()
     proc = _run_connect(env, timeout=60)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from support.ports import free_port
 
 from pipeline.config import DistillConfig
 from pipeline.data.collate import distill_positions
@@ -129,15 +129,9 @@ def _worker(rank: int, world: int, port: int, strategy: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(strategy: str, tmp_path: Path) -> dict:
     out = tmp_path / f"{strategy}.pt"
-    mp.spawn(_worker, args=(2, _free_port(), strategy, str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), strategy, str(out)), nprocs=2, join=True)
     return torch.load(out, weights_only=False)
 
 
