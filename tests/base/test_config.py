@@ -102,3 +102,10 @@ def test_cache_hash_ignores_student_side_settings() -> None:
 
 def test_cache_hash_is_stable_across_loads() -> None:
     assert teacher_cache_hash(load_config(DEMO)) == teacher_cache_hash(load_config(DEMO))
+
+
+def test_zero_workers_means_in_process_and_negative_is_refused() -> None:
+    config = with_overrides(load_config(DEMO), {"distill.train.num_workers": 0, "finetune.num_workers": 0})
+    assert config.distill.train.num_workers == 0 and config.finetune.num_workers == 0
+    with pytest.raises(ConfigError, match=r"num_workers must be >= 0 \(0: train in-process"):
+        with_overrides(load_config(DEMO), {"distill.train.num_workers": -1})
