@@ -376,10 +376,44 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def check_plain_name(value: str, key: str, source: str) -> None:
+    """A name that becomes one directory under an output directory: no separators, no `..`, not absolute,
+    so what it names is written inside that directory and nowhere else."""
+    if not value or value in (".", "..") or "/" in value or "\\" in value or value.startswith("~"):
+        raise ConfigError(
+            f"{source}: {key}={value!r} must be a plain name (one folder under the output directory: no '/', "
+            "'..', '~' or absolute path). Fix: choose a name such as 'kd-seed1'."
+        )
+
+
+def _check_architecture(build: ArchitectureConfig, role: str, source: str) -> None:
+    """Model shapes that cannot be built, found before any stage (and Ray) starts."""
+    sizes = {k: v for k, v in dataclasses.asdict(build).items() if isinstance(v, int)}
+    bad = [f"{role}.build.{k}={v}" for k, v in sizes.items() if v < 1]
+    if bad:
+        raise ConfigError(f"{source}: {', '.join(bad)} must be >= 1. Fix: --set {bad[0].split('=')[0]}=<n>")
+    if build.top_k > build.num_experts:
+        raise ConfigError(
+            f"{source}: {role}.build.top_k={build.top_k} routes to more experts than "
+            f"{role}.build.num_experts={build.num_experts}. Fix: --set {role}.build.top_k=<at most "
+            f"{build.num_experts}>"
+        )
+
+
 def validate_config(config: Config, source: str) -> None:
     """Cross-field checks that types alone cannot express."""
+    if config.distill.run_name is not None:
+        check_plain_name(config.distill.run_name, "distill.run_name", source)
     for role in ("teacher", "student"):
         model: ModelConfig = getattr(config, role)
+        if model.build is not None:
+            _check_architecture(model.build, role, source)
+        if model.upcycle_from is not None and not 1 <= model.top_k <= model.num_experts:
+            raise ConfigError(
+                f"{source}: {role}.top_k={model.top_k} and {role}.num_experts={model.num_experts} "
+                f"(upcycling) need 1 <= top_k <= num_experts. Fix: --set {role}.num_experts=<n> "
+                f"{role}.top_k=<k <= n>"
+            )
         chosen = [k for k in ("path", "upcycle_from", "build") if getattr(model, k) is not None]
         if len(chosen) != 1:
             raise ConfigError(

@@ -35,7 +35,14 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import Config, load_config, teacher_cache_hash, teacher_fields, with_overrides
+from pipeline.config import (
+    Config,
+    check_plain_name,
+    load_config,
+    teacher_cache_hash,
+    teacher_fields,
+    with_overrides,
+)
 from pipeline.errors import ConfigError
 from pipeline.evaluate.results import format_setting, rows_of_runs
 from pipeline.workspace import paths_for
@@ -112,8 +119,10 @@ def load_sweep(path: str | Path) -> Sweep:
             f"{path}: `grid:` maps dotted config keys to non-empty lists of values (or is a list of such "
             "mappings, whose cross products are run one after another)"
         )
+    name = str(raw.get("name") or path.stem)
+    check_plain_name(name, "name", str(path))  # results go to <output_dir>/sweeps/<name>
     sweep = Sweep(
-        name=str(raw.get("name") or path.stem),
+        name=name,
         base=(path.parent / raw["base"]).resolve(),
         overrides=dict(raw.get("set") or {}),
         grids=tuple({str(k): list(v) for k, v in g.items()} for g in grids),

@@ -386,8 +386,9 @@ def get_method(name: str) -> MethodSpec:
             f"{', '.join(_BY_NAME)}."
         )
     if spec is None:
+        runnable = [*_BY_NAME, *(m.name for m in ON_POLICY_METHODS.values() if not m.missing)]
         raise ConfigError(
-            f"unknown distillation method {name!r}; valid methods: {', '.join(_BY_NAME)}. "
+            f"unknown distillation method {name!r}; valid methods: {', '.join(runnable)}. "
             "Set the method in the config to one of them."
         )
     return replace(spec, token_loss_kwargs=dict(spec.token_loss_kwargs), settings=dict(spec.settings))

@@ -1,0 +1,63 @@
+"""Probes of issue 24 that a config alone decides: each is one clear line from `moedistill`, exit 2, before
+any stage (or Ray) starts. (Probe numbers are the issue's.)"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from support.paths import TINY
+
+from pipeline.cli import main
+from pipeline.distill.methods import ON_POLICY_METHODS
+
+
+def _refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """The CLI's exit code is 2 and its whole message is one `moedistill: error:` line; -> that line."""
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moedistill: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("student.build.num_experts=0", r"student\.build\.num_experts=0 must be >= 1"),  # probe 1
+        ("student.build.top_k=8", r"student\.build\.top_k=8 routes to more experts than student\.build\.num"),
+        ("teacher.build.top_k=8", r"teacher\.build\.top_k=8 routes to more experts"),  # probe 8
+    ],
+)
+def test_impossible_model_shapes_are_refused_before_any_stage(
+    capsys: pytest.CaptureFixture[str], setting: str, expected: str
+) -> None:
+    line = _refused(capsys, "distill", "--config", str(TINY), "--set", setting)
+    assert re.search(expected, line), line
+    assert "Fix: --set" in line
+
+
+@pytest.mark.parametrize("name", ["../../escaped_run", "/tmp/abs", "a/b", "..", "~x"])
+def test_run_names_that_leave_the_output_directory_are_refused(
+    capsys: pytest.CaptureFixture[str], name: str
+) -> None:  # probe 6
+    line = _refused(capsys, "distill", "--config", str(TINY), "--set", f"distill.run_name={name}")
+    assert f"distill.run_name={name!r} must be a plain name" in line and "Fix:" in line
+
+
+def test_a_sweep_name_that_leaves_the_output_directory_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sweep = {"name": "../out", "base": str(TINY), "grid": {"distill.method": ["kd"]}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+    line = _refused(capsys, "ablate", "--config", str(tmp_path / "s.yaml"))
+    assert "name='../out' must be a plain name" in line
+
+
+def test_the_unknown_method_error_lists_every_runnable_method(capsys: pytest.CaptureFixture[str]) -> None:
+    line = _refused(capsys, "distill", "--config", str(TINY), "--set", "distill.method=b-distil")  # probe 10
+    listed = line.split("valid methods: ")[1]
+    for name, spec in ON_POLICY_METHODS.items():
+        assert (name in listed) == (not spec.missing), (name, listed)
+    assert "b-distill" in listed and "kd" in listed
