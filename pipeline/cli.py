@@ -20,7 +20,7 @@ import yaml
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, DataError, MoeDistillError
 from pipeline.network import hub_load_kwargs
-from pipeline.placement import warn_if_job_local, warn_job_local_paths
+from pipeline.placement import config_output_paths, warn_if_job_local, warn_job_local_paths
 from pipeline.ray_session import connect
 
 if TYPE_CHECKING:  # the evaluation stage imports Ray Data and torch
@@ -43,6 +43,10 @@ def load_cli_config(args: argparse.Namespace) -> Config:
             shown = " ".join(f"--set {o}" for o in given)
             raise ConfigError(f"{shown} (applied to {args.config}): {reason}") from None
     warn_if_job_local(config)  # relative output paths under `ray job submit` land in a temporary dir
+    from pipeline.cache.fs import register_secrets  # why here: as in main(), fsspec only once a command runs
+
+    model_paths = (config.teacher.path or "", config.student.path or "")
+    register_secrets(*config_output_paths(config).values(), *model_paths)
     return config
 
 
@@ -88,8 +92,9 @@ def cmd_cache(args: argparse.Namespace) -> None:
             )
         config = load_cli_config(args)
         check_data(config)  # before the stage's torch import: a bad input fails in seconds
-        from pipeline.cache.stage import format_cache_info, run_cache
+        from pipeline.cache.stage import format_cache_info, run_cache, teacher_checkpoint
 
+        teacher_checkpoint(config)  # no fine-tuned teacher: the error before Ray starts
         connect()
         print(format_cache_info(run_cache(config)))
         return
@@ -402,8 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    from pipeline.cache.fs import RedactingFilter, redact
+    from pipeline.cache.fs import RedactingFilter, redact, register_secrets
 
+    register_secrets(*(argv if argv is not None else sys.argv[1:]))  # URL credentials on the command line
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())  # no credentials of cache URLs in logs
     try:
@@ -417,10 +423,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     except Exception as exc:
-        if args.debug or not _from_ray(exc):
-            raise
-        return _print_ray_failure(exc)
+        if _from_ray(exc) and not args.debug:
+            return _print_ray_failure(exc)
+        return _print_unexpected(exc, args.debug)
     return 0
+
+
+_STORAGE_LIBRARIES = {"fsspec", "s3fs", "botocore", "aiobotocore", "gcsfs", "adlfs"}
+
+
+def _print_unexpected(exc: BaseException, debug: bool) -> int:
+    """An error the project did not raise itself (a storage backend's, a library's, a bug): never with URL
+    credentials in it. A storage error (an OSError, or a storage library's) is one line naming its cause;
+    anything else keeps its traceback, redacted, so a bug stays reportable."""
+    import traceback
+
+    from pipeline.cache.fs import redact
+
+    storage = isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _STORAGE_LIBRARIES
+    if storage and not debug:
+        print(
+            f"moedistill: error: {type(exc).__name__}: {redact(str(exc))}. Fix: check that path or URL, its "
+            "credentials and that its storage answers; `moedistill --debug ...` shows the traceback.",
+            file=sys.stderr,
+        )
+        return 1
+    print(redact("".join(traceback.format_exception(exc))).rstrip(), file=sys.stderr)
+    return 1
 
 
 def _from_ray(exc: BaseException) -> bool:

@@ -21,10 +21,28 @@ _EXTRAS = {"s3": "s3"}
 _CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s'\"]*@")
 
 
+_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://([^/@\s'\"]+)@")
+_KNOWN_SECRETS: set[str] = set()  # credentials seen in this process's URLs (register_secrets)
+
+
+def register_secrets(*texts: str) -> None:
+    """Remember the credentials of the URLs in `texts` (command-line arguments, config values), so `redact`
+    hides them wherever they reappear: a storage library's error may quote them without the URL's scheme
+    (botocore: 'Invalid bucket name "KEY:SECRET@bucket"')."""
+    for text in texts:
+        for userinfo in _USERINFO.findall(str(text)):
+            _KNOWN_SECRETS.add(userinfo)
+            _KNOWN_SECRETS.update(part for part in userinfo.split(":")[1:] if len(part) >= 4)
+
+
 def redact(text: str) -> str:
     """`text` with the credentials of URLs hidden: s3://KEY:SECRET@bucket/x -> s3://***@bucket/x (also inside
-    longer messages). Everything printed or stored goes through this."""
-    return _CREDENTIALS.sub(r"\1***@", text)
+    longer messages), and every registered credential wherever it appears. Everything printed or stored goes
+    through this."""
+    text = _CREDENTIALS.sub(r"\1***@", text)
+    for secret in sorted(_KNOWN_SECRETS, key=len, reverse=True):  # "KEY:SECRET" before "SECRET"
+        text = text.replace(secret, "***")
+    return text
 
 
 class RedactingFilter(logging.Filter):

@@ -3,12 +3,16 @@ any stage (or Ray) starts. (Probe numbers are the issue's.)"""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from support.paths import TINY
+from support.ports import free_port
 
 from pipeline.cli import main
 from pipeline.distill.methods import ON_POLICY_METHODS
@@ -61,3 +65,27 @@ def test_the_unknown_method_error_lists_every_runnable_method(capsys: pytest.Cap
     for name, spec in ON_POLICY_METHODS.items():
         assert (name in listed) == (not spec.missing), (name, listed)
     assert "b-distill" in listed and "kd" in listed
+
+
+def test_url_credentials_never_reach_the_console(tmp_path: Path) -> None:  # probe 5
+    """botocore quotes the bucket as 'KEY:SECRET@bucket' (no scheme): the credentials given on the command
+    line are redacted wherever they reappear, and the storage error is one short message, not a traceback."""
+    env = {**os.environ, "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    url = "s3://AKIAEXAMPLE:secretvalue@bucket/x"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "cache", "ls", url], env=env, capture_output=True, text=True,
+        timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    shown = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "secretvalue" not in shown and "AKIAEXAMPLE" not in shown, shown
+    assert shown.startswith("moedistill: error: ") and "Traceback" not in shown, shown
+    assert len(shown.strip().splitlines()) <= 3, shown
+
+
+def test_redact_hides_registered_credentials_without_their_scheme() -> None:
+    from pipeline.cache.fs import redact, register_secrets
+
+    register_secrets("--set", "cache.root=gs://user:hunter22@bkt/x")
+    assert redact('Invalid bucket name "user:hunter22@bkt"') == 'Invalid bucket name "***@bkt"'
+    assert redact("password hunter22 rejected") == "password *** rejected"
+    assert redact("s3://a:b@c/d") == "s3://***@c/d"  # URLs with credentials, registered or not
