@@ -63,7 +63,12 @@ def check_data(config: Config) -> None:
                 hub_load_kwargs(getattr(model, key), f"{role}.{key}")
     if config.tokenizer.path is not None:
         hub_load_kwargs(config.tokenizer.path, "tokenizer.path")
-    prepare_data(config)
+    prepared = prepare_data(config)
+    from pipeline.data.stage import load_tokenizer  # why here: as above
+    from pipeline.data.tokenize import check_some_record_fits
+
+    tokenizer = load_tokenizer(prepared.tokenizer_path)
+    check_some_record_fits(tokenizer, prepared.splits.train, config.data.max_length, "training split")
 
 
 def _parse_override(text: str) -> tuple[str, object]:

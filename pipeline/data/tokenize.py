@@ -77,6 +77,32 @@ def tokenize_records(
     return examples, TokenizeStats(num_kept=len(examples), num_too_long=len(records) - len(examples))
 
 
+def check_some_record_fits(
+    tokenizer: Any, records: Sequence[Record], max_length: int, what: str, chunk: int = 256
+) -> None:
+    """DataError when not one of `records` fits in `max_length` tokens (nothing to train or cache on),
+    naming the shortest and longest lengths. Tokenises chunk by chunk and stops at the first that fits, so on
+    usable data it costs one chunk."""
+    _check_max_length(max_length)
+    bos, eos = _bos(tokenizer), _eos(tokenizer)
+    lengths: list[int] = []
+    for start in range(0, len(records), chunk):
+        part = records[start : start + chunk]
+        prompts = _encode(tokenizer, [format_prompt(r) for r in part])
+        responses = _encode(tokenizer, [r.response for r in part])
+        for p, r in zip(prompts, responses, strict=True):
+            if _assemble(bos, p, r, eos, max_length) is not None:
+                return
+            lengths.append(len(bos) + len(p) + len(r) + 1)  # the assembled sequence's length
+    if not lengths:
+        raise DataError(f"the {what} has no records. Fix: check data.path and the data's format.")
+    raise DataError(
+        f"every one of the {len(lengths)} records of the {what} is longer than data.max_length={max_length} "
+        f"tokens (shortest {min(lengths)}, longest {max(lengths)}), so nothing could be trained on. Fix: "
+        f"--set data.max_length={min(lengths)} or more (or use shorter records)."
+    )
+
+
 def _assemble(
     bos: list[int], prompt: list[int], response: list[int], eos: int, max_length: int
 ) -> dict[str, list[int]] | None:

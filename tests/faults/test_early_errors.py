@@ -89,3 +89,16 @@ def test_redact_hides_registered_credentials_without_their_scheme() -> None:
     assert redact('Invalid bucket name "user:hunter22@bkt"') == 'Invalid bucket name "***@bkt"'
     assert redact("password hunter22 rejected") == "password *** rejected"
     assert redact("s3://a:b@c/d") == "s3://***@c/d"  # URLs with credentials, registered or not
+
+
+@pytest.mark.parametrize("command", ["finetune-teacher", "cache", "distill"])
+def test_data_with_no_record_that_fits_is_refused_before_any_stage(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str
+) -> None:  # probe 2: every record longer than data.max_length
+    sets = ["--set", f"output_dir={tmp_path}", "--set", "data.max_length=12"]
+    line = _refused(capsys, command, "--config", str(TINY), *sets)
+    expected = (
+        r"every one of the \d+ records of the training split is longer than data\.max_length=12 tokens "
+        r"\(shortest (\d+), longest \d+\).*Fix: --set data\.max_length=\1 or more"
+    )
+    assert re.search(expected, line), line
