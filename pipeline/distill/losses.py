@@ -239,23 +239,18 @@ def mc_exploration_loss(
         h_teacher: [N, E, D] aggregated teacher expert states.
         h_student: [N, E, D] student expert outputs, already projected to D.
         k: exploration length K >= 1 (draws per token).
-        alpha: damping in (0, 1]; 1 means plain sampling with replacement. alpha = 0 (sampling without
-            replacement) needs ``allow_without_replacement=True``.
+        alpha: damping in [0, 1]; 1 means plain sampling with replacement, 0 sampling without replacement
+            (refused only when a token's gate has fewer than K experts with positive mass: see ``mc_draws``).
         generator: torch.Generator on p_teacher's device, for reproducible draws.
         state_loss: the per-draw distance, one of STATE_LOSSES ("mse" = the paper as written).
-        allow_without_replacement: accept alpha = 0 (see ``mc_draws`` for what it requires).
+        allow_without_replacement: kept so existing callers still work; alpha = 0 needs no flag.
         basis: V [E, D, q] of a low-rank cache; h_teacher is then the coefficients [N, E, q] of h~T = V c~
             and the distance is ``subspace_state_distance`` (the same value, same draws).
 
     Sampling and the weights w_t carry no gradient; h_teacher is a fixed target; the gradient flows into
     h_student only. Computed in fp32 at least.
     """
-    alpha = _check_real(alpha, "alpha")
-    if alpha == 0.0 and not allow_without_replacement:
-        raise ValueError(
-            "alpha = 0 (MC sampling without replacement) must be asked for: pass "
-            "allow_without_replacement=True, or use an alpha in (0, 1]"
-        )
+    del allow_without_replacement  # alpha is defined on [0, 1]; mc_draws refuses what cannot be drawn
     if p_teacher.dim() != 2 or h_teacher.dim() != 3 or h_student.dim() != 3:
         raise ValueError(
             "expected p_teacher [N, E], h_teacher [N, E, D], h_student [N, E, D]; got "

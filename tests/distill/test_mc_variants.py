@@ -153,9 +153,17 @@ def test_alpha0_refuses_k_above_positive_mass_experts() -> None:
     L.mc_exploration_loss(p, ht, hs, 3, 0.2)  # damping > 0 may redraw an expert
 
 
-def test_alpha0_must_be_asked_for() -> None:
+def test_alpha0_is_accepted_like_any_alpha_in_the_unit_interval() -> None:
+    """The method defines alpha on [0, 1]: alpha = 0 needs no keyword (issue 21); only what cannot be drawn
+    (K above the experts with mass, tested above) or an alpha outside [0, 1] is refused."""
     p = torch.softmax(torch.randn(2, 4), -1)
-    with pytest.raises(ValueError, match="allow_without_replacement"):
-        L.mc_exploration_loss(p, torch.randn(2, 4, 2), torch.randn(2, 4, 2), 2, 0.0)
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        L.mc_draws(p, 2, -0.1)
+    ht, hs = torch.randn(2, 4, 2), torch.randn(2, 4, 2)
+    plain = L.mc_exploration_loss(p, ht, hs, 2, 0.0, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    flagged = L.mc_exploration_loss(p, ht, hs, 2, 0.0, gen, allow_without_replacement=True)
+    assert torch.equal(plain, flagged)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            L.mc_exploration_loss(p, ht, hs, 2, bad)
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            L.mc_draws(p, 2, bad)
