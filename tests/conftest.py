@@ -33,10 +33,29 @@ RAY_FIXTURES = frozenset(
 _SESSION_CLUSTER = {"started": False}  # the session's cluster is up (a private one hands back to it)
 
 
+# The longest files first (measured, longest first): the test command runs files on two xdist workers, and a
+# long file handed out last would run alone at the end.
+LONGEST_FILES = (
+    "cluster/test_jobs_submit.py",
+    "distill/test_distill.py",
+    "cluster/test_node_faults.py",
+    "finetune/test_finetune.py",
+    "distill/test_onpolicy_distill.py",
+    "cache/test_s3.py",
+    "cache/test_cache.py",
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if RAY_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0].removeprefix("tests/")
+        return LONGEST_FILES.index(path) if path in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=rank)  # stable: the other files, and every file's own tests, keep their order
 
 
 def _start_local_cluster() -> None:
