@@ -49,6 +49,7 @@ from pipeline.evaluate.results import format_results_markdown, write_results_csv
 from pipeline.evaluate.test_sets import EvalSet, examples_from_records, load_test_set
 from pipeline.models.dims import read_dims
 from pipeline.models.export import EXPORT_MARKER
+from pipeline.models.weights_files import check_weight_files
 from pipeline.placement import check_placement, evaluation_actor_options
 from pipeline.run_identity import SETTINGS_FILE
 from pipeline.workspace import paths_for
@@ -141,6 +142,7 @@ def check_models(config: Config, models: dict[str, str]) -> dict[str, str]:
                 f"checkpoint {path!r} of model {name!r} is not a directory. Fix: check the path (checkpoints "
                 "must be on storage every Ray node can read)."
             )
+        check_weight_files(path, f"model {name!r} ({path})")  # named here, not inside a Ray task
     return models
 
 

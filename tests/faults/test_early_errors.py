@@ -102,3 +102,23 @@ def test_data_with_no_record_that_fits_is_refused_before_any_stage(
         r"\(shortest (\d+), longest \d+\).*Fix: --set data\.max_length=\1 or more"
     )
     assert re.search(expected, line), line
+
+
+def test_evaluating_a_truncated_checkpoint_names_the_model_and_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # probe 7
+    from support.tiny import tiny_arch, tiny_moe
+
+    model_dir = tmp_path / "student"
+    tiny_moe(tiny_arch(num_layers=1)).save_pretrained(model_dir)
+    weights = model_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    capsys.readouterr()  # save_pretrained's progress bar
+    sets = ["--set", f"output_dir={tmp_path / 'run'}"]
+    line = _refused(capsys, "evaluate", "--config", str(TINY), *sets, "--model", f"trunc={model_dir}")
+    assert f"model 'trunc' ({model_dir}): weights file {weights} is truncated" in line, line
+    assert f"({len(data) // 2} of {len(data)} bytes)" in line and "Fix:" in line, line
+    weights.write_bytes(b"\x01")  # not even a header
+    line = _refused(capsys, "evaluate", "--config", str(TINY), *sets, "--model", f"trunc={model_dir}")
+    assert "no readable safetensors header" in line, line
