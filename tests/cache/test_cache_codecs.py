@@ -336,3 +336,20 @@ def test_verify_and_the_report_refuse_a_corrupt_fidelity_sample(
     with pytest.raises(CacheError, match=r"fidelity/exact_states\.npy"):
         states_fidelity(str(path))
     assert open_cache(str(path)).read_shard(0, {"expert_states"})  # training reads never open it
+
+
+def test_subsampled_rows_hold_the_full_caches_states_of_the_same_tokens(
+    assets: dict[str, Any], tmp_path: Path
+) -> None:
+    """Issue 21's suspicion: kept state rows paired with the wrong tokens. A fraction-0.5 cache's states at
+    its kept rows equal the full cache's states at the same rows, sequence by sequence (fp16, full rank)."""
+    full = open_cache(_build(assets, tmp_path / "full"))
+    half = open_cache(_build(assets, tmp_path / "half", states_token_fraction=0.5))
+    for shard in half.shards:
+        got = {ex["seq_id"]: ex for ex in half.read_shard(shard["shard_id"], {"expert_states", "gates"})}
+        want = {ex["seq_id"]: ex for ex in full.read_shard(shard["shard_id"], {"expert_states", "gates"})}
+        assert got.keys() == want.keys()
+        for seq_id, ex in got.items():
+            mask = ex["expert_state_mask"]
+            np.testing.assert_array_equal(ex["gates"], want[seq_id]["gates"])
+            np.testing.assert_array_equal(ex["expert_states"][mask], want[seq_id]["expert_states"][mask])

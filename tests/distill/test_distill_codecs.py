@@ -65,6 +65,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "low_rank": build(states_codec="fp8", states_rank=RANK),
         "subsampled": build(states_codec="int8", states_token_fraction=0.5),
         "low_rank_subsampled": build(states_rank=RANK, states_token_fraction=0.5),
+        "half_fp16": build(states_token_fraction=0.5),  # "full"'s codec, half of its tokens' states
     }
 
 
@@ -205,3 +206,33 @@ def test_subsampled_cache_trains_end_to_end_through_the_collate(
     moved = [not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True)]
     assert sum(moved) > len(moved) // 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_subsampled_mc_term_equals_the_full_caches_on_the_same_tokens(assets: dict[str, Any]) -> None:
+    """Issue 21: the MC term from a fraction-0.5 cache is the full cache's MC term restricted to the tokens
+    that kept their states (the same draws: one generator, pair after pair, as the objective uses it)."""
+    half = _task(assets, "half_fp16").collate(_columns(assets["half_fp16"], "full"))
+    full = _task(assets, "full").collate(_columns(assets["full"], "full"))
+    assert torch.equal(half["input_ids"], full["input_ids"])
+    mask = half["expert_state_mask"]
+    assert 0 < int(mask.sum()) < mask.shape[0]
+    model = _student(len(assets["tok"]))
+    token_mask = distill_positions(half["response_mask"])
+    forward = model(half["input_ids"], half["attention_mask"], token_mask)
+    task = _task(assets, "half_fp16")
+    _, metrics = objective_terms(
+        task.method, task.distill, forward, half, token_mask, torch.Generator().manual_seed(0)
+    )
+    generator, want = torch.Generator().manual_seed(0), 0.0
+    for pair in range(len(PAIRS)):
+        want += float(
+            mc_exploration_loss(
+                full["gates"][:, pair][mask].float(),
+                full["expert_states"][:, pair][mask].float(),
+                forward.projected_states[pair][mask].float(),
+                task.distill.k,
+                task.distill.alpha,
+                generator=generator,
+            ).mean()
+        )
+    assert metrics["loss_mc"] == pytest.approx(want, rel=1e-6)
