@@ -43,7 +43,7 @@ def load_cli_config(args: argparse.Namespace) -> Config:
             shown = " ".join(f"--set {o}" for o in given)
             raise ConfigError(f"{shown} (applied to {args.config}): {reason}") from None
     warn_if_job_local(config)  # relative output paths under `ray job submit` land in a temporary dir
-    from pipeline.cache.fs import register_secrets  # why here: as in main(), fsspec only once a command runs
+    from pipeline.storage import register_secrets  # why here: as in main(), fsspec only once a command runs
 
     model_paths = (config.teacher.path or "", config.student.path or "")
     register_secrets(*config_output_paths(config).values(), *model_paths)
@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    from pipeline.cache.fs import RedactingFilter, redact, register_secrets
+    from pipeline.storage import RedactingFilter, redact, register_secrets
 
     register_secrets(*(argv if argv is not None else sys.argv[1:]))  # URL credentials on the command line
     for handler in logging.getLogger().handlers:
@@ -443,7 +443,7 @@ def _print_unexpected(exc: BaseException, debug: bool) -> int:
     anything else keeps its traceback, redacted, so a bug stays reportable."""
     import traceback
 
-    from pipeline.cache.fs import redact
+    from pipeline.storage import redact
 
     storage = isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _STORAGE_LIBRARIES
     if storage and not debug:
@@ -465,7 +465,7 @@ def _print_ray_failure(exc: BaseException) -> int:
     """One screen for an exception that escaped a Ray task: the user's own error when one is inside, else
     the remote root cause."""
     from pipeline.cache.build import root_cause
-    from pipeline.cache.fs import redact
+    from pipeline.storage import redact
     from pipeline.training.runner import find_user_error
 
     user_error = find_user_error(exc)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cache import fs as cfs
+from pipeline import storage as cfs
 from pipeline.cache.codecs import BasisAccumulator, StateBasis
 from pipeline.cache.spec import CacheRuntime, CacheSpec
 from pipeline.errors import CacheError

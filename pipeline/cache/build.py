@@ -21,12 +21,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.cache import fs as cfs
+from pipeline import storage as cfs
 from pipeline.cache.basis import ensure_state_basis
 from pipeline.cache.fidelity import ensure_fidelity_sample
 from pipeline.cache.integrity import reopen_if_damaged
 from pipeline.cache.key import cache_key, key_inputs
-from pipeline.cache.lock import CacheLock
 from pipeline.cache.manifest import finalize_manifest, new_manifest, read_manifest, write_manifest
 from pipeline.cache.shard import ShardMeta, committed_shards, remove_staging
 from pipeline.cache.sink import ProgressActor, ProgressBar, TeacherCacheDatasink
@@ -34,6 +33,7 @@ from pipeline.cache.spec import CacheInfo, CacheRuntime, CacheSpec
 from pipeline.cache.teacher import TeacherShardStage, compute_shard, tokenize_shard
 from pipeline.data.stage import load_tokenizer
 from pipeline.errors import CacheError, ConfigError
+from pipeline.locks import DirectoryLock
 from pipeline.models.adapter import SUPPORTED_MODEL_TYPES
 from pipeline.models.dims import read_dims
 from pipeline.placement import teacher_actor_options
@@ -105,7 +105,7 @@ def build_teacher_cache(
             "build_teacher_cache got no records. Fix: point the data config at a non-empty dataset."
         )
     url, key, inputs, teacher, width = cache_path_for(spec, records, root, heldout)
-    with CacheLock(url):  # one writer per cache directory; only the holder clears staging leftovers
+    with DirectoryLock(url):  # one writer per cache directory; only the holder clears staging leftovers
         return _build_locked(spec, records, heldout, runtime, url, key, inputs, teacher, width)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cache import fs as cfs
+from pipeline import storage as cfs
 from pipeline.cache.basis import (
     actor_threads,
     file_problems,

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from pipeline.cache import fs as cfs
+from pipeline import storage as cfs
 from pipeline.cache import schema
 from pipeline.cache.manifest import reopen_manifest
 from pipeline.cache.shard import committed_shards

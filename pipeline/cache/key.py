@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache.fs import canonical_json
 from pipeline.cache.spec import CacheSpec
 from pipeline.data.records import Record, records_fingerprint
 from pipeline.errors import CacheError
+from pipeline.storage import canonical_json
 
 KEY_LENGTH = 20  # hex digits (80 bits): collision-free for any realistic number of caches under one root
 

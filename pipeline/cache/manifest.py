@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline import __version__
-from pipeline.cache import fs as cfs
+from pipeline import storage as cfs
 from pipeline.cache import schema
 from pipeline.cache.shard import committed_shards
 from pipeline.errors import CacheError

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cache import fs as cfs
+from pipeline import storage as cfs
 from pipeline.cache import schema
 from pipeline.cache.codecs import GroupBasis, StatesCodec
 from pipeline.cache.integrity import check_before_read, ensure_verified, verify_shards

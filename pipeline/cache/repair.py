@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from pipeline.cache import fs as cfs
+from pipeline import storage as cfs
 from pipeline.cache.build import (
     build_teacher_cache,
     cache_path_for,
@@ -22,7 +22,6 @@ from pipeline.cache.build import (
 )
 from pipeline.cache.fidelity import fidelity_problems
 from pipeline.cache.integrity import uncommit_shards, uncommitted_shard_dirs
-from pipeline.cache.lock import CacheLock
 from pipeline.cache.manifest import (
     infer_rows_per_shard,
     new_manifest,
@@ -42,6 +41,7 @@ from pipeline.cache.verify import VerifyReport, format_verify_report, verify_cac
 from pipeline.config import Config
 from pipeline.data.stage import prepare_data
 from pipeline.errors import CacheError
+from pipeline.locks import DirectoryLock
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def repair_cache(config: Config, path: str | None = None) -> RepairResult:
         )
     root = path[: -len(name)].rstrip("/") or "/"
     result = RepairResult(path=path, manifest_rebuilt=False)
-    with CacheLock(path):
+    with DirectoryLock(path):
         try:
             manifest = read_manifest(path)
         except CacheError as e:

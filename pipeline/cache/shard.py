@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cache import fs as cfs
+from pipeline import storage as cfs
 from pipeline.cache import schema
 from pipeline.cache.codecs import StatesCodec
 

@@ -10,7 +10,7 @@ import functools
 import json
 import logging
 
-from pipeline.cache import fs as cfs
+from pipeline import storage as cfs
 from pipeline.cache.augment import KnowledgeAugmentation
 from pipeline.cache.build import build_teacher_cache, teacher_dims
 from pipeline.cache.spec import CacheInfo, CacheRuntime, CacheSpec

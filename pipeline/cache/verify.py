@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache import fs as cfs
+from pipeline import storage as cfs
 from pipeline.cache import schema
 from pipeline.cache.basis import basis_problems
 from pipeline.cache.codecs import StatesCodec, keep_rows

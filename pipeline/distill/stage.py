@@ -11,8 +11,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache.fs import redact
-from pipeline.cache.lock import CacheLock
 from pipeline.cache.reader import TeacherCache, open_cache, read_cache_dataset
 from pipeline.cache.stage import cache_spec_from_config, locate_cache, teacher_checkpoint
 from pipeline.config import Config, ModelConfig, train_settings
@@ -23,6 +21,7 @@ from pipeline.distill.onpolicy_task import OnPolicyTask
 from pipeline.distill.task import DistillTask
 from pipeline.errors import ConfigError, ModelError
 from pipeline.finetune.student_init import resolve_student
+from pipeline.locks import run_lock
 from pipeline.models.alignment import layer_pairs
 from pipeline.models.build import count_parameters
 from pipeline.models.compat import check_models_share_tokenizer
@@ -32,12 +31,11 @@ from pipeline.models.generate import validation_loss
 from pipeline.models.stage import load_for_evaluation
 from pipeline.placement import run_placed_like, small_cluster_cpu_share
 from pipeline.run_identity import claim_run_dir, settings_fingerprint
+from pipeline.storage import redact
 from pipeline.teacher_service import TeacherService, TeacherServiceConfig, start_teacher_service
 from pipeline.training.loop import LoopSpec, plan_total_steps
 from pipeline.training.runner import fit
 from pipeline.workspace import paths_for
-
-RUN_LOCK_FILE = "_RUN.lock"
 
 
 def cache_fields_for(method: MethodSpec) -> set[str]:
@@ -138,7 +136,7 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
         "fingerprint), or delete that folder to retrain under this name.",
     )
     # one process trains a run at a time: a second (another sweep sharing this run) waits, then reuses it
-    with CacheLock(str(run_dir), what="student run", holder="run", lock_file=RUN_LOCK_FILE):
+    with run_lock(run_dir, "student run"):
         export_dir = run_dir / "final"
         if export_is_complete(export_dir):
             print(f"[distill] {run_name}: already finished at {export_dir}; reusing it", flush=True)

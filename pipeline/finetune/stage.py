@@ -13,6 +13,7 @@ from pipeline.data.rouge import mean_rouge_l
 from pipeline.data.stage import load_tokenizer, prepare_data
 from pipeline.data.tokenize import tokenize_records
 from pipeline.finetune.task import SupervisedTask
+from pipeline.locks import run_lock
 from pipeline.models.compat import check_models_share_tokenizer
 from pipeline.models.export import export_is_complete
 from pipeline.models.generate import generate_responses, validation_loss
@@ -57,45 +58,48 @@ def run_finetune(config: Config, *, force: bool = False, eval_examples: int = 12
     test_records = prepared.splits.test[:eval_examples]
     teacher_dir = paths.root / "teacher"
     ray_run_name = f"{config.name}-finetune-teacher"
-    if force:  # forget the old run entirely, or Ray Train would resume from its last checkpoint
-        (teacher_dir / SETTINGS_FILE).unlink(missing_ok=True)
-        shutil.rmtree(paths.ray_storage / ray_run_name, ignore_errors=True)
-        shutil.rmtree(export_dir, ignore_errors=True)
-        shutil.rmtree(teacher_dir / "metrics", ignore_errors=True)
-    claim_run_dir(
-        teacher_dir,
-        teacher_fields(config),
-        what="the fine-tuned teacher",
-        fix="rerun with `moedistill finetune-teacher --force` to retrain it (caches of the old teacher "
-        "stay valid under their own keys), or give this config its own output_dir.",
-    )
-    if export_is_complete(export_dir):
-        print(
-            f"[finetune] teacher already fine-tuned at {export_dir}; reusing it (--force retrains)",
-            flush=True,
+    # One process fine-tunes this teacher at a time: a second command (another sweep, a rerun) waits, then
+    # finds the export finished and reuses it.
+    with run_lock(teacher_dir, "teacher fine-tune"):
+        if force:  # forget the old run entirely, or Ray Train would resume from its last checkpoint
+            (teacher_dir / SETTINGS_FILE).unlink(missing_ok=True)
+            shutil.rmtree(paths.ray_storage / ray_run_name, ignore_errors=True)
+            shutil.rmtree(export_dir, ignore_errors=True)
+            shutil.rmtree(teacher_dir / "metrics", ignore_errors=True)
+        claim_run_dir(
+            teacher_dir,
+            teacher_fields(config),
+            what="the fine-tuned teacher",
+            fix="rerun with `moedistill finetune-teacher --force` to retrain it (caches of the old teacher "
+            "stay valid under their own keys), or give this config its own output_dir.",
         )
-        skipped, wall = True, 0.0
-    else:
-        skipped = False
-        train_tokens = sum(len(e["input_ids"]) for e in train_examples)
-        spec = LoopSpec(
-            train=config.finetune,
-            total_steps=plan_total_steps(config.finetune, len(train_examples)),
-            rows_per_epoch=len(train_examples),
-            export_dir=str(export_dir),
-            metrics_dir=str(paths.root / "teacher" / "metrics"),
-        )
-        task_cfg = config.teacher
-        tok_path = prepared.tokenizer_path
-        started = time.perf_counter()
-        fit(
-            lambda: SupervisedTask(task_cfg, tok_path),
-            spec,
-            run_name=ray_run_name,
-            storage_path=str(paths.ray_storage),
-            datasets={"train": ray.data.from_items(train_examples)},
-        )
-        wall = time.perf_counter() - started
+        if export_is_complete(export_dir):
+            print(
+                f"[finetune] teacher already fine-tuned at {export_dir}; reusing it (--force retrains)",
+                flush=True,
+            )
+            skipped, wall = True, 0.0
+        else:
+            skipped = False
+            train_tokens = sum(len(e["input_ids"]) for e in train_examples)
+            spec = LoopSpec(
+                train=config.finetune,
+                total_steps=plan_total_steps(config.finetune, len(train_examples)),
+                rows_per_epoch=len(train_examples),
+                export_dir=str(export_dir),
+                metrics_dir=str(paths.root / "teacher" / "metrics"),
+            )
+            task_cfg = config.teacher
+            tok_path = prepared.tokenizer_path
+            started = time.perf_counter()
+            fit(
+                lambda: SupervisedTask(task_cfg, tok_path),
+                spec,
+                run_name=ray_run_name,
+                storage_path=str(paths.ray_storage),
+                datasets={"train": ray.data.from_items(train_examples)},
+            )
+            wall = time.perf_counter() - started
     train_tokens = sum(len(e["input_ids"]) for e in train_examples)
     epochs_tokens = (
         train_tokens * config.finetune.epochs

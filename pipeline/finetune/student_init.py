@@ -34,6 +34,7 @@ from pipeline.data.collate import pad_batch
 from pipeline.data.stage import load_tokenizer, prepare_data
 from pipeline.data.tokenize import tokenize_records
 from pipeline.errors import ConfigError
+from pipeline.locks import run_lock
 from pipeline.models.build import build_tiny_dense
 from pipeline.models.export import export_hf_checkpoint, export_is_complete
 from pipeline.run_identity import claim_run_dir
@@ -105,10 +106,12 @@ def resolve_student(config: Config) -> ModelConfig:
             "student.build."
         )
     final = dense_student_dir(config) / "final"
-    if not export_is_complete(final):
-        _pretrain_dense_student(config, final)
-    else:
-        print(f"[student-init] reusing the pretrained dense student at {final}", flush=True)
+    # Every upcycled run of every sweep shares this student: one process pretrains it, the others wait for it.
+    with run_lock(final.parent, "pretrained dense student"):
+        if not export_is_complete(final):
+            _pretrain_dense_student(config, final)
+        else:
+            print(f"[student-init] reusing the pretrained dense student at {final}", flush=True)
     return ModelConfig(
         upcycle_from=str(final),
         num_experts=student.build.num_experts,

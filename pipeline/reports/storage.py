@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import fs as cfs
+from pipeline import storage as cfs
 from pipeline.cache.codecs import StatesCodec
 from pipeline.errors import CacheError, ConfigError
 from pipeline.models.dims import ModelDims, model_dims, read_dims

@@ -38,11 +38,11 @@ from pipeline.cache import (
     verify_cache,
 )
 from pipeline.cache.build import stored_runtime
-from pipeline.cache.fs import get_fs
 from pipeline.cache.shard import committed_shards
 from pipeline.cache.teacher import TeacherShardStage, decode_states, encode_states, input_device
 from pipeline.errors import CacheError, ConfigError
 from pipeline.placement import check_no_offload, teacher_placement
+from pipeline.storage import get_fs
 
 NUM_RECORDS = 36
 ROWS_PER_SHARD = 8  # -> 5 shards, the last one partial

@@ -17,11 +17,11 @@ import pytest
 import torch
 from support.tiny import teacher_assets, teacher_cache_spec, tiny_arch
 
+from pipeline import storage as cfs
 from pipeline.cache import CacheRuntime, build_teacher_cache, open_cache, verify_cache
-from pipeline.cache import fs as cfs
 from pipeline.cache.integrity import check_before_read, quick_check, verify_shards
-from pipeline.cache.lock import LOCK_FILE, CacheLock
 from pipeline.errors import CacheError, MoeDistillError
+from pipeline.locks import LOCK_FILE, DirectoryLock
 from pipeline.training import loop
 
 NUM_RECORDS, ROWS_PER_SHARD = 20, 8  # 3 shards, the last one partial
@@ -165,7 +165,7 @@ def test_a_second_build_refuses_and_never_touches_the_first_ones_staging(
     staging.mkdir()
     (staging / "index.parquet").write_bytes(b"half written")
     monkeypatch.setenv("MOEDISTILL_CACHE_LOCK_WAIT_S", "0.5")
-    with CacheLock(str(path)):  # the first build, still running
+    with DirectoryLock(str(path)):  # the first build, still running
         with pytest.raises(CacheError, match=r"another build is writing .*pid \d+.*wait for it to finish"):
             build_teacher_cache(assets["spec"], assets["records"], str(tmp_path / "caches"), LOCAL)
         assert (staging / "index.parquet").read_bytes() == b"half written"
@@ -174,7 +174,7 @@ def test_a_second_build_refuses_and_never_touches_the_first_ones_staging(
 
 def test_a_stale_lock_is_taken_over(tmp_path: Path) -> None:
     (tmp_path / LOCK_FILE).write_text('{"host": "gone", "pid": 1, "token": "x", "heartbeat": 0}')
-    with CacheLock(str(tmp_path), wait_s=0.0, stale_s=5.0) as lock:
+    with DirectoryLock(str(tmp_path), wait_s=0.0, stale_s=5.0) as lock:
         assert cfs.read_json(lock.fs, lock.path)["token"] == lock.owner["token"]
     assert not (tmp_path / LOCK_FILE).exists()
 
@@ -190,21 +190,21 @@ def test_a_lock_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path: P
     dead.wait()  # its pid now names no process (a holder killed with SIGKILL)
     held = {"host": socket.gethostname(), "pid": dead.pid, "token": "x", "heartbeat": time.time()}
     (tmp_path / LOCK_FILE).write_text(json.dumps(held))  # a fresh heartbeat: not stale by age
-    with CacheLock(str(tmp_path), wait_s=0.0, stale_s=600.0) as lock:
+    with DirectoryLock(str(tmp_path), wait_s=0.0, stale_s=600.0) as lock:
         assert cfs.read_json(lock.fs, lock.path)["token"] == lock.owner["token"]
     alive = {**held, "pid": os.getpid()}  # a live holder on this host keeps its lock
     (tmp_path / LOCK_FILE).write_text(json.dumps(alive))
     with pytest.raises(CacheError, match="another build"):
-        CacheLock(str(tmp_path), wait_s=0.0, stale_s=600.0).acquire()
+        DirectoryLock(str(tmp_path), wait_s=0.0, stale_s=600.0).acquire()
 
 
 def test_a_held_lock_keeps_its_heartbeat_fresh(tmp_path: Path) -> None:
     import time
 
-    with CacheLock(str(tmp_path), stale_s=0.4) as lock:
+    with DirectoryLock(str(tmp_path), stale_s=0.4) as lock:
         time.sleep(1.0)  # > stale_s: only the heartbeat keeps it alive
         with pytest.raises(CacheError, match="another build"):
-            CacheLock(str(tmp_path), wait_s=0.3, stale_s=0.4).acquire()
+            DirectoryLock(str(tmp_path), wait_s=0.3, stale_s=0.4).acquire()
         assert cfs.read_json(lock.fs, lock.path)["token"] == lock.owner["token"]
 
 

@@ -182,9 +182,8 @@ def test_cache_of_a_retrained_teacher_is_refused(cached_config: Config) -> None:
 def test_explicit_run_name_reused_with_other_settings_is_refused(
     cached_config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.cache.lock import WAIT_ENV, CacheLock
-    from pipeline.distill.stage import RUN_LOCK_FILE
     from pipeline.errors import ConfigError
+    from pipeline.locks import RUN_LOCK_FILE, WAIT_ENV, DirectoryLock
     from pipeline.workspace import paths_for
 
     config = with_overrides(
@@ -196,7 +195,7 @@ def test_explicit_run_name_reused_with_other_settings_is_refused(
     # another process (e.g. a second sweep sharing the run) holds the run: this one waits, here 0 s
     run_dir = paths_for(config).students / "named"
     monkeypatch.setenv(WAIT_ENV, "0")
-    held = CacheLock(str(run_dir), what="student run", holder="run", lock_file=RUN_LOCK_FILE)
+    held = DirectoryLock(str(run_dir), what="student run", holder="run", lock_file=RUN_LOCK_FILE)
     busy = r"another run is writing the student run .*pid \d+.*Fix: wait"
     with held, pytest.raises(CacheError, match=busy):
         run_distill(config)

@@ -83,7 +83,7 @@ def test_url_credentials_never_reach_the_console(tmp_path: Path) -> None:  # pro
 
 
 def test_redact_hides_registered_credentials_without_their_scheme() -> None:
-    from pipeline.cache.fs import redact, register_secrets
+    from pipeline.storage import redact, register_secrets
 
     register_secrets("--set", "cache.root=gs://user:hunter22@bkt/x")
     assert redact('Invalid bucket name "user:hunter22@bkt"') == 'Invalid bucket name "***@bkt"'

@@ -1,4 +1,5 @@
-"""Filesystem access for cache stores: local paths and any fsspec URL (s3://, gs://, memory://, ...)."""
+"""Filesystem access for every stage's outputs (cache stores, run directories, locks): local paths and any
+fsspec URL (s3://, gs://, memory://, ...), and the redaction of URL credentials in everything printed."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""An advisory lock per cache directory: one build (or repair) writes a cache at a time. The distill stage
-takes the same kind of lock on a student run's directory (`what="student run"`), so two sweeps that share a
-run never train it at once: the second waits, then reuses the finished run.
+"""An advisory lock per output directory, for every stage that writes one: one build (or repair) writes a
+cache at a time, and one process trains a run directory at a time (the teacher's fine-tune, the upcycled
+student's dense pretraining, a student run: `RUN_LOCK_FILE`). A second command waits, then finds the work
+finished and reuses it.
 
 The lock is a small JSON file (ROOT/<key>/_BUILD.lock) naming its owner (host, pid) with a heartbeat that a
 background thread refreshes. A second build waits for it (then usually finds the cache complete) and
@@ -19,14 +20,16 @@ import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
-from pipeline.cache import fs as cfs
+from pipeline import storage as cfs
 from pipeline.errors import CacheError
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = "_BUILD.lock"
+LOCK_FILE = "_BUILD.lock"  # a cache directory's
+RUN_LOCK_FILE = "_RUN.lock"  # a training run directory's
 STALE_ENV = "MOEDISTILL_CACHE_LOCK_STALE_S"
 WAIT_ENV = "MOEDISTILL_CACHE_LOCK_WAIT_S"
 
@@ -45,8 +48,9 @@ def _holder_is_gone(held: dict[str, Any]) -> bool:
     return False
 
 
-class CacheLock:
-    """`with CacheLock(url):` holds the build lock of the cache directory `url`."""
+class DirectoryLock:
+    """`with DirectoryLock(url):` holds the lock of the directory `url` (a cache's build lock by default;
+    `lock_file=RUN_LOCK_FILE` with `what`/`holder` for a training run)."""
 
     def __init__(
         self,
@@ -153,9 +157,15 @@ class CacheLock:
         if held is not None and held.get("token") == self.owner["token"]:
             self.fs.rm(self.path)
 
-    def __enter__(self) -> CacheLock:
+    def __enter__(self) -> DirectoryLock:
         self.acquire()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def run_lock(run_dir: str | Path, what: str) -> DirectoryLock:
+    """The lock of a training run directory (`what`: "teacher fine-tune", "student run", ...): taken before
+    any work; a second process waits, then finds the run finished and reuses it."""
+    return DirectoryLock(str(run_dir), what=what, holder="run", lock_file=RUN_LOCK_FILE)
