@@ -132,7 +132,7 @@ TINY = Profile(
     student_steps=2,
     tests_timeout_s=120.0,
 )
-STATES_DTYPE = "bfloat16"  # the preset's cache.states_dtype
+STATES_DTYPE = "bfloat16"  # the presets' cache.states_dtype (their stored states codec is fp8 at rank 48)
 
 
 # --- helpers ------------------------------------------------------------------------------------------------

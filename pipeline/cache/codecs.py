@@ -24,7 +24,6 @@ r = D: the basis is then complete).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -326,13 +325,6 @@ def keep_rows(seq_ids: list[int], num_tokens: list[int], seed: int, fraction: fl
     starts = np.repeat(np.cumsum(counts) - counts, counts)
     pos = np.arange(int(counts.sum()), dtype=np.int64) - starts
     return keep_tokens(seq, pos, seed, fraction)
-
-
-def array_digest(arr: np.ndarray) -> str:
-    """sha256 of an array's dtype, shape and bytes (identifies a fitted basis in the manifest)."""
-    h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
-    h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()
 
 
 # --- the settings of one cache ------------------------------------------------------------------------------

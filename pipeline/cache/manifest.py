@@ -12,10 +12,6 @@ from pipeline.cache.shard import committed_shards
 from pipeline.errors import CacheError
 
 
-def manifest_path(cache_url: str) -> str:
-    return cfs.join(cache_url, schema.MANIFEST)
-
-
 def read_manifest(cache_url: str) -> dict[str, Any] | None:
     """The parsed manifest (version-checked), or None when there is none."""
     fs, root = cfs.get_fs(cache_url)

@@ -19,7 +19,7 @@ Outputs under runs/<name>/eval/:
   <model>/results.csv|md     that model's rows; <model>/protocol.json (written last) makes a rerun with the
                              same checkpoint, protocol and test sets reuse them instead of regenerating
   results.csv|md|png         the models of this call, plus earlier evaluated models under eval/ whose results
-                             used the same protocol and test sets (CSV schema: pipeline/reports/results.py)
+                             used the same protocol and test sets (CSV schema: pipeline/evaluate/results.py)
 """
 
 from __future__ import annotations
