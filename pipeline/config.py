@@ -404,6 +404,13 @@ def validate_config(config: Config, source: str) -> None:
     """Cross-field checks that types alone cannot express."""
     if config.distill.run_name is not None:
         check_plain_name(config.distill.run_name, "distill.run_name", source)
+    cache = config.cache
+    for key in ("batch_size", "rows_per_shard", "num_actors", "logits_k"):  # runtime integers, known now
+        value = getattr(cache, key)
+        if value < 1:
+            raise ConfigError(f"{source}: cache.{key}={value} must be >= 1. Fix: --set cache.{key}=<n >= 1>")
+    if cache.num_gpus_per_actor < 0:
+        raise ConfigError(f"{source}: cache.num_gpus_per_actor={cache.num_gpus_per_actor} must be >= 0")
     for role in ("teacher", "student"):
         model: ModelConfig = getattr(config, role)
         if model.build is not None:

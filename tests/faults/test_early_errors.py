@@ -122,3 +122,12 @@ def test_evaluating_a_truncated_checkpoint_names_the_model_and_file(
     weights.write_bytes(b"\x01")  # not even a header
     line = _refused(capsys, "evaluate", "--config", str(TINY), *sets, "--model", f"trunc={model_dir}")
     assert "no readable safetensors header" in line, line
+
+
+@pytest.mark.parametrize("setting", ["cache.batch_size=-4", "cache.rows_per_shard=0", "cache.num_actors=0"])
+def test_cache_runtime_integers_are_checked_before_any_stage(
+    capsys: pytest.CaptureFixture[str], setting: str
+) -> None:  # probe 8
+    line = _refused(capsys, "cache", "--config", str(TINY), "--set", setting)
+    key, value = setting.split("=")
+    assert f"{key}={value} must be >= 1. Fix: --set {key}=" in line, line
