@@ -37,15 +37,21 @@ def _npy(arr: np.ndarray, dtype: str = "<f4") -> bytes:
     return buf.getvalue()
 
 
+def _npy_files(directory: str, arrays: dict[str, np.ndarray]) -> dict[str, bytes]:
+    """{directory/<name>.npy: its bytes} (little-endian, each array's own dtype)."""
+    return {
+        f"{directory}/{name}.npy": _npy(arr, np.dtype(arr.dtype).newbyteorder("<").str)
+        for name, arr in arrays.items()
+    }
+
+
 def write_npy_files(cache_url: str, directory: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     """Write each array as directory/<name>.npy (little-endian, its own dtype); return the manifest's
     {relative path: {bytes, sha256}} record of them."""
     fs, root = cfs.get_fs(cache_url)
     fs.makedirs(cfs.join(root, directory), exist_ok=True)
     files = {}
-    for name, arr in arrays.items():
-        rel = f"{directory}/{name}.npy"
-        data = _npy(arr, np.dtype(arr.dtype).newbyteorder("<").str)
+    for rel, data in _npy_files(directory, arrays).items():
         cfs.write_atomic(fs, cfs.join(root, rel), data)
         files[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     return files
@@ -74,9 +80,47 @@ def read_npy(cache_url: str, rel: str) -> np.ndarray:
     return np.load(io.BytesIO(fs.cat_file(cfs.join(root, rel))), allow_pickle=False)
 
 
+def _basis_arrays(basis: StateBasis) -> dict[str, np.ndarray]:
+    return {name: getattr(basis, name).numpy().astype(np.float32) for name in BASIS_FILES}
+
+
+def restore_state_basis(
+    url: str,
+    manifest: dict[str, Any],
+    spec: CacheSpec,
+    records: Sequence[Any],
+    width: int,
+    runtime: CacheRuntime,
+) -> bool:
+    """Refit a missing or damaged basis from its seeded sample (`moedistill cache repair`): the same teacher
+    and records give the same bytes, which are checked against manifest.state_basis before any file is
+    replaced. True when it restored the files; False when nothing needed restoring. CacheError (nothing
+    written, the manifest untouched) when the refit gives other bytes than the recorded basis."""
+    record = manifest.get("state_basis")
+    if record is None or not basis_problems(url, manifest):
+        return False
+    basis, _ = fit_state_basis(spec, records, width, runtime)
+    files = _npy_files(BASIS_DIR, _basis_arrays(basis))
+    differs = [
+        rel
+        for rel, data in files.items()
+        if rel not in record["files"] or hashlib.sha256(data).hexdigest() != record["files"][rel]["sha256"]
+    ]
+    if differs:
+        raise CacheError(
+            f"the refitted state basis of {cfs.redact(url)} differs from the one its shards were encoded "
+            f"with ({', '.join(differs)}: another teacher, data or floating-point build?). {BASIS_FIX}"
+        )
+    fs, root = cfs.get_fs(url)
+    fs.makedirs(cfs.join(root, BASIS_DIR), exist_ok=True)
+    for rel, data in files.items():
+        cfs.write_atomic(fs, cfs.join(root, rel), data)
+    return True
+
+
 def write_basis(cache_url: str, basis: StateBasis, num_tokens: int) -> dict[str, Any]:
     """Write the basis files; return the manifest.state_basis record."""
-    arrays = {name: getattr(basis, name).numpy().astype(np.float32) for name in BASIS_FILES}
+    arrays = _basis_arrays(basis)
     files = write_npy_files(cache_url, BASIS_DIR, arrays)
     return {"rank": basis.rank, "num_tokens": int(num_tokens), "files": files}
 

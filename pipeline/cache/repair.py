@@ -1,5 +1,7 @@
 """`moedistill cache repair PATH --config C`: make a damaged cache whole again with the least teacher work.
 
+0. A missing or damaged low-rank state basis is refitted from its seeded sample and must match the bytes the
+   manifest records (else nothing is written).
 1. A manifest that is missing or unreadable is rebuilt from the config (key, inputs, teacher dims: what a
    build would write) and the shards' commit markers (the layout they were written with).
 2. A full verify (sizes, sha256, schema, commit markers) finds the damaged shards; they are un-committed.
@@ -14,6 +16,7 @@ import logging
 from dataclasses import dataclass, field
 
 from pipeline import storage as cfs
+from pipeline.cache.basis import restore_state_basis
 from pipeline.cache.build import (
     build_teacher_cache,
     cache_path_for,
@@ -52,6 +55,7 @@ class RepairResult:
     manifest_rebuilt: bool
     rebuilt_shards: list[int] = field(default_factory=list)
     fidelity_recomputed: bool = False
+    basis_restored: bool = False
     info: CacheInfo | None = None
     report: VerifyReport | None = None
 
@@ -63,7 +67,7 @@ def repair_cache(config: Config, path: str | None = None) -> RepairResult:
     records, heldout = prepared.splits.train, prepared.splits.validation
     spec = cache_spec_from_config(config, teacher_checkpoint(config), prepared.tokenizer_path)
     runtime = cache_runtime_from_config(config)
-    url, key, inputs, teacher, _ = cache_path_for(spec, records, config.cache.root, heldout)
+    url, key, inputs, teacher, width = cache_path_for(spec, records, config.cache.root, heldout)
     path = (path or url).rstrip("/")
     name = path.rsplit("/", 1)[-1]
     if name != key:
@@ -91,6 +95,9 @@ def repair_cache(config: Config, path: str | None = None) -> RepairResult:
             )
             write_manifest(path, manifest)
             result.manifest_rebuilt = True
+        # The basis is seeded and deterministic: refit it, byte-identical, before the verify below counts it
+        # (and before anything touches the manifest, which a failed refit leaves as it was).
+        result.basis_restored = restore_state_basis(path, manifest, spec, records, width, runtime)
         # A shard directory without its commit marker would block the rebuilt copy's rename: remove it.
         uncommit_shards(path, uncommitted_shard_dirs(path))
         damaged = verify_cache(path).damaged
@@ -131,6 +138,8 @@ def format_repair_result(result: RepairResult) -> str:
         done.append(f"shards {result.rebuilt_shards} rebuilt")
     if result.fidelity_recomputed:
         done.append("fidelity sample recomputed")
+    if result.basis_restored:
+        done.append("state basis refitted (byte-identical)")
     head = f"repaired teacher cache {cfs.redact(result.path)}: " + ("; ".join(done) or "nothing was damaged")
     assert result.report is not None
     return f"{head}\n{format_verify_report(result.report)}"
