@@ -178,7 +178,9 @@ def locate_cache(config: Config) -> str:
 
 def format_cache_info(info: CacheInfo) -> str:
     verb = {
-        "exists": "already complete (nothing to do)",
+        # the quick check saw sizes and commit markers; reading the whole cache to hash it is verify's job
+        "exists": "already complete (nothing to do; sizes and commit markers checked, not checksums: every "
+        "stage that reads it checks those, `moedistill cache verify PATH` checks all of them now)",
         "built": "built",
         "resumed": "resumed and completed",
     }

@@ -57,3 +57,15 @@ def test_repair_refits_a_lost_basis_byte_identically(
     assert "state basis refitted (byte-identical)" in out and "shards [" not in out, out
     assert _digests(cache) == before  # every file, the manifest included, as the build wrote it
     assert verify_cache(str(cache)).ok
+
+
+def test_cache_on_a_complete_cache_says_what_it_checked(
+    low_rank_cache: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A same-size corruption passes the quick check (sizes, commit markers); the message says so and names
+    the command that checks every checksum, instead of a bare 'nothing to do'."""
+    config_path, _ = low_rank_cache
+    capsys.readouterr()
+    assert main(["cache", "--config", config_path]) == 0
+    out = capsys.readouterr().out
+    assert "already complete" in out and "not checksums" in out and "moedistill cache verify PATH" in out, out
