@@ -275,8 +275,9 @@ def load_training_state(path: Path) -> dict[str, Any]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MoeDistillError(
             f"refusing to load checkpoint {path}: it holds objects other than tensors and plain containers "
-            f"({first}), which could run code on load. Fix: delete that checkpoint directory (training "
-            "resumes from an older one or starts over), and check who can write the checkpoint storage."
+            f"({first}), which could run code on load. Fix: rerun the same command (it moves that checkpoint "
+            "to the run's quarantine/ folder and resumes from the newest intact one), and check who can "
+            "write the checkpoint storage."
         ) from None
 
 

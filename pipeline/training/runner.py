@@ -11,6 +11,7 @@ from pipeline.config import TrainConfig
 from pipeline.errors import MoeDistillError
 from pipeline.placement import check_placement, worker_resources
 from pipeline.training.loop import FAIL_AT_STEP_ENV, LoopSpec, TrainingTask, run_training_loop
+from pipeline.training.recovery import recover_checkpoints
 
 
 def _worker_entry(loop_config: dict[str, Any]) -> None:
@@ -45,6 +46,8 @@ def fit(
     if cfg.num_workers == 0:
         scaling = ScalingConfig(num_workers=0)  # local mode: the loop runs right here
     else:
+        for line in recover_checkpoints(storage_path, run_name):  # resume from the newest intact checkpoint
+            print(f"[train] quarantined {line}", flush=True)
         check_placement(cfg.resources_per_worker, what="training workers (train.resources_per_worker)")
         scaling = ScalingConfig(
             num_workers=cfg.num_workers,
