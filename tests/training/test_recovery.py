@@ -9,13 +9,9 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
-from support.tiny import tiny_config
 
-from pipeline.config import with_overrides
-from pipeline.finetune.stage import run_finetune
-from pipeline.training.loop import FAIL_AT_STEP_ENV, STATE_FILE
+from pipeline.training.loop import STATE_FILE
 from pipeline.training.recovery import QUARANTINE_DIR, SNAPSHOT_FILE, recover_checkpoints
 
 
@@ -91,24 +87,5 @@ def test_a_listed_checkpoint_whose_folder_is_gone_is_dropped_from_the_snapshot(t
     assert snapshot["latest_checkpoint_result"]["checkpoint_dir_name"] == names[0]
 
 
-@pytest.mark.usefixtures("ray_cluster")
-def test_a_truncated_latest_checkpoint_resumes_the_run_from_the_one_before(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Real Ray Train: a fine-tune dies at step 5 (checkpoints at 2 and 4); step 4's state is cut short; the
-    same command again quarantines it and resumes from step 2, and Ray accepts the rewritten snapshot."""
-    config = with_overrides(tiny_config(tmp_path), {"finetune.max_steps": 6, "finetune.keep_checkpoints": 3})
-    monkeypatch.setenv(FAIL_AT_STEP_ENV, "5")
-    with pytest.raises(Exception, match=r"(?i)fail|error|died"):
-        run_finetune(config, eval_examples=2)
-    monkeypatch.delenv(FAIL_AT_STEP_ENV)
-    storage = tmp_path / "run" / "ray" / f"{config.name}-finetune-teacher"
-    latest = json.loads((storage / SNAPSHOT_FILE).read_text())["latest_checkpoint_result"]
-    assert latest["metrics"]["step"] == 4
-    state = storage / latest["checkpoint_dir_name"] / STATE_FILE
-    state.write_bytes(state.read_bytes()[:1000])
-    result = run_finetune(config, eval_examples=2)
-    metrics = tmp_path / "run" / "teacher" / "metrics"
-    assert (metrics / "resumes.log").read_text().strip() == "resumed at step 2"
-    assert (storage / QUARANTINE_DIR / latest["checkpoint_dir_name"] / STATE_FILE).stat().st_size == 1000
-    assert Path(result.export_dir, "config.json").is_file()
+# The same on a real Ray Train run (a truncated latest checkpoint, the run resumed from the one before):
+# tests/finetune/test_finetune.py.
