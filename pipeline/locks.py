@@ -166,6 +166,7 @@ class DirectoryLock:
 
 
 def run_lock(run_dir: str | Path, what: str) -> DirectoryLock:
-    """The lock of a training run directory (`what`: "teacher fine-tune", "student run", ...): taken before
-    any work; a second process waits, then finds the run finished and reuses it."""
+    """The lock of a run's output directory (`what`: "teacher fine-tune", "student run", "evaluation
+    outputs", ...): taken before any work; a second process waits, then finds the work finished and reuses
+    it."""
     return DirectoryLock(str(run_dir), what=what, holder="run", lock_file=RUN_LOCK_FILE)

@@ -47,6 +47,7 @@ from pipeline.evaluate.multiple_choice import (
 )
 from pipeline.evaluate.results import format_results_markdown, write_results_csv, write_results_table
 from pipeline.evaluate.test_sets import EvalSet, examples_from_records, load_test_set
+from pipeline.locks import run_lock
 from pipeline.models.dims import read_dims
 from pipeline.models.export import EXPORT_MARKER
 from pipeline.models.weights_files import check_weight_files
@@ -261,36 +262,39 @@ def run_evaluate(config: Config, models: dict[str, str] | None = None, progress:
     seeds = sampling_seeds(config)
     items = build_items(test_sets, seeds, mc_sets)
     eval_dir = paths_for(config).eval
-    protocol = _protocol(config, test_sets, seeds, mc_sets)
-    protocol_hash = stable_hash(protocol)
-    finished: dict[str, tuple[list[dict[str, Any]], dict[str, list[float]]]] = {}
-    pending: dict[str, tuple[str, str, str]] = {}  # name -> (checkpoint, tokenizer, fingerprint)
-    model_dirs = {name: eval_dir / _safe(name) for name in models}
-    for name, checkpoint in models.items():
-        fingerprint = stable_hash({**protocol, "checkpoint": _checkpoint_identity(checkpoint)})
-        previous = _reusable(model_dirs[name], fingerprint)
-        if previous is not None:
-            print(f"[evaluate] {name}: reusing {model_dirs[name]} (same checkpoint, protocol and test sets)")
-            finished[name] = previous
-        else:
-            tokenizer_path = checkpoint if _has_tokenizer(checkpoint) else prepared.tokenizer_path
-            pending[name] = (checkpoint, tokenizer_path, fingerprint)
-    if pending:
-        outputs = _generate(config, {n: (c, t) for n, (c, t, _) in pending.items()}, items, progress)
-        for name, (checkpoint, _, fingerprint) in pending.items():
-            finished[name] = _score_and_write(
-                name, checkpoint, test_sets, seeds, items, outputs[name], model_dirs[name], mc_sets
-            )
-            _write_protocol(model_dirs[name], fingerprint, protocol_hash, finished[name][1])
-    rows = [row for name in models for row in finished[name][0]]
-    rows += _earlier_results(eval_dir, protocol_hash, exclude={model_dirs[n].name for n in models})
-    seed_scores = {(name, ts): s for name in models for ts, s in finished[name][1].items()}
-    reused = [name for name in models if name not in pending]
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = write_results_csv(rows, eval_dir / "results.csv")
-    title = f"{config.name}: Rouge-L" + (", accuracy" if mc_sets else "")
-    md_path, png_path = write_results_table(rows, eval_dir, title=title)
-    return EvalResults(eval_dir, rows, seed_scores, csv_path, md_path, png_path, model_dirs, reused)
+    # One evaluation writes an output_dir's eval/ at a time: a second waits, then reuses what the first wrote.
+    with run_lock(eval_dir, "evaluation outputs"):
+        protocol = _protocol(config, test_sets, seeds, mc_sets)
+        protocol_hash = stable_hash(protocol)
+        finished: dict[str, tuple[list[dict[str, Any]], dict[str, list[float]]]] = {}
+        pending: dict[str, tuple[str, str, str]] = {}  # name -> (checkpoint, tokenizer, fingerprint)
+        model_dirs = {name: eval_dir / _safe(name) for name in models}
+        for name, checkpoint in models.items():
+            fingerprint = stable_hash({**protocol, "checkpoint": _checkpoint_identity(checkpoint)})
+            previous = _reusable(model_dirs[name], fingerprint)
+            if previous is not None:
+                same = "same checkpoint, protocol and test sets"
+                print(f"[evaluate] {name}: reusing {model_dirs[name]} ({same})")
+                finished[name] = previous
+            else:
+                tokenizer_path = checkpoint if _has_tokenizer(checkpoint) else prepared.tokenizer_path
+                pending[name] = (checkpoint, tokenizer_path, fingerprint)
+        if pending:
+            outputs = _generate(config, {n: (c, t) for n, (c, t, _) in pending.items()}, items, progress)
+            for name, (checkpoint, _, fingerprint) in pending.items():
+                finished[name] = _score_and_write(
+                    name, checkpoint, test_sets, seeds, items, outputs[name], model_dirs[name], mc_sets
+                )
+                _write_protocol(model_dirs[name], fingerprint, protocol_hash, finished[name][1])
+        rows = [row for name in models for row in finished[name][0]]
+        rows += _earlier_results(eval_dir, protocol_hash, exclude={model_dirs[n].name for n in models})
+        seed_scores = {(name, ts): s for name in models for ts, s in finished[name][1].items()}
+        reused = [name for name in models if name not in pending]
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        csv_path = write_results_csv(rows, eval_dir / "results.csv")
+        title = f"{config.name}: Rouge-L" + (", accuracy" if mc_sets else "")
+        md_path, png_path = write_results_table(rows, eval_dir, title=title)
+        return EvalResults(eval_dir, rows, seed_scores, csv_path, md_path, png_path, model_dirs, reused)
 
 
 def generation_units(items: list[dict[str, Any]], size: int) -> list[list[int]]:

@@ -323,3 +323,22 @@ def test_multiple_choice_config_errors_name_the_fix(tmp_path: Path) -> None:
     for sets, message in cases:
         with pytest.raises(ConfigError, match=message):
             load_config(TINY, {"evaluate.multiple_choice": sets})
+
+
+def test_a_held_evaluation_lock_stops_a_second_evaluation_before_it_writes(
+    workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:  # issue 24, probe 4: one writer per output_dir/eval
+    from pipeline.errors import CacheError
+    from pipeline.locks import RUN_LOCK_FILE, WAIT_ENV, run_lock
+    from pipeline.workspace import paths_for
+
+    config, _ = workspace
+    eval_dir = paths_for(config).eval
+    before = sorted(p.relative_to(eval_dir) for p in eval_dir.rglob("*")) if eval_dir.exists() else []
+    monkeypatch.setenv(WAIT_ENV, "0")
+    busy = r"another run is writing the evaluation outputs .*pid \d+.*Fix: wait"
+    with run_lock(eval_dir, "evaluation outputs"), pytest.raises(CacheError, match=busy):
+        run_evaluate(config, progress=False)
+    after = sorted(p.relative_to(eval_dir) for p in eval_dir.rglob("*") if p.name != RUN_LOCK_FILE)
+    assert after == [p for p in before if p.name != RUN_LOCK_FILE]  # nothing written while it was held
+    assert not (eval_dir / RUN_LOCK_FILE).exists()
