@@ -48,13 +48,16 @@ def _npy_files(directory: str, arrays: dict[str, np.ndarray]) -> dict[str, bytes
 def write_npy_files(cache_url: str, directory: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     """Write each array as directory/<name>.npy (little-endian, its own dtype); return the manifest's
     {relative path: {bytes, sha256}} record of them."""
+    return _write_files(cache_url, directory, _npy_files(directory, arrays))
+
+
+def _write_files(cache_url: str, directory: str, files: dict[str, bytes]) -> dict[str, Any]:
+    """Write {relative path: bytes} under `directory` atomically; -> their {bytes, sha256} record."""
     fs, root = cfs.get_fs(cache_url)
     fs.makedirs(cfs.join(root, directory), exist_ok=True)
-    files = {}
-    for rel, data in _npy_files(directory, arrays).items():
+    for rel, data in files.items():
         cfs.write_atomic(fs, cfs.join(root, rel), data)
-        files[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    return files
+    return {rel: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for rel, d in files.items()}
 
 
 def file_problems(cache_url: str, files: dict[str, Any], what: str) -> list[str]:
@@ -111,10 +114,7 @@ def restore_state_basis(
             f"the refitted state basis of {cfs.redact(url)} differs from the one its shards were encoded "
             f"with ({', '.join(differs)}: another teacher, data or floating-point build?). {BASIS_FIX}"
         )
-    fs, root = cfs.get_fs(url)
-    fs.makedirs(cfs.join(root, BASIS_DIR), exist_ok=True)
-    for rel, data in files.items():
-        cfs.write_atomic(fs, cfs.join(root, rel), data)
+    _write_files(url, BASIS_DIR, files)
     return True
 
 
