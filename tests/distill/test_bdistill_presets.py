@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 from support.paths import CONFIGS
-from support.tiny import teacher_assets, teacher_cache_spec, tiny_arch, tiny_moe
+from support.tiny import (
+    OBJECTIVE_EXPERTS,
+    OBJECTIVE_STUDENT_ARCH,
+    OBJECTIVE_VOCAB,
+    TEACHER_HIDDEN,
+    objective_student,
+    teacher_assets,
+    teacher_cache_spec,
+    tiny_arch,
+)
 
 from pipeline.config import DistillConfig, load_config, with_overrides
 from pipeline.data.collate import distill_positions
@@ -74,17 +83,12 @@ def test_double_softmax_erd_by_hand() -> None:
 # The objective: switches and the official preset
 # ----------------------------------------------------------------------------------------------------------
 
-VOCAB, TEACHER_HIDDEN, EXPERTS = 64, 48, 2
-# Untied, top-1 over EXPERTS experts; head_dim, positions and init are TinyMoEConfig's defaults.
-STUDENT_ARCH = tiny_arch(
-    num_layers=2, num_experts=EXPERTS, top_k=1, head_dim=16, max_position_embeddings=256,
-    initializer_range=0.02, tie_word_embeddings=False,
-)  # fmt: skip
+VOCAB, EXPERTS = OBJECTIVE_VOCAB, OBJECTIVE_EXPERTS
 
 
 @pytest.fixture(scope="module")
 def student() -> DistillStudent:
-    return DistillStudent(tiny_moe(STUDENT_ARCH, VOCAB, seed=0).train(), [0, 1], TEACHER_HIDDEN)
+    return objective_student()
 
 
 def _batch() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -122,8 +126,7 @@ def _terms(student: DistillStudent, distill: DistillConfig, step: int = 0, **for
 def test_experts_scope_mc_trains_only_experts_and_projections() -> None:
     # top-2 routing: with top-1 and renormalised weights every routing weight is exactly 1, so the routers'
     # MC gradient in the "model" scope would be float rounding (~1e-13) and its sign a matter of luck
-    arch = dataclasses.replace(STUDENT_ARCH, top_k=2)
-    student = DistillStudent(tiny_moe(arch, VOCAB, seed=0).train(), [0, 1], TEACHER_HIDDEN)
+    student = objective_student(dataclasses.replace(OBJECTIVE_STUDENT_ARCH, top_k=2))
     for scope, detach in (("model", False), ("experts", True)):
         terms, _ = _terms(student, DistillConfig(mc_grad_scope=scope), detach_expert_inputs=detach)
         metrics = term_gradient_metrics(student, terms)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from support.tiny import tiny_arch, tiny_moe
+from support.tiny import OBJECTIVE_EXPERTS, OBJECTIVE_VOCAB, TEACHER_HIDDEN, objective_student
 
 from pipeline.data.collate import distill_positions
 from pipeline.distill.diagnostics import (
@@ -21,18 +21,12 @@ from pipeline.distill.losses import erd_loss, mc_exploration_loss, sft_loss
 from pipeline.distill.student import DistillStudent
 from pipeline.training.metrics import MetricsLogger
 
-VOCAB, TEACHER_HIDDEN, EXPERTS = 64, 48, 2
-# Untied, top-1 over EXPERTS experts; head_dim, positions and init are TinyMoEConfig's defaults.
-STUDENT_ARCH = tiny_arch(
-    num_layers=2, num_experts=EXPERTS, top_k=1, head_dim=16, max_position_embeddings=256,
-    initializer_range=0.02, tie_word_embeddings=False,
-)  # fmt: skip
+VOCAB, EXPERTS = OBJECTIVE_VOCAB, OBJECTIVE_EXPERTS
 
 
 @pytest.fixture(scope="module")
 def model() -> DistillStudent:
-    student = tiny_moe(STUDENT_ARCH, VOCAB, seed=0).train()
-    return DistillStudent(student, [0, 1], teacher_hidden_size=TEACHER_HIDDEN)
+    return objective_student()
 
 
 def _terms(model: DistillStudent) -> dict[str, torch.Tensor]:

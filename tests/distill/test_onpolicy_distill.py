@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from support.inprocess_teacher import InProcessClient
+from support.tiny import teacher_service_run
 
 from pipeline.cache import open_cache
 from pipeline.cache.stage import locate_cache
@@ -36,18 +37,7 @@ STEPS = 2
 def config(tiny_workspace: Config) -> Config:
     """The module's copy of the shared teacher (its cache holds greedy teacher responses: distillm-2's
     teacher side), with the on-policy student settings."""
-    return with_overrides(
-        tiny_workspace,
-        {
-            "cache.resources": {"teacher_node": 0.5},
-            "distill.method": "gkd-on-policy",
-            "distill.train.batch_size": 4,
-            "distill.train.max_steps": STEPS,
-            "distill.train.checkpoint_every": STEPS,
-            "distill.train.log_every": 1,
-            "distill.train.resources_per_worker": {"student_node": 0.5},
-        },
-    )
+    return teacher_service_run(tiny_workspace, "gkd-on-policy", STEPS)
 
 
 def _cached_batch(config: Config, task: OnPolicyTask, n: int = 4) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.inprocess_teacher import InProcessClient
+from support.tiny import teacher_service_run
 
 from pipeline.cache import open_cache
 from pipeline.cache.stage import locate_cache
@@ -34,18 +35,7 @@ STEPS = 2
 @pytest.fixture(scope="module")
 def config(tiny_workspace: Config) -> Config:
     """The module's copy of the shared fine-tuned tiny teacher and its cache, with SAR's student settings."""
-    return with_overrides(
-        tiny_workspace,
-        {
-            "cache.resources": {"teacher_node": 0.5},
-            "distill.method": "sar",
-            "distill.train.batch_size": 4,
-            "distill.train.max_steps": STEPS,
-            "distill.train.checkpoint_every": STEPS,
-            "distill.train.log_every": 1,
-            "distill.train.resources_per_worker": {"student_node": 0.5},
-        },
-    )
+    return teacher_service_run(tiny_workspace, "sar", STEPS)
 
 
 def test_sar_is_a_registered_on_policy_preset_with_its_source() -> None:

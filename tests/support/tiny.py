@@ -22,6 +22,7 @@ from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
 from pipeline.data.records import Record
 from pipeline.data.stage import load_tokenizer, prepare_data
 from pipeline.data.template import TEMPLATE_SPEC
+from pipeline.distill.student import DistillStudent
 from pipeline.models.build import TinyMoEConfig, build_tiny_moe
 from pipeline.models.export import export_hf_checkpoint
 from pipeline.models.stage import materialize_model
@@ -62,6 +63,38 @@ def tiny_moe(arch: TinyMoEConfig, vocab_size: int = 64, seed: int = 0, tokenizer
         ids = (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
         return build_tiny_moe(arch, len(tokenizer), *ids, seed=seed)
     return build_tiny_moe(arch, vocab_size, 0, 1, 2, seed=seed)
+
+
+# The objective and diagnostics tests' student: 2 layers, both paired with a teacher of width TEACHER_HIDDEN;
+# untied, top-1 over OBJECTIVE_EXPERTS experts; head_dim, positions and init are TinyMoEConfig's defaults.
+OBJECTIVE_VOCAB, TEACHER_HIDDEN, OBJECTIVE_EXPERTS = 64, 48, 2
+OBJECTIVE_STUDENT_ARCH = tiny_arch(
+    num_layers=2, num_experts=OBJECTIVE_EXPERTS, top_k=1, head_dim=16, max_position_embeddings=256,
+    initializer_range=0.02, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def objective_student(arch: TinyMoEConfig = OBJECTIVE_STUDENT_ARCH) -> DistillStudent:
+    """A DistillStudent of `arch` (seed 0, training mode), both layers paired with the TEACHER_HIDDEN one."""
+    return DistillStudent(tiny_moe(arch, OBJECTIVE_VOCAB, seed=0).train(), [0, 1], TEACHER_HIDDEN)
+
+
+def teacher_service_run(config: Config, method: str, steps: int) -> Config:
+    """`config` (a copy of the shared teacher) set up for a short run through the teacher service on the
+    session's 2-CPU cluster: half a teacher_node and half a student_node, 4 sequences a step, a checkpoint
+    at the end, every step logged."""
+    return with_overrides(
+        config,
+        {
+            "cache.resources": {"teacher_node": 0.5},
+            "distill.method": method,
+            "distill.train.batch_size": 4,
+            "distill.train.max_steps": steps,
+            "distill.train.checkpoint_every": steps,
+            "distill.train.log_every": 1,
+            "distill.train.resources_per_worker": {"student_node": 0.5},
+        },
+    )
 
 
 def demo_tokenizer(
