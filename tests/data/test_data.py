@@ -27,6 +27,21 @@ from pipeline.errors import ConfigError, DataError
 GOOD = {"instruction": "Name a warm color.", "context": "", "response": "red", "category": "brainstorming"}
 
 
+def _stdout_under_hash_seeds(code: str, seeds: tuple[str, ...]) -> set[str]:
+    """The distinct outputs of `python -c code` in fresh interpreters, one per PYTHONHASHSEED."""
+    return {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=REPO,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in seeds
+    }
+
+
 def _write_lines(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -207,18 +222,7 @@ def test_split_deterministic_and_disjoint(demo_records: list[Record]) -> None:
         "generate_demo_records as g; r = g(200, 1); s = split_records(r, 0.1, 0.1, 5); "
         "print([r.index(x) for x in s.test])"
     )
-    outs = {
-        subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=REPO,
-            env={**os.environ, "PYTHONHASHSEED": seed},
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        for seed in ("1", "2")
-    }
-    assert len(outs) == 1
+    assert len(_stdout_under_hash_seeds(code, ("1", "2"))) == 1
     with pytest.raises(ConfigError):
         split_records(items, 0.6, 0.5, seed=0)
 
@@ -299,18 +303,7 @@ def test_demo_dataset_independent_of_hash_seed() -> None:
         "from pipeline.data.demo_dataset import generate_demo_records as g; "
         "from pipeline.data.records import records_fingerprint as f; print(f(g(500, 3)))"
     )
-    outs = {
-        subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=REPO,
-            env={**os.environ, "PYTHONHASHSEED": seed},
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        for seed in ("0", "123")
-    }
-    assert len(outs) == 1
+    assert len(_stdout_under_hash_seeds(code, ("0", "123"))) == 1
 
 
 def test_demo_tokenizer_roundtrip_and_lengths(tmp_path: Path, tokenizer, demo_records: list[Record]) -> None:
