@@ -410,7 +410,10 @@ def validate_config(config: Config, source: str) -> None:
         if value < 1:
             raise ConfigError(f"{source}: cache.{key}={value} must be >= 1. Fix: --set cache.{key}=<n >= 1>")
     if cache.num_gpus_per_actor < 0:
-        raise ConfigError(f"{source}: cache.num_gpus_per_actor={cache.num_gpus_per_actor} must be >= 0")
+        raise ConfigError(
+            f"{source}: cache.num_gpus_per_actor={cache.num_gpus_per_actor} must be >= 0. Fix: --set "
+            "cache.num_gpus_per_actor=<0 for CPU, or the GPUs per teacher actor>"
+        )
     for role in ("teacher", "student"):
         model: ModelConfig = getattr(config, role)
         if model.build is not None:

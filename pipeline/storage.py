@@ -19,10 +19,8 @@ from pipeline.errors import CacheError
 _LOCAL_PROTOCOLS = ("file", "local")
 # fsspec protocol -> the moe-distill extra that installs its backend
 _EXTRAS = {"s3": "s3"}
-_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s'\"]*@")
-
-
-_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://([^/@\s'\"]+)@")
+# scheme:// then the userinfo (credentials) before "@"
+_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/@\s'\"]*)@")
 _KNOWN_SECRETS: set[str] = set()  # credentials seen in this process's URLs (register_secrets)
 
 
@@ -31,7 +29,9 @@ def register_secrets(*texts: str) -> None:
     hides them wherever they reappear: a storage library's error may quote them without the URL's scheme
     (botocore: 'Invalid bucket name "KEY:SECRET@bucket"')."""
     for text in texts:
-        for userinfo in _USERINFO.findall(str(text)):
+        for _, userinfo in _CREDENTIALS.findall(str(text)):
+            if not userinfo:
+                continue
             _KNOWN_SECRETS.add(userinfo)
             _KNOWN_SECRETS.update(part for part in userinfo.split(":")[1:] if len(part) >= 4)
 
