@@ -33,6 +33,12 @@ class DataConfig:
     seed: int = 0
     strict: bool = False  # malformed records: error (strict) or skip and count
     prompt_template: Literal["dolly"] = "dolly"  # pipeline.data.template (the one template so far)
+    # The teacher-knows-more regime (docs/method.md, "The demo regime"): null = every stage trains on the whole
+    # training split. N = the students (distillation, the cache, the dense pretraining of `init: upcycle`) see
+    # a seeded subset of N training records, and the teacher fine-tunes on `teacher_train`: "all" training
+    # records, or only the "rest" the students never see (so the cache is not built on what it memorised).
+    student_train_records: int | None = None
+    teacher_train: Literal["all", "rest"] = "all"
 
 
 @dataclass(frozen=True)
@@ -455,6 +461,11 @@ def validate_config(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: tokenizer.path is required unless data.source is 'demo'")
     if not 0 <= config.data.val_fraction < 1 or not 0 <= config.data.test_fraction < 1:
         raise ConfigError(f"{source}: data.val_fraction and data.test_fraction must lie in [0, 1)")
+    if config.data.student_train_records is not None and config.data.student_train_records < 1:
+        raise ConfigError(
+            f"{source}: data.student_train_records must be >= 1 (null: the students train on the whole "
+            f"training split), got {config.data.student_train_records}"
+        )
     d = config.distill
     if d.k < 1:
         raise ConfigError(f"{source}: distill.k must be >= 1 (MC exploration length), got {d.k}")
@@ -559,8 +570,13 @@ def teacher_fields(config: Config) -> dict[str, Any]:
                 "prompt_template",
                 "max_length",
             )
-        },
+        }
+        # The regime fields only when set: configs without them keep their hash (and every key built on it).
+        | {k: getattr(data, k) for k, v in _REGIME_DEFAULTS.items() if getattr(data, k) != v},
     }
+
+
+_REGIME_DEFAULTS = {"student_train_records": None, "teacher_train": "all"}
 
 
 _CODEC_DEFAULTS = {

@@ -46,3 +46,27 @@ def split_records(records: Sequence[T], val_fraction: float, test_fraction: floa
         validation=[records[i] for i in val_idx],
         test=[records[i] for i in test_idx],
     )
+
+
+def regime_splits(
+    train: Sequence[T], student_records: int | None, teacher_train: str, seed: int
+) -> tuple[list[T], list[T]]:
+    """(students' training records, teacher's training records) of the teacher-knows-more regime.
+
+    `student_records` None: both are the whole training split. Otherwise the students get a seeded subset of
+    that many records (original order kept) and the teacher "all" of `train` or the "rest". The subset's
+    seed is offset from the split's so it is not the first records of the same permutation.
+    """
+    if student_records is None:
+        return list(train), list(train)
+    if student_records >= len(train):
+        raise ConfigError(
+            f"data.student_train_records={student_records} leaves nothing beyond the students' records in "
+            f"a training split of {len(train)}. Fix: lower it, or raise data.num_demo_records."
+        )
+    order = list(range(len(train)))
+    random.Random(seed + 1_000_003).shuffle(order)
+    chosen = set(order[:student_records])
+    students = [r for i, r in enumerate(train) if i in chosen]
+    teacher = list(train) if teacher_train == "all" else [r for i, r in enumerate(train) if i not in chosen]
+    return students, teacher

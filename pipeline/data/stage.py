@@ -16,7 +16,7 @@ from pipeline.config import Config
 from pipeline.data.demo_dataset import generate_demo_records
 from pipeline.data.demo_tokenizer import train_demo_tokenizer
 from pipeline.data.records import LoadStats, Record, load_records, write_jsonl
-from pipeline.data.split import Splits, split_records
+from pipeline.data.split import Splits, regime_splits, split_records
 from pipeline.data.template import format_prompt
 from pipeline.errors import DataError
 from pipeline.network import hub_load_kwargs
@@ -29,7 +29,8 @@ TOKENIZER_STAMP = "moedistill_tokenizer.json"  # the settings the demo tokenizer
 
 @dataclass(frozen=True)
 class PreparedData:
-    splits: Splits[Record]
+    splits: Splits[Record]  # `train` is the students' training split (data.student_train_records)
+    teacher_train: list[Record]  # what the teacher fine-tunes on (data.teacher_train)
     tokenizer_path: str
     load_stats: LoadStats
 
@@ -55,8 +56,16 @@ def prepare_data(config: Config) -> PreparedData:
     if not records:
         raise DataError(f"data source {data_cfg.source!r} yielded no usable records; check data.source")
     splits = split_records(records, data_cfg.val_fraction, data_cfg.test_fraction, seed=data_cfg.seed)
+    # The tokenizer is trained on the whole training split, before the regime takes the students' share.
+    tokenizer_path = _ensure_tokenizer(config, splits, paths)
+    student_train, teacher_train = regime_splits(
+        splits.train, data_cfg.student_train_records, data_cfg.teacher_train, data_cfg.seed
+    )
     return PreparedData(
-        splits=splits, tokenizer_path=_ensure_tokenizer(config, splits, paths), load_stats=stats
+        splits=Splits(train=student_train, validation=splits.validation, test=splits.test),
+        teacher_train=teacher_train,
+        tokenizer_path=tokenizer_path,
+        load_stats=stats,
     )
 
 

@@ -47,7 +47,7 @@ def run_finetune(config: Config, *, force: bool = False, eval_examples: int = 12
     tokenizer = load_tokenizer(prepared.tokenizer_path)
     # The student is checked too: a tokenizer mismatch found after the teacher's fine-tuning wastes it.
     check_models_share_tokenizer(config, tokenizer)
-    train_examples, stats = tokenize_records(tokenizer, prepared.splits.train, config.data.max_length)
+    train_examples, stats = tokenize_records(tokenizer, prepared.teacher_train, config.data.max_length)
     val_examples, _ = tokenize_records(tokenizer, prepared.splits.validation, config.data.max_length)
     print(
         f"[finetune] data: {len(train_examples)} train / {len(val_examples)} validation examples "
