@@ -66,6 +66,17 @@ class ArchitectureConfig:
 
 
 @dataclass(frozen=True)
+class LoraMoEConfig:
+    """`student.init: lora-moe` (MoE-KD's student, pipeline.models.lora_moe): the dense counterpart of
+    `student.build` with a mixture of `student.build.num_experts` LoRA experts (top `student.build.top_k`) of
+    rank `rank`, scaled by `alpha`, beside the MLP of `layers` (null: every decoder layer)."""
+
+    layers: list[int] | None = None
+    rank: int = 16  # the released Dolly SFT script's r
+    alpha: float = 1.0  # the released code's default a
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Where a model comes from: exactly one of `path`, `upcycle_from`, `build`."""
 
@@ -78,8 +89,10 @@ class ModelConfig:
     seed: int = 0
     torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Students only: "upcycle" starts from a dense counterpart of `build` pretrained for the fixed budget
-    # `student_pretrain`, upcycled to MoE (pipeline.finetune.student_init); "random": from scratch.
-    init: Literal["random", "upcycle"] = "random"
+    # `student_pretrain`, upcycled to MoE (pipeline.finetune.student_init); "random": from scratch;
+    # "lora-moe": that dense student with LoRA experts (`lora_moe`), fine-tuned on the responses (MoE-KD).
+    init: Literal["random", "upcycle", "lora-moe"] = "random"
+    lora_moe: LoraMoEConfig = field(default_factory=LoraMoEConfig)
 
 
 @dataclass(frozen=True)
@@ -200,6 +213,9 @@ class EvalConfig:
     num_gpus_per_actor: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # per actor, e.g. {"student_node": 1}
     test_sets: list[str] = field(default_factory=list)  # extra Dolly-format JSONL / datasets names
+    # data.source demo: examples per held-out demo set (paraphrase, composition, entities:
+    # docs/evaluation.md), at most max_examples; 0: the test split alone
+    heldout_examples: int = 100
     multiple_choice: list[MultipleChoiceConfig] = field(default_factory=list)  # accuracy, not Rouge-L
 
 
@@ -406,6 +422,23 @@ def _check_architecture(build: ArchitectureConfig, role: str, source: str) -> No
         )
 
 
+def _check_lora_moe(student: ModelConfig, source: str) -> None:
+    assert student.build is not None  # init != random needs student.build (checked first)
+    depth, lora = student.build.num_layers, student.lora_moe
+    layers = lora.layers if lora.layers is not None else []
+    bad = [i for i in layers if not 0 <= i < depth]
+    if lora.layers == [] or bad or len(set(layers)) != len(layers):
+        raise ConfigError(
+            f"{source}: student.lora_moe.layers={lora.layers} must name distinct decoder layers of the "
+            f"{depth}-layer student. Fix: --set student.lora_moe.layers=<a list within [0, {depth})>, or "
+            "null for every layer."
+        )
+    if lora.rank < 1:
+        raise ConfigError(
+            f"{source}: student.lora_moe.rank={lora.rank} must be >= 1. Fix: --set student.lora_moe.rank=16"
+        )
+
+
 def validate_config(config: Config, source: str) -> None:
     """Cross-field checks that types alone cannot express."""
     if config.distill.run_name is not None:
@@ -436,12 +469,14 @@ def validate_config(config: Config, source: str) -> None:
                 f"{source}: {role} needs exactly one of {role}.path (an MoE model), {role}.upcycle_from "
                 f"(a dense model to upcycle) or {role}.build (a tiny architecture); got {chosen or 'none'}"
             )
-        if model.init == "upcycle" and (role == "teacher" or model.build is None):
+        if model.init != "random" and (role == "teacher" or model.build is None):
             raise ConfigError(
-                f"{source}: {role}.init: upcycle pretrains a dense counterpart of student.build, so it needs "
-                f"the student described by student.build (got {role}.{chosen[0]}). Fix: set {role}.init: "
-                "random (a checkpoint carries its own pretraining)."
+                f"{source}: {role}.init: {model.init} pretrains a dense counterpart of student.build, so it "
+                f"needs the student described by student.build (got {role}.{chosen[0]}). Fix: set "
+                f"{role}.init: random (a checkpoint carries its own pretraining)."
             )
+        if model.init == "lora-moe":
+            _check_lora_moe(model, source)
         local = model.path or model.upcycle_from
         if local and _looks_local(local) and not Path(local).exists():
             raise ConfigError(
@@ -540,6 +575,15 @@ RUNTIME_ONLY_TRAIN_FIELDS = frozenset(
 )
 
 
+def model_settings(model: ModelConfig) -> dict[str, Any]:
+    """A model's fields that decide it: `lora_moe` only where `init` uses it, so a model of another init
+    keeps the fingerprints it had before the setting existed."""
+    fields = dataclasses.asdict(model)
+    if model.init != "lora-moe":
+        del fields["lora_moe"]
+    return fields
+
+
 def train_settings(train: TrainConfig) -> dict[str, Any]:
     """The training fields that change the trained weights."""
     return {k: v for k, v in dataclasses.asdict(train).items() if k not in RUNTIME_ONLY_TRAIN_FIELDS}
@@ -553,7 +597,7 @@ def teacher_fields(config: Config) -> dict[str, Any]:
     data = config.data
     return {
         # `init` is a student-only switch (validate_config refuses it for the teacher).
-        "teacher": {k: v for k, v in dataclasses.asdict(config.teacher).items() if k != "init"},
+        "teacher": {k: v for k, v in model_settings(config.teacher).items() if k != "init"},
         # The teacher the cache is built from is the one `finetune-teacher` trains with these settings.
         "finetune": train_settings(config.finetune),
         "tokenizer": dataclasses.asdict(config.tokenizer),

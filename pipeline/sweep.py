@@ -183,11 +183,12 @@ def check_method(config: Config, where: str) -> None:
     """The run's method exists, can run, and its preset agrees with the config: checked before Ray starts
     (and before any teacher work), so a typo in a sweep's grid never costs a fine-tuning."""
     # why here: the method registry imports torch; `moedistill report results <sweep>` needs none of it.
-    from pipeline.distill.methods import on_policy_method, resolved_distill
+    from pipeline.distill.methods import check_method_student, on_policy_method, resolved_distill
 
     try:
         on_policy_method(config.distill)
         resolved_distill(config.distill)
+        check_method_student(config.distill, config.student.init)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 

@@ -77,6 +77,8 @@ class MethodSpec:
     formulas: Literal["paper", "released"] = "paper"
     # DistillConfig fields this preset fixes (e.g. {"mc_state_loss": "relative"}); see resolved_distill.
     settings: dict[str, Any] = field(default_factory=dict)
+    # The student.init the recipe trains (moe-kd: its LoRA-MoE student); None: any student.
+    student_init: str | None = None
     source: str = ""
     deviation: str = ""
 
@@ -148,6 +150,30 @@ _RELEASED = MethodSpec(
         "the student's expert count by the group sums of Eq. 6 (released: a strided one-hot); router "
         "temperature fixed at 1 (released: a clamped parameter that never trains); needs cached gates only, "
         "no expert states"
+    ),
+)
+
+
+# MoE-KD (docs/method.md, "MoE-KD baseline"): the released code's KD stage on its own LoRA-MoE student.
+_MOE_KD = MethodSpec(
+    name="moe-kd",
+    token_loss="skew_reverse_kl",
+    token_loss_kwargs={"alpha": 0.1},
+    student_init="lora-moe",
+    source="Xu et al. 2024, Sparse Mixture of Experts Language Models Excel in Knowledge Distillation "
+    "(MoE-KD, NLPCC); released code github.com/sprog-xhy/MoE-KD-release (src/mixture_of_experts.py, "
+    "src/scripts/kd/dolly/moe-large2small-5e-5.sh): a dense student with top-2 softmax-routed LoRA experts "
+    "beside its MLPs (student.init: lora-moe), supervised-fine-tuned, then distilled with skew reverse KL "
+    "(skew 0.1) and no LM term (--kd_loss_type srkl --lm_loss_ratio 0)",
+    deviation=(
+        "the dense student is the project's dense counterpart of student.build pretrained on the training "
+        "text (the one every upcycled row starts from), not a pretrained GPT-2; its LoRA experts number "
+        "student.build.num_experts with student.build.top_k (demo: 4, top-2; released Dolly runs: 8, top-2), "
+        "rank 16 and a = 1 on every decoder layer (student.lora_moe; as the released Dolly SFT script); the "
+        "SFT stage trains every parameter on the training responses with the student_pretrain budget "
+        "(released: 10 epochs at lr 5e-4) and the KD stage runs the sweep's distill.train budget like every "
+        "other row (released: 5 epochs at lr 5e-5, cosine schedule, fp16); no gate metrics are logged (the "
+        f"LoRA routers are not read); {_SPARSE_CACHE_NOTE}"
     ),
 )
 
@@ -249,6 +275,7 @@ _METHODS: tuple[MethodSpec, ...] = (
         "docs/method.md) as the best MC-on variant; it does NOT beat kd there (paired difference within seed "
         "noise), and plain b-distill-no-mc is as good",
     ),
+    _MOE_KD,
 )
 
 _BY_NAME: dict[str, MethodSpec] = {m.name: m for m in _METHODS}
@@ -405,6 +432,26 @@ def on_policy_method(distill: DistillConfig) -> OnPolicyMethodSpec | None:
             f"method ({', '.join(wired)}) or its off-policy preset {online.base!r}."
         )
     return online
+
+
+def check_method_student(distill: DistillConfig, student_init: str) -> None:
+    """ConfigError when the method and the student's init do not go together: a preset that trains its own
+    student (moe-kd: the LoRA-MoE) given another, or the LoRA-MoE student (no routed layers the pipeline
+    reads: logits only) given a method that needs its routers, expert states or the teacher service."""
+    method = get_method(offline_base(distill).method)
+    if method.student_init is not None and student_init != method.student_init:
+        raise ConfigError(
+            f"method {method.name!r} trains the student of student.init: {method.student_init}, but this "
+            f"student is student.init: {student_init}. Fix: --set student.init={method.student_init}."
+        )
+    needs_routers = method.uses_mc or method.uses_erd or distill.method in ON_POLICY_METHODS
+    if student_init == "lora-moe" and needs_routers:
+        raise ConfigError(
+            f"the LoRA-MoE student (student.init: lora-moe) trains on logits only, but method "
+            f"{distill.method!r} needs the student's routed MoE layers or the teacher service. Fix: pick an "
+            "offline logits-only method (moe-kd, kd, distillm, gkd, abkd, sft, seqkd), or another "
+            "student.init."
+        )
 
 
 def offline_base(distill: DistillConfig) -> DistillConfig:

@@ -13,10 +13,17 @@ from typing import Any
 
 from pipeline.cache.reader import TeacherCache, open_cache, read_cache_dataset
 from pipeline.cache.stage import cache_spec_from_config, locate_cache, teacher_checkpoint
-from pipeline.config import Config, ModelConfig, train_settings
+from pipeline.config import Config, ModelConfig, model_settings, train_settings
 from pipeline.data.stage import PreparedData, load_tokenizer, prepare_data
 from pipeline.data.tokenize import tokenize_records
-from pipeline.distill.methods import MethodSpec, method_for, offline_base, on_policy_method, resolved_distill
+from pipeline.distill.methods import (
+    MethodSpec,
+    check_method_student,
+    method_for,
+    offline_base,
+    on_policy_method,
+    resolved_distill,
+)
 from pipeline.distill.onpolicy_task import OnPolicyTask
 from pipeline.distill.task import DistillTask
 from pipeline.errors import ConfigError, ModelError
@@ -59,10 +66,10 @@ def run_settings(config: Config, cache_key: str) -> dict[str, Any]:
     distill = {k: v for k, v in asdict(resolved).items() if k not in ("run_name", "train", "diagnostics")}
     settings = {
         "cache_key": cache_key,
-        "student": asdict(config.student),
+        "student": model_settings(config.student),
         "distill": {**distill, "train": train_settings(config.distill.train)},
     }
-    if config.student.init == "upcycle":  # the pretrained starting point decides the student too
+    if config.student.init != "random":  # the pretrained starting point decides the student too
         settings["student_pretrain"] = train_settings(config.student_pretrain)
     online = on_policy_method(config.distill)
     if online is not None:  # a preset's loss settings decide the student: a changed preset never reuses runs
@@ -96,6 +103,7 @@ class DistillResult:
 def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
     online = on_policy_method(config.distill)  # None: offline; refuses an on-policy preset not wired yet
     method = method_for(offline_base(config.distill))  # an on-policy run's dataset batches: its base preset
+    check_method_student(config.distill, config.student.init)
     paths = paths_for(config)
     prepared = prepare_data(config)
     tokenizer = load_tokenizer(prepared.tokenizer_path)
@@ -165,8 +173,10 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
                 f"{', '.join(sorted(fields)) or 'none'}), {spec.total_steps} steps",
                 flush=True,
             )
-            # student.init: upcycle -> the workers build the upcycled pretrained dense student (made once).
+            # student.init: upcycle / lora-moe -> the workers build the student made from the pretrained dense
+            # one (made once). The LoRA-MoE student trains on logits alone: no layer pairs to read.
             task_config = replace(config, student=resolve_student(config))
+            student_pairs = [] if config.student.init == "lora-moe" else pairs
             started = time.perf_counter()
             tokenizer_path, teacher_hidden_size = prepared.tokenizer_path, cache.hidden_size
             service = _start_service(config, tokenizer_path, cache.width) if online else None
@@ -181,7 +191,7 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
                     return DistillTask(
                         task_config,
                         tokenizer_path=tokenizer_path,
-                        pairs=pairs,
+                        pairs=student_pairs,
                         teacher_hidden_size=teacher_hidden_size,
                         cache_path=cache_path,
                     )

@@ -27,7 +27,8 @@ class DistillStudent(nn.Module):
         super().__init__()
         self.student = student
         self.student_layers = list(student_layers)
-        hidden = MoEAdapter(student).hidden_size
+        # No paired layers: a logits-only student (MoE-KD's LoRA-MoE), never read through the MoE adapter.
+        hidden = MoEAdapter(student).hidden_size if self.student_layers else teacher_hidden_size
         # Identity when sizes match (docs/method.md): nothing to learn there.
         self.projections = nn.ModuleList(
             nn.Identity()
@@ -46,6 +47,9 @@ class DistillStudent(nn.Module):
     ) -> StudentForward:
         """`detach_expert_inputs`: expert outputs on the detached MoE input (distill.mc_grad_scope: experts),
         so a loss on `projected_states` trains only the experts and the projections P."""
+        if not self.student_layers:
+            out = self.student(input_ids=input_ids, attention_mask=attention_mask)
+            return StudentForward(logits=out.logits, router_probs=[], projected_states=[])
         if not with_experts:
             # Baselines need no expert outputs; router logits alone still give the gate metrics cheaply.
             out = self.student(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)

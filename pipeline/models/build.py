@@ -11,8 +11,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen3Config, Qwen3MoeConfig
 
-from pipeline.config import ArchitectureConfig
+from pipeline.config import ArchitectureConfig, LoraMoEConfig
 from pipeline.errors import ConfigError, ModelError
+
+# Importing it registers the LoRA-MoE student with the Auto classes: load_causal_lm loads its exports.
+from pipeline.models.lora_moe import Qwen3LoraMoEForCausalLM, lora_moe_config
 from pipeline.network import hub_load_kwargs
 
 
@@ -142,6 +145,35 @@ def build_tiny_dense(arch: ArchitectureConfig, tokenizer: Any, seed: int) -> Pre
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     return model.eval()
+
+
+def lora_moe_from_dense(
+    dense: str | PreTrainedModel, settings: LoraMoEConfig, num_experts: int, top_k: int, seed: int
+) -> Qwen3LoraMoEForCausalLM:
+    """MoE-KD's student (pipeline.models.lora_moe): `dense` (a Qwen3 model or its checkpoint) with
+    `num_experts` top-`top_k` LoRA experts beside the MLP of `settings.layers` (None: every layer). Every
+    dense weight is copied unchanged; routers and experts are drawn from `seed` (eval mode, the dense
+    model's dtype)."""
+    model = load_causal_lm(dense, setting="the pretrained dense student") if isinstance(dense, str) else dense
+    if model.config.model_type != "qwen3":
+        raise ModelError(
+            f"the LoRA-MoE student is built on a dense Qwen3 model, got a {model.config.model_type!r} one. "
+            "Fix: give student.init: lora-moe a student.build (its dense counterpart is a Qwen3)."
+        )
+    depth = model.config.num_hidden_layers
+    layers = list(range(depth)) if settings.layers is None else list(settings.layers)
+    config = lora_moe_config(model.config, layers, num_experts, top_k, settings.rank, settings.alpha)
+    with torch.random.fork_rng(devices=[]):  # deterministic experts, the caller's RNG untouched
+        torch.manual_seed(seed)
+        student = Qwen3LoraMoEForCausalLM(config)
+    missing, unexpected = student.load_state_dict(model.state_dict(), strict=False)
+    new = [k for k in missing if ".mlp.lora_" not in k]
+    if new or unexpected:  # only the mixture may be new: anything else means the two models differ
+        raise ModelError(
+            f"the dense model does not fit its LoRA-MoE counterpart (missing {new[:3]}, unexpected "
+            f"{unexpected[:3]}). Fix: build the LoRA-MoE student from a dense Qwen3 checkpoint."
+        )
+    return student.to(model.dtype).eval()
 
 
 def load_causal_lm(

@@ -630,6 +630,7 @@ def test_method_registry_presets(logits) -> None:
         "b-distill",
         "b-distill-no-mc",
         "b-distill-no-erd",
+        "moe-kd",
         *VARIANTS,
     }
     assert set(method_names()) == expected
