@@ -69,7 +69,8 @@ def stochastic_routing(adapter: Any, sampling_prob: float, seed: int) -> Iterato
         scores = torch.where(use[:, None], weights.to(scores.dtype), scores)
         return router_logits, scores, indices
 
-    handles = [adapter.moe_block(i).gate.register_forward_hook(hook) for i in range(adapter.num_layers)]
+    routers = [adapter.softmax_router(i, "knowledge augmentation") for i in range(adapter.num_layers)]
+    handles = [router.register_forward_hook(hook) for router in routers]
     try:
         yield
     finally:

@@ -34,7 +34,7 @@ from pipeline.cache.teacher import TeacherShardStage, compute_shard, tokenize_sh
 from pipeline.data.stage import load_tokenizer
 from pipeline.errors import CacheError, ConfigError
 from pipeline.locks import DirectoryLock
-from pipeline.models.adapter import SUPPORTED_MODEL_TYPES
+from pipeline.models.adapter import SUPPORTED_MODEL_TYPES, check_adapter_reads
 from pipeline.models.dims import read_dims
 from pipeline.placement import teacher_actor_options
 
@@ -46,15 +46,17 @@ _LIGHT_TASK_CPUS = 0.25
 
 
 def teacher_dims(teacher_path: str) -> dict[str, Any]:
-    """The manifest's teacher record (model type, layer/expert counts, sizes), from the teacher's config:
-    the weights stay unloaded."""
+    """The manifest's teacher record (model type, MoE layer/expert counts, sizes, and `moe_layers`: the
+    decoder layers of the MoE layers where some are dense), from the teacher's config: the weights stay
+    unloaded. A model the adapter cannot read is refused here, before Ray starts."""
     dims = read_dims(teacher_path, role="teacher", fix="check teacher_path.")
-    if dims.model_type not in SUPPORTED_MODEL_TYPES:
+    if dims.num_experts is None:
         raise ConfigError(
-            f"teacher {teacher_path!r} is a {dims.model_type!r} model; the cache stage supports "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}. Fix: point teacher_path at an MoE checkpoint of one of "
-            "these types (pipeline.models.upcycle turns a dense Qwen3/Llama into one)."
+            f"teacher {teacher_path!r} is a {dims.model_type!r} model; the cache stage supports MoE models: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (docs/model-families.md). Fix: point teacher_path at an MoE "
+            "checkpoint of one of these types (pipeline.models.upcycle turns a dense Qwen3/Llama into one)."
         )
+    check_adapter_reads(dims, teacher_path, "teacher")
     return dims.as_dict()
 
 

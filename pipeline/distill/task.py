@@ -21,6 +21,7 @@ from pipeline.distill.methods import method_for, resolved_distill
 from pipeline.distill.objective import combine_terms, objective_terms
 from pipeline.distill.student import DistillStudent
 from pipeline.errors import CacheError, ConfigError
+from pipeline.models.adapter import MoEAdapter
 from pipeline.models.export import export_hf_checkpoint
 from pipeline.models.stage import materialize_model
 from pipeline.training.parallel import decoder_layers
@@ -121,7 +122,8 @@ class DistillTask:
         layers = decoder_layers(model)
         if not self.method.needs_expert_states:
             return layers
-        paired = {id(model.student.model.layers[s]) for s, _ in self.pairs}
+        decoder = MoEAdapter(model.student).moe_layers  # pairs count MoE layers; dense layers sit between
+        paired = {id(model.student.model.layers[decoder[s]]) for s, _ in self.pairs}
         return [layer for layer in layers if id(layer) not in paired]
 
     def mc_generator(self, device: torch.device, step: int) -> torch.Generator:

@@ -1,16 +1,13 @@
-"""Per-architecture access to an MoE model's routers and experts.
+"""Uniform access to an MoE model's routers and experts, for every family in pipeline.models.families.
 
-One forward of the model yields its logits plus, for chosen layers and tokens, the FULL router softmax over
-all experts and EVERY expert's FFN output on the layer's MoE input -- what B-Distill's aggregated gates and
-expert states are built from (the model itself only evaluates its top-k experts).
+One forward of the model yields its logits plus, for chosen MoE layers and tokens, the full router
+distribution p over ALL experts and EVERY expert's FFN output on the layer's MoE input -- what B-Distill's
+aggregated gates and expert states are built from (the model itself only evaluates its top-k experts).
 
-Verified against transformers 5.x (`models/{qwen3_moe,mixtral,olmoe}/modeling_*.py`): every supported decoder
-layer holds its sparse block at `model.model.layers[i].mlp` with
-  * `mlp.gate`: a TopKRouter, `weight [E, H]`, `top_k`; router logits = x @ weight.T in the model dtype,
-    softmax in fp32, top-k over the probabilities, renormalised to sum 1 iff `norm_topk_prob`
-    (Mixtral: always);
-  * `mlp.experts`: fused `gate_up_proj [E, 2I, H]` (gate rows first, then up rows), `down_proj [E, H, I]`,
-    `act_fn`; expert e on x = down_proj[e] @ (act(gate_up_proj[e][:I] @ x) * (gate_up_proj[e][I:] @ x)).
+Layer indices here are MoE-layer indices: 0..num_layers-1 over the decoder layers that hold an MoE block
+(`moe_layers` maps them to decoder layers; dense layers such as DeepSeek's first_k_dense_replace are
+skipped). Each family's math is read from transformers' own modules (pipeline.models.moe_blocks); the
+semantics per family are in docs/model-families.md.
 """
 
 from __future__ import annotations
@@ -19,13 +16,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from pipeline.errors import ModelError
+from pipeline.errors import ConfigError, ModelError
+from pipeline.models.dims import ModelDims
+from pipeline.models.families import SUPPORTED_MODEL_TYPES, check_model_type, family_of
+from pipeline.models.moe_blocks import MoEBlockView, Routing, is_moe_layer
 
-SUPPORTED_MODEL_TYPES = ("qwen3_moe", "mixtral", "olmoe")
+__all__ = ["SUPPORTED_MODEL_TYPES", "MoEAdapter", "MoEForwardOutput", "Routing", "check_adapter_reads"]
 
 
 @dataclass
@@ -37,8 +36,17 @@ class MoEForwardOutput:
     expert_outputs: dict[int, Tensor]  # layer -> [N, E, H], every expert's FFN output (model dtype)
 
 
+def _unsupported(model: nn.Module, model_type: object, why: str) -> ModelError:
+    return ModelError(
+        f"MoEAdapter does not support {type(model).__name__} (model type {model_type!r}): {why}. It needs a "
+        f"causal LM of a supported type: {', '.join(SUPPORTED_MODEL_TYPES)} (docs/model-families.md), or one "
+        "with the same structure. A dense Qwen3/Llama checkpoint can be turned into one with "
+        "pipeline.models.upcycle.upcycle_dense_to_moe."
+    )
+
+
 class MoEAdapter:
-    """Uniform view of a supported transformers MoE causal LM (see SUPPORTED_MODEL_TYPES).
+    """Uniform view of a transformers MoE causal LM of a family in pipeline.models.families.
 
     Accepts a DistributedDataParallel-wrapped model too: the forward then runs through the wrapper (so
     gradients are synchronised) while the routers/experts are read from the inner module.
@@ -49,56 +57,44 @@ class MoEAdapter:
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         model_type = getattr(getattr(inner, "config", None), "model_type", None)
         is_causal_lm = isinstance(inner, PreTrainedModel) and inner.get_output_embeddings() is not None
-        if not is_causal_lm or model_type not in SUPPORTED_MODEL_TYPES:
-            raise ModelError(
-                f"MoEAdapter does not support {type(inner).__name__} (model type {model_type!r}); it needs a "
-                "causal LM of a supported type: "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)}. Use one of these MoE architectures (a dense "
-                "Qwen3/Llama checkpoint can be turned into one with "
-                "pipeline.models.upcycle.upcycle_dense_to_moe)."
-            )
+        layers = getattr(getattr(inner, "model", None), "layers", None)
+        if not is_causal_lm or layers is None:
+            raise _unsupported(inner, model_type, "not a decoder-only causal LM (`model.model.layers`)")
         self.model: PreTrainedModel = inner
-        self.model_type: str = model_type
-        self._layers = inner.model.layers
-        for i, layer in enumerate(self._layers):
-            self._check_block(i, layer.mlp)
-
-    def _check_block(self, layer_idx: int, block: nn.Module) -> None:
-        experts = getattr(block, "experts", None)
-        gate = getattr(block, "gate", None)
-        if experts is None or gate is None or not hasattr(experts, "gate_up_proj"):
-            raise ModelError(
-                f"layer {layer_idx} of this {self.model_type} model has a dense MLP "
-                f"({type(block).__name__}), but MoEAdapter needs every layer to be MoE (layer indices "
-                "pair teacher and student MoE layers). "
-                "Set mlp_only_layers=[] and decoder_sparse_step=1 in the model config."
+        self.model_type: str = str(model_type)
+        family = family_of(self.model_type)
+        self.moe_layers: tuple[int, ...] = tuple(
+            i for i, layer in enumerate(layers) if is_moe_layer(layer, family)
+        )
+        if not self.moe_layers:
+            block = f"`layers[i].{family.block}.{family.router}`"
+            raise _unsupported(
+                inner, model_type, f"no MoE block ({block}) in its {len(layers)} decoder layers"
             )
-        # Non-default fused layouts (interleaved gate/up, transposed or biased experts) would silently
-        # change the math below; none of the supported models uses them, so refuse instead of guessing.
-        if (
-            getattr(experts, "is_transposed", False)
-            or not getattr(experts, "is_concatenated", True)
-            or getattr(experts, "has_bias", False)
-            or not getattr(experts, "has_gate", True)
-        ):
+        self._blocks = [
+            MoEBlockView(layers[i], family, self.model_type, f"decoder layer {i}") for i in self.moe_layers
+        ]
+        shapes = {(b.num_experts, b.top_k, b.hidden_size) for b in self._blocks}
+        if len(shapes) > 1:
             raise ModelError(
-                f"layer {layer_idx}: experts use a non-standard fused layout "
-                "(transposed/interleaved/biased); MoEAdapter supports the default [E, 2I, H] gate_up_proj "
-                "+ [E, H, I] down_proj layout only."
+                f"the MoE layers of this {self.model_type} model differ in (experts, top-k, hidden size): "
+                f"{sorted(shapes)}; B-Distill pairs layers of one expert count. Fix: use a checkpoint whose "
+                "MoE layers share one shape."
             )
 
     # --- properties ---
     @property
     def num_layers(self) -> int:
-        return len(self._layers)
+        """MoE layers (the decoder layers `moe_layers`); every layer index of this class counts these."""
+        return len(self._blocks)
 
     @property
     def num_experts(self) -> int:
-        return int(self.moe_block(0).gate.weight.shape[0])
+        return self._blocks[0].num_experts
 
     @property
     def top_k(self) -> int:
-        return int(self.moe_block(0).gate.top_k)
+        return self._blocks[0].top_k
 
     @property
     def hidden_size(self) -> int:
@@ -111,39 +107,55 @@ class MoEAdapter:
 
     @property
     def expert_intermediate_size(self) -> int:
-        return int(self.moe_block(0).experts.down_proj.shape[-1])
+        return self._blocks[0].intermediate_size
 
     @property
     def norm_topk_prob(self) -> bool:
-        """Whether the model renormalises its top-k router probabilities to sum 1 (Mixtral always does)."""
-        if self.model_type == "mixtral":
-            return True
-        return bool(self.model.config.norm_topk_prob)
+        """Whether the model renormalises its top-k weights to sum 1 (Mixtral, gpt-oss, Granite: always)."""
+        return self._blocks[0].renormalize
 
-    def moe_block(self, layer_idx: int) -> nn.Module:
-        """The sparse MoE block (`.gate` router, `.experts` fused experts) of decoder layer `layer_idx`."""
+    def block_view(self, layer_idx: int) -> MoEBlockView:
+        """MoE layer `layer_idx`'s block as read through its family's table entry."""
         if not 0 <= layer_idx < self.num_layers:
             raise ModelError(
                 f"layer index {layer_idx} out of range: this model has {self.num_layers} MoE layers "
-                "(0-based)."
+                f"(0-based; decoder layers {list(self.moe_layers)})."
             )
-        return self._layers[layer_idx].mlp
+        return self._blocks[layer_idx]
+
+    def moe_block(self, layer_idx: int) -> nn.Module:
+        """The sparse MoE block module of MoE layer `layer_idx`."""
+        return self.block_view(layer_idx).block
+
+    def softmax_router(self, layer_idx: int, feature: str) -> nn.Module:
+        """The router of MoE layer `layer_idx` for `feature`s that rewrite a softmax top-k router's
+        (logits, weights, indices) output in a hook (knowledge augmentation, SAR); ModelError otherwise."""
+        view = self.block_view(layer_idx)
+        if not view.family.softmax_topk_router:
+            raise ModelError(
+                f"{feature} rewrites a softmax top-k router's output, but {self.model_type} routes otherwise "
+                "(docs/model-families.md). Fix: turn it off for this teacher, or use a softmax top-k family "
+                "(qwen3_moe, mixtral, olmoe, qwen2_moe, qwen3_next, gpt_oss, granitemoe, hunyuan_v1_moe)."
+            )
+        return view.router
 
     # --- math ---
     def router_probs(self, layer_idx: int, x: Tensor) -> Tensor:
-        """Full router softmax [N, E] (fp32) for MoE inputs x [N, H], computed as the model does."""
-        logits = F.linear(x, self.moe_block(layer_idx).gate.weight)
-        return torch.softmax(logits.float(), dim=-1)
+        """The full router distribution p [N, E] (fp32) for MoE inputs x [N, H], as the model computes it."""
+        view = self.block_view(layer_idx)
+        return view.probs_from_logits(view.router_logits(x))
+
+    def routing(self, layer_idx: int, x: Tensor) -> Routing:
+        """The model's own routing (logits, p, top-k weights and indices) of MoE inputs x [N, H]."""
+        return self.block_view(layer_idx).routing(x)
 
     def expert_outputs(self, layer_idx: int, x: Tensor) -> Tensor:
-        """Every expert's FFN output [N, E, H] for MoE inputs x [N, H]: two batched matmuls, no loop."""
-        experts = self.moe_block(layer_idx).experts
-        gate_up = torch.einsum("nh,eoh->neo", x, experts.gate_up_proj)  # [N, E, 2I]
-        gate, up = gate_up.chunk(2, dim=-1)
-        return torch.einsum("nei,ehi->neh", experts.act_fn(gate) * up, experts.down_proj)
+        """Every routed expert's output [N, E, H] for MoE inputs x [N, H] (shared experts excluded)."""
+        return self.block_view(layer_idx).expert_outputs(x)
 
     def route(self, router_probs: Tensor) -> tuple[Tensor, Tensor]:
-        """The model's own top-k rule on full probabilities [N, E] -> (weights [N, k], indices [N, k])."""
+        """Top-k of full probabilities [N, E] -> (weights [N, k], indices [N, k]), renormalised iff the model
+        does: the model's own rule for plain softmax top-k routers (`routing` is the model's rule always)."""
         weights, indices = torch.topk(router_probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -156,13 +168,15 @@ class MoEAdapter:
         layers: Sequence[int],
         token_mask: Tensor,
         detach_expert_inputs: bool = False,
+        with_experts: bool = True,
     ) -> MoEForwardOutput:
         """One model forward returning logits and, for `layers` and the tokens where `token_mask` [B, T] is
         True, full router probabilities and every expert's output.
 
         Differentiable; no hook survives the call. With `detach_expert_inputs` the returned expert outputs are
         computed on the detached MoE input, so a loss on them trains the experts only (not the layers below
-        or the router); the router probabilities and logits keep their full graph."""
+        or the router); the router probabilities and logits keep their full graph. Without `with_experts`
+        only the router distributions are computed (`expert_outputs` is empty)."""
         layers = [int(i) for i in layers]
         for i in layers:
             self.moe_block(i)  # range check with a clear error
@@ -193,7 +207,42 @@ class MoEAdapter:
         router_probs: dict[int, Tensor] = {}
         expert_outputs: dict[int, Tensor] = {}
         for i in layers:
-            x = captured[i]
-            router_probs[i] = self.router_probs(i, x)
-            expert_outputs[i] = self.expert_outputs(i, x.detach() if detach_expert_inputs else x)
+            x, view = captured[i], self.block_view(i)
+            logits = view.router_logits(x)
+            router_probs[i] = view.probs_from_logits(logits)
+            if with_experts:
+                if detach_expert_inputs:
+                    x, logits = x.detach(), logits.detach()
+                expert_outputs[i] = view.expert_outputs(x, logits)
         return MoEForwardOutput(logits=out.logits, router_probs=router_probs, expert_outputs=expert_outputs)
+
+
+def check_adapter_reads(dims: ModelDims, name_or_path: str, role: str) -> None:
+    """Before any Ray work: ConfigError naming what is missing when MoEAdapter cannot read this MoE model.
+
+    A family in the table is known good from its config.json. Another model type is built from its config
+    without weights (on the meta device) and read as the adapter would, so a same-structure family works
+    and any other fails here, in seconds, instead of on the actors."""
+    check_model_type(dims.model_type, name_or_path, role)
+    if dims.model_type in SUPPORTED_MODEL_TYPES:
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM  # why: config classes only for unknown types
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+        with torch.device("meta"):
+            adapter = MoEAdapter(AutoModelForCausalLM.from_config(config))
+    except ModelError as exc:
+        raise ConfigError(f"{role} {name_or_path!r} cannot be read for distillation: {exc}") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(
+            f"{role} {name_or_path!r} is a {dims.model_type!r} model that this transformers cannot build as "
+            f"a causal LM ({exc}). Fix: use a family listed in docs/model-families.md."
+        ) from None
+    expected = dims.moe_layers or tuple(range(dims.num_layers))
+    if adapter.moe_layers != expected:
+        raise ConfigError(
+            f"{role} {name_or_path!r} ({dims.model_type}) has MoE blocks in decoder layers "
+            f"{list(adapter.moe_layers)}, but its config.json says {list(expected)}, so layer pairing would "
+            "be wrong. Fix: add this family's entry to pipeline/models/families.py."
+        )

@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.config import ModelConfig
 from pipeline.errors import ConfigError
+from pipeline.models.families import moe_layer_indices, num_routed_experts
 from pipeline.network import hub_load_kwargs
 
 # What pipeline.models.build.tiny_moe_hf_config instantiates for a `build` model.
@@ -27,13 +28,23 @@ BUILT_MODEL_TYPE = "qwen3_moe"
 @dataclass(frozen=True)
 class ModelDims:
     model_type: str  # the config's model_type (for `upcycle_from`: the dense source's)
-    num_layers: int  # decoder layers
+    num_layers: int  # MoE layers (what layer pairing counts); every decoder layer for a dense model
     num_experts: int | None  # routed experts per MoE layer; None for a dense model
     hidden_size: int
     vocab_size: int | None  # logits width; None only for a `build` model probed without its tokenizer
+    # The decoder layers holding the MoE layers, where some decoder layers are dense (DeepSeek's
+    # first_k_dense_replace, Qwen's mlp_only_layers, Llama 4's moe_layers); None: every decoder layer.
+    moe_layers: tuple[int, ...] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The manifest's teacher record; `moe_layers` only where it is not every decoder layer (so an
+        all-MoE teacher's record is what it always was)."""
+        record = dataclasses.asdict(self)
+        if self.moe_layers is None:
+            del record["moe_layers"]
+        else:
+            record["moe_layers"] = list(self.moe_layers)
+        return record
 
 
 def dims_from_config(cfg: Mapping[str, Any], name: str) -> ModelDims:
@@ -47,13 +58,21 @@ def dims_from_config(cfg: Mapping[str, Any], name: str) -> ModelDims:
             f"config.json of {name!r} has no {exc}: not a decoder LM config. Fix: point at a causal LM "
             "checkpoint (a directory with its config.json) or its hub id."
         ) from None
-    experts = cfg.get("num_experts") or cfg.get("num_local_experts")  # Qwen-MoE / Mixtral spelling
+    experts = num_routed_experts(cfg, name)
+    moe = moe_layer_indices(cfg, num_layers) if experts else list(range(num_layers))
+    if not moe:
+        raise ConfigError(
+            f"config.json of {name!r} routes {experts} experts but none of its {num_layers} decoder layers "
+            "is an MoE layer (first_k_dense_replace / mlp_only_layers / decoder_sparse_step / "
+            "moe_layers). Fix: point at an MoE checkpoint with at least one MoE layer."
+        )
     return ModelDims(
         model_type=str(cfg.get("model_type", "?")),
-        num_layers=num_layers,
-        num_experts=int(experts) if experts else None,
+        num_layers=len(moe),
+        num_experts=experts,
         hidden_size=hidden_size,
         vocab_size=vocab_size,
+        moe_layers=None if len(moe) == num_layers else tuple(moe),
     )
 
 

@@ -8,7 +8,9 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from pipeline.config import ModelConfig
+from pipeline.models.adapter import check_adapter_reads
 from pipeline.models.build import TinyMoEConfig, build_tiny_moe, load_causal_lm
+from pipeline.models.dims import read_dims
 from pipeline.models.upcycle import upcycle_dense_to_moe
 
 
@@ -34,6 +36,17 @@ def materialize_model(model_cfg: ModelConfig, tokenizer) -> PreTrainedModel:
         eos_token_id=tokenizer.eos_token_id,
         seed=model_cfg.seed,
     )
+
+
+def check_student_readable(student: ModelConfig) -> None:
+    """Before Ray starts: an MoE `student.path` of a family the adapter cannot read fails naming what is
+    missing (built and upcycled students are families this pipeline makes; a dense path is the distillation
+    stage's own error)."""
+    if student.path is None:
+        return
+    dims = read_dims(student.path, role="student", fix="check student.path.")
+    if dims.num_experts is not None:
+        check_adapter_reads(dims, student.path, "student")
 
 
 def load_for_evaluation(model_cfg: Any, tokenizer: Any) -> Any:

@@ -31,7 +31,8 @@ def dense_routing(adapter: Any) -> Iterator[None]:
         every = torch.arange(probs.shape[-1], device=probs.device).expand(probs.shape[0], -1)
         return router_logits, probs.to(scores.dtype), every
 
-    handles = [adapter.moe_block(i).gate.register_forward_hook(hook) for i in range(adapter.num_layers)]
+    routers = [adapter.softmax_router(i, "SAR's dense routing") for i in range(adapter.num_layers)]
+    handles = [router.register_forward_hook(hook) for router in routers]
     try:
         yield
     finally:
@@ -40,7 +41,7 @@ def dense_routing(adapter: Any) -> Iterator[None]:
 
 
 def router_parameters(adapter: Any) -> list[torch.nn.Parameter]:
-    return [adapter.moe_block(i).gate.weight for i in range(adapter.num_layers)]
+    return [adapter.block_view(i).router_weight for i in range(adapter.num_layers)]
 
 
 class RouterTrainer:

@@ -177,10 +177,10 @@ def test_unsupported_architecture(make) -> None:
         MoEAdapter(make())
 
 
-def test_mixed_dense_moe_layers_rejected() -> None:
+def test_dense_layers_are_skipped_and_moe_layers_counted() -> None:
     model = _from_config(
         Qwen3MoeConfig(
-            **SMALL,
+            **{**SMALL, "num_hidden_layers": 3},
             intermediate_size=24,
             moe_intermediate_size=24,
             num_experts=4,
@@ -188,8 +188,9 @@ def test_mixed_dense_moe_layers_rejected() -> None:
             mlp_only_layers=[1],
         )
     )
-    with pytest.raises(ModelError, match="mlp_only_layers"):
-        MoEAdapter(model)
+    adapter = MoEAdapter(model)  # layer indices count MoE layers: 0 -> decoder layer 0, 1 -> decoder layer 2
+    assert (adapter.num_layers, adapter.moe_layers) == (2, (0, 2))
+    assert adapter.moe_block(1) is model.model.layers[2].mlp
 
 
 def test_build_tiny_moe_is_deterministic_and_configured() -> None:
