@@ -197,7 +197,19 @@ class MoEAdapter:
 
             return hook
 
-        handles = [self.moe_block(i).register_forward_pre_hook(make_hook(i)) for i in dict.fromkeys(layers)]
+        def logits_hook(layer_idx: int):
+            def hook(_module: nn.Module, _args: tuple, output: tuple) -> None:
+                # The logits the router computed in the forward ([B*T, E]); the rows are selected after.
+                logits = self.block_view(layer_idx).logits_of(output)
+                captured[layer_idx] = logits[mask.reshape(-1).to(logits.device)]
+
+            return hook
+
+        unique = dict.fromkeys(layers)
+        if with_experts:
+            handles = [self.moe_block(i).register_forward_pre_hook(make_hook(i)) for i in unique]
+        else:
+            handles = [self.block_view(i).router.register_forward_hook(logits_hook(i)) for i in unique]
         try:
             out = self._forward_module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         finally:
@@ -207,13 +219,16 @@ class MoEAdapter:
         router_probs: dict[int, Tensor] = {}
         expert_outputs: dict[int, Tensor] = {}
         for i in layers:
-            x, view = captured[i], self.block_view(i)
+            view = self.block_view(i)
+            if not with_experts:
+                router_probs[i] = view.probs_from_logits(captured[i])
+                continue
+            x = captured[i]
             logits = view.router_logits(x)
             router_probs[i] = view.probs_from_logits(logits)
-            if with_experts:
-                if detach_expert_inputs:
-                    x, logits = x.detach(), logits.detach()
-                expert_outputs[i] = view.expert_outputs(x, logits)
+            if detach_expert_inputs:
+                x, logits = x.detach(), logits.detach()
+            expert_outputs[i] = view.expert_outputs(x, logits)
         return MoEForwardOutput(logits=out.logits, router_probs=router_probs, expert_outputs=expert_outputs)
 
 

@@ -153,9 +153,12 @@ class MoEBlockView:
         scores = torch.sigmoid(logits.float())
         return scores / scores.sum(dim=-1, keepdim=True)
 
+    def logits_of(self, router_output: tuple) -> Tensor:
+        """The logits [N, E] within the router's output."""
+        return router_output[{"dense_scores": 1, "grouped": 4}.get(self.family.router_call, 0)]
+
     def router_logits(self, x: Tensor) -> Tensor:
-        out = self._call_router(x)
-        return out[{"dense_scores": 1, "grouped": 4}.get(self.family.router_call, 0)]
+        return self.logits_of(self._call_router(x))
 
     def routing(self, x: Tensor) -> Routing:
         """The model's own routing of MoE inputs x [N, H]."""

@@ -69,6 +69,8 @@ def test_expert_outputs_rebuild_the_block_output(model_type: str) -> None:
     layers = list(range(adapter.num_layers))
     with torch.no_grad():
         fwd = adapter.forward_with_experts(input_ids, None, layers, token_mask)
+        gates_only = adapter.forward_with_experts(input_ids, None, layers, token_mask, with_experts=False)
+    assert gates_only.expert_outputs == {}
     n = int(token_mask.sum())
     for i in layers:
         view, x = adapter.block_view(i), inputs[i]
@@ -84,6 +86,7 @@ def test_expert_outputs_rebuild_the_block_output(model_type: str) -> None:
         assert expected.abs().mean() > 1e-2  # a meaningful comparison, not of near-zero numbers
         torch.testing.assert_close(view.combine(experts, routing, shared), expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(routing.probs, probs)
+        torch.testing.assert_close(gates_only.router_probs[i], probs)
 
 
 @pytest.mark.parametrize("model_type", FAMILY_TYPES)
@@ -118,6 +121,37 @@ def test_moe_layers_are_the_configs(model_type: str) -> None:
     dims = dims_from_config(config.to_dict(), model_type)
     assert adapter.moe_layers == (dims.moe_layers or tuple(range(config.num_hidden_layers)))
     assert (dims.num_layers, dims.num_experts) == (adapter.num_layers, adapter.num_experts)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "olmoe"])
+def test_gates_only_forward_is_the_old_router_logits_softmax_bitwise(model_type: str) -> None:
+    """Baselines' gate metrics (with_experts=False) stay bit-identical for the families read before."""
+    model = family_model(model_type, layers=2)
+    input_ids, attention_mask, token_mask = _batch()
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
+        fwd = MoEAdapter(model).forward_with_experts(
+            input_ids, attention_mask, [0, 1], token_mask, with_experts=False
+        )
+    for i in (0, 1):
+        old = torch.softmax(out.router_logits[i].float(), dim=-1)[token_mask.reshape(-1)]
+        assert torch.equal(fwd.router_probs[i], old)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "olmoe"])
+def test_old_families_read_bit_identically(model_type: str) -> None:
+    """p and every expert's output for the families read before are the former formulas, bit for bit."""
+    adapter = MoEAdapter(family_model(model_type, layers=2))
+    x = torch.randn(10, adapter.hidden_size, generator=torch.Generator().manual_seed(2))
+    for i in range(adapter.num_layers):
+        block = adapter.moe_block(i)
+        with torch.no_grad():
+            old_probs = torch.softmax(torch.nn.functional.linear(x, block.gate.weight).float(), dim=-1)
+            gate, up = torch.einsum("nh,eoh->neo", x, block.experts.gate_up_proj).chunk(2, dim=-1)
+            hidden = block.experts.act_fn(gate) * up
+            old_experts = torch.einsum("nei,ehi->neh", hidden, block.experts.down_proj)
+            assert torch.equal(adapter.router_probs(i, x), old_probs)
+            assert torch.equal(adapter.expert_outputs(i, x), old_experts)
 
 
 def test_families_with_dense_layers_index_moe_layers() -> None:
