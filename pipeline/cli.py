@@ -97,9 +97,10 @@ def cmd_cache(args: argparse.Namespace) -> None:
             )
         config = load_cli_config(args)
         check_data(config)  # before the stage's torch import: a bad input fails in seconds
-        from pipeline.cache.stage import format_cache_info, run_cache, teacher_checkpoint
+        from pipeline.cache.stage import format_cache_info, run_cache, teacher_checkpoint, teacher_dims
 
-        teacher_checkpoint(config)  # no fine-tuned teacher: the error before Ray starts
+        # no fine-tuned teacher, or one the adapter cannot read: the error before Ray starts
+        teacher_dims(teacher_checkpoint(config))
         connect()
         print(format_cache_info(run_cache(config)))
         return
@@ -139,7 +140,9 @@ def cmd_distill(args: argparse.Namespace) -> None:
     check_method(config, where="distill.method")  # before Ray starts
     check_data(config)  # before the stage's torch import: a bad input fails in seconds
     from pipeline.distill.stage import format_distill_result, run_distill
+    from pipeline.models.stage import check_student_readable
 
+    check_student_readable(config.student)  # a student the adapter cannot read: before Ray starts
     connect()
     print(format_distill_result(run_distill(config)))
 

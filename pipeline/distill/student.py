@@ -50,26 +50,21 @@ class DistillStudent(nn.Module):
         if not self.student_layers:
             out = self.student(input_ids=input_ids, attention_mask=attention_mask)
             return StudentForward(logits=out.logits, router_probs=[], projected_states=[])
-        if not with_experts:
-            # Baselines need no expert outputs; router logits alone still give the gate metrics cheaply.
-            out = self.student(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
-            flat_mask = token_mask.reshape(-1)
-            probs = [
-                torch.softmax(out.router_logits[layer].float(), dim=-1)[flat_mask]
-                for layer in self.student_layers
-            ]
-            return StudentForward(logits=out.logits, router_probs=probs, projected_states=[])
+        # Baselines (with_experts=False) need no expert outputs; the router distributions alone still give
+        # the gate metrics cheaply, in the family's own definition (docs/model-families.md).
         out = MoEAdapter(self.student).forward_with_experts(
             input_ids,
             attention_mask,
             layers=self.student_layers,
             token_mask=token_mask,
             detach_expert_inputs=detach_expert_inputs,
+            with_experts=with_experts,
         )
         probs = [out.router_probs[layer] for layer in self.student_layers]
         states = [
             proj(out.expert_outputs[layer].float())
             for proj, layer in zip(self.projections, self.student_layers, strict=True)
+            if with_experts
         ]
         return StudentForward(logits=out.logits, router_probs=probs, projected_states=states)
 
