@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import yaml
 
 from pipeline.config import Config, load_config
+from pipeline.console import configure as configure_console
+from pipeline.console import log_traceback
 from pipeline.errors import ConfigError, DataError, MoeDistillError
 from pipeline.network import hub_load_kwargs
 from pipeline.placement import config_output_paths, warn_if_job_local, warn_job_local_paths
@@ -84,7 +86,7 @@ def cmd_finetune_teacher(args: argparse.Namespace) -> None:
     check_data(config)  # before the stage's torch import: a bad input fails in seconds
     from pipeline.finetune.stage import format_finetune_result, run_finetune
 
-    connect()
+    connect(output_dir=config.out)
     print(format_finetune_result(run_finetune(config, force=args.force)))
 
 
@@ -101,7 +103,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
         # no fine-tuned teacher, or one the adapter cannot read: the error before Ray starts
         teacher_dims(teacher_checkpoint(config))
-        connect()
+        connect(output_dir=config.out)
         print(format_cache_info(run_cache(config)))
         return
     if args.action == "repair":
@@ -114,7 +116,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
             )
         config = load_cli_config(args)
         check_data(config)
-        connect()
+        connect(output_dir=config.out)
         print(format_repair_result(repair_cache(config, args.target)))
         return
     if not args.target:
@@ -143,7 +145,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     from pipeline.models.stage import check_student_readable
 
     check_student_readable(config.student)  # a student the adapter cannot read: before Ray starts
-    connect()
+    connect(output_dir=config.out)
     print(format_distill_result(run_distill(config)))
 
 
@@ -157,7 +159,7 @@ def evaluate_models(config: Config, model_specs: list[str] | None) -> EvalResult
 
     models = parse_model_args(model_specs) if model_specs else default_models(config)
     check_models(config, models)  # fail before starting Ray
-    connect()
+    connect(output_dir=config.out)
     results = run_evaluate(config, models)
     print(results.markdown())
     print(f"wrote {results.csv_path}, {results.md_path}, {results.png_path}")
@@ -402,7 +404,9 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moedistill", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging; Ray's worker logs live (else: a file)"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors inside Ray tasks")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in SUBCOMMANDS:
@@ -414,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_console(args.command, verbose=args.verbose)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     from pipeline.storage import RedactingFilter, redact, register_secrets
 
@@ -452,7 +457,7 @@ def _print_unexpected(exc: BaseException, debug: bool) -> int:
     if storage and not debug:
         print(
             f"moedistill: error: {type(exc).__name__}: {redact(str(exc))}. Fix: check that path or URL, its "
-            "credentials and that its storage answers; `moedistill --debug ...` shows the traceback.",
+            f"credentials and that its storage answers; {_where_traceback(exc)}.",
             file=sys.stderr,
         )
         return 1
@@ -472,15 +477,27 @@ def _print_ray_failure(exc: BaseException) -> int:
     from pipeline.training.runner import find_user_error
 
     user_error = find_user_error(exc)
+    where = _where_traceback(exc)
     if user_error is not None:
         print(f"moedistill: error: {redact(str(user_error))}", file=sys.stderr)
         return 2
     print(
         f"moedistill: error: a Ray task failed: {redact(root_cause(exc))}. Fix: remove that cause and rerun "
-        "the same command (committed work is kept); `moedistill --debug ...` shows the full traceback.",
+        f"the same command (committed work is kept); {where}.",
         file=sys.stderr,
     )
     return 1
+
+
+def _where_traceback(exc: BaseException) -> str:
+    """Where the user finds the traceback: written (redacted) to the run log when there is one."""
+    import traceback
+
+    from pipeline.storage import redact
+
+    path = log_traceback(redact("".join(traceback.format_exception(exc))))
+    shown = "`moedistill --debug ...` shows it here"
+    return f"the traceback is in {path} ({shown})" if path else shown.replace("it here", "the traceback")
 
 
 if __name__ == "__main__":

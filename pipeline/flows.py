@@ -132,7 +132,8 @@ def write_seed_tables(
     rows: list[dict[str, Any]], out: Path, reference_setting: str | None = None
 ) -> Path | None:
     """seeds.md in `out` when some method ran several training seeds: per method the mean ± std over seeds of
-    the validation loss, of Rouge-L and (when multiple-choice sets were scored) of accuracy, each a run's
+    the validation loss, of Rouge-L, of task accuracy (where test sets have answer keys) and (when
+    multiple-choice sets were scored) of accuracy, each a run's
     mean over its test sets, and the paired difference to `kd` on the same seeds with its 95% interval (bold
     where the interval excludes 0) -- or, with `reference_setting` (a sweep's `compare_to`), to the same
     method at that grid setting; None when every method ran one seed."""
@@ -141,6 +142,8 @@ def write_seed_tables(
         return None
     columns = [("val_loss", "val loss", "validation loss (lower is better)")]
     columns.append(("rouge_l_mean", "Rouge-L", "Rouge-L (%) (higher is better)"))
+    if any(r.get("task_accuracy") is not None for r in students):
+        columns.append(("task_accuracy", "task accuracy", "task accuracy (%) (higher is better)"))
     if any(r.get("accuracy") is not None for r in students):
         columns.append(("accuracy", "accuracy", "multiple-choice accuracy (%) (higher is better)"))
     parts = []
@@ -170,7 +173,7 @@ def run_demo(
 ) -> dict[str, Any]:
     started = time.perf_counter()
     prepare_data(config)  # data problems surface before Ray starts
-    connect()
+    connect(output_dir=config.out)
     timer = StageTimer()
     runs = [({}, with_overrides(config, {"distill.method": m})) for m in methods]
     flow = run_flow(
@@ -208,29 +211,45 @@ def _reports(config: Config, summary: dict[str, Any]) -> list[Path]:
     return written
 
 
+def _summary_table(rows: list[dict[str, Any]], md_path: Path) -> list[str]:
+    """One line per model: its validation loss, then per test set its task accuracy (where the set has
+    answer keys) and Rouge-L, or a multiple-choice set's accuracy."""
+    models = list(dict.fromkeys(str(r["model"]) for r in rows))
+    test_sets = list(dict.fromkeys(str(r["test_set"]) for r in rows))
+    by_cell = {(str(r["model"]), str(r["test_set"])): r for r in rows}
+    width = max(len("model"), *(len(m) for m in models))
+    cell_width = {ts: max(22, len(ts)) for ts in test_sets}
+    head = f"{'model':<{width}} {'val loss':>9}" + "".join(f"  {ts:>{cell_width[ts]}}" for ts in test_sets)
+    pair = f"{'task acc.':>9}  {'Rouge-L':>11}"
+    sub = f"{'':<{width}} {'':>9}" + "".join(f"  {pair:>{cell_width[ts]}}" for ts in test_sets)
+    lines = [head, sub]
+    for model in models:
+        loss = next(
+            (r.get("val_loss") for r in rows if r["model"] == model and r.get("val_loss") is not None), None
+        )
+        line = f"{model:<{width}} " + (f"{loss:9.3f}" if loss is not None else f"{'-':>9}")
+        for ts in test_sets:
+            row = by_cell.get((model, ts))
+            if row is None:
+                text = "-"
+            elif row.get("rouge_l_mean") is None:  # a multiple-choice set
+                text = f"acc. {row['accuracy']:.1f}"
+            else:
+                acc = row.get("task_accuracy")
+                rouge = f"{row['rouge_l_mean']:.1f} ± {row['rouge_l_std'] or 0.0:.1f}"
+                text = f"{acc:9.1f}  {rouge:>11}" if acc is not None else f"{'-':>9}  {rouge:>11}"
+            line += f"  {text:>{cell_width[ts]}}"
+        lines.append(line)
+    lines.append(
+        f"(sampling T=1 over {rows[0].get('num_seeds') or '?'} seeds; task acc.: responses judged correct "
+        f"against the generator's answer keys, %; Rouge-L %; table: {md_path})"
+    )
+    return lines
+
+
 def _final_summary(summary: dict[str, Any], total: float) -> str:
     results: ResultsFiles | None = summary.get("results")
-    table: list[str] = []
-    if results is not None and results.rows:
-        rows = results.rows  # students' val loss from their runs, the teacher's from its fine-tuning
-        width = max(len("model"), *(len(str(r["model"])) for r in rows))
-        test_sets = list(dict.fromkeys(r["test_set"] for r in rows))
-        ts_width = max(len("test set"), *(len(str(t)) for t in test_sets)) if len(test_sets) > 1 else 0
-        ts_head = f" {'test set':<{ts_width}}" if ts_width else ""
-        table.append(f"{'model':<{width}}{ts_head} {'val loss':>9} {'Rouge-L (%)':>16}")
-        for row in rows:
-            loss = row.get("val_loss")
-            loss_text = f"{loss:9.3f}" if loss is not None else f"{'-':>9}"
-            if row.get("rouge_l_mean") is None:  # a multiple-choice set
-                score = f"acc. {row['accuracy']:.1f}"
-            else:
-                score = f"{row['rouge_l_mean']:.1f} ± {row['rouge_l_std'] or 0.0:.1f}"
-            ts_cell = f" {row['test_set']:<{ts_width}}" if ts_width else ""
-            table.append(f"{row['model']:<{width}}{ts_cell} {loss_text} {score:>16}")
-        table.append(
-            f"(Rouge-L: sampling T=1 over {rows[0].get('num_seeds') or '?'} seeds on "
-            f"{rows[0].get('num_examples') or '?'} test prompts; table: {results.md_path})"
-        )
+    table = _summary_table(results.rows, results.md_path) if results is not None and results.rows else []
     rule = "=" * max(78, *(len(line) for line in table[:-1]), 0)
     lines = ["", rule, "moe-distill demo: results", rule, *table]
     plots = [results.png_path] if results is not None else []
@@ -254,7 +273,7 @@ def run_ablate(sweep_path: str | Path) -> dict[str, Any]:
     over = "one teacher cache" if caches == 1 else f"{caches} teacher caches of one teacher (cache_grid)"
     print(f"[ablate] sweep {sweep.name}: {len(configs)} student runs over {over}", flush=True)
     prepare_data(base)  # data problems surface before Ray starts
-    connect()
+    connect(output_dir=base.out)
     stages = ("finetune", "cache", "distill", *(("evaluate",) if sweep.evaluate else ()))
     out = sweep_results_dir(sweep, base)
     flow = run_flow(

@@ -11,17 +11,22 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
+from pipeline.console import ray_startup_quietly, route_ray_output, use_run_log
 from pipeline.errors import MoeDistillError
 from pipeline.network import PROBE_TIMEOUT_S, tcp_answers
 
 
-def connect(num_cpus: int | None = None) -> None:
-    """ray.init once per process; RAY_ADDRESS (set by `ray job submit`) selects the cluster."""
+def connect(num_cpus: int | None = None, output_dir: str | Path | None = None) -> None:
+    """ray.init once per process; RAY_ADDRESS (set by `ray job submit`) selects the cluster. With
+    `output_dir`, a command-line run sends Ray's and the workers' logs to a file there (pipeline.console)."""
     import ray
 
     if ray.is_initialized():
         return
+    if output_dir is not None:
+        use_run_log(output_dir)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
     env_address = os.environ.get("RAY_ADDRESS")
@@ -45,7 +50,9 @@ def connect(num_cpus: int | None = None) -> None:
         kwargs["num_cpus"] = num_cpus
         kwargs["include_dashboard"] = False
         kwargs["runtime_env"] = {"worker_process_setup_hook": "pipeline.ray_session.quiet_ray_internals"}
-    ray.init(**kwargs)
+    with ray_startup_quietly():
+        ray.init(**kwargs)
+    route_ray_output()
     # Keep Ray Data's own progress output quiet; stages draw their own bars.
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("MOEDISTILL_RAY_PROGRESS", "0") == "1"

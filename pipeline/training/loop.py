@@ -162,8 +162,7 @@ def run_training_loop(task: TrainingTask, spec: LoopSpec) -> None:
             counts[k] = counts.get(k, 0) + 1
         window_steps += 1
         if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_metrics.get('loss', float('nan')):.3f}")
+            progress.step(step_metrics.get("loss", float("nan")))
         if done % cfg.log_every == 0 or done == spec.total_steps:
             averaged = {k: v / counts[k] for k, v in window.items()}
             averaged["step_time_s"] = step_time / window_steps
@@ -376,9 +375,36 @@ def _die_once(metrics_dir: str, step: int, in_process: bool = False) -> None:
     os._exit(1)
 
 
-def _progress_bar(rank: int, start: int, total: int):
-    if rank != 0:
-        return None
-    from tqdm import tqdm
+def _progress_bar(rank: int, start: int, total: int) -> StepBar | None:
+    return StepBar(start, total) if rank == 0 else None
 
-    return tqdm(total=total, initial=start, desc="train steps", unit="step", mininterval=2.0)
+
+class StepBar:
+    """Rank 0's bar over optimizer steps with the last loss. In a Ray worker it is a `tqdm_ray` bar, which
+    the driver draws once (a plain tqdm there prints a prefixed console line per refresh); in-process
+    (`num_workers: 0`) a plain tqdm."""
+
+    def __init__(self, start: int, total: int) -> None:
+        import ray
+
+        self._in_worker = ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+        if self._in_worker:
+            from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+            self._bar: Any = ray_tqdm(desc="train steps", total=total, unit="step", flush_interval_s=2.0)
+            self._bar.update(start)
+        else:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=start, desc="train steps", unit="step", mininterval=2.0)
+
+    def step(self, loss: float) -> None:
+        if self._in_worker:  # tqdm_ray has no postfix: the loss rides in the description
+            self._bar.set_description(f"train steps (loss {loss:.3f})")
+            self._bar.update(1)
+        else:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{loss:.3f}")
+
+    def close(self) -> None:
+        self._bar.close()
