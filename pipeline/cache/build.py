@@ -195,8 +195,7 @@ def _build_locked(
                 f"shards committed: {root_cause(e)}. Fix: remove the cause, then rerun `moedistill cache "
                 "--config ...` to resume it (committed shards are kept)."
             ) from e
-    final = finalize_manifest(url, manifest)
-    check_not_empty(final, spec.max_length)
+    final = finalize_manifest(url, manifest, check=lambda built: check_not_empty(built, spec.max_length))
     logger.info(
         "teacher cache %s %s at %s: %d sequences, %d tokens, %.1f MB",
         key,

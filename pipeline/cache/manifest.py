@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pipeline import __version__
@@ -69,8 +70,12 @@ def write_manifest(cache_url: str, manifest: dict[str, Any]) -> None:
     cfs.write_atomic(fs, cfs.join(root, schema.MANIFEST), cfs.pretty_json(manifest))
 
 
-def finalize_manifest(cache_url: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Collect every committed shard from storage and write the complete manifest (the completion marker)."""
+def finalize_manifest(
+    cache_url: str, manifest: dict[str, Any], check: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Collect every committed shard from storage and write the complete manifest (the completion marker).
+    `check` sees the totals first and may raise: a cache it refuses (e.g. no usable sequence) stays
+    incomplete, never marked complete."""
     commits = committed_shards(cache_url)
     expected = range(manifest["layout"]["num_shards"])
     missing = [i for i in expected if i not in commits]
@@ -91,6 +96,8 @@ def finalize_manifest(cache_url: str, manifest: dict[str, Any]) -> dict[str, Any
         "num_bytes": sum(c["num_bytes"] for c in shards),
         "num_dropped": sum(c["num_records"] - c["num_rows"] for c in shards),
     }
+    if check is not None:
+        check(final)
     final["complete"] = True
     write_manifest(cache_url, final)
     return final

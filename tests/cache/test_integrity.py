@@ -4,6 +4,7 @@ cache built in-process (executor "local": the same per-shard code as the Ray pip
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import random
@@ -145,7 +146,9 @@ def test_build_rebuilds_only_damaged_shards_byte_identically(assets: dict[str, A
     assert (path / "shards/shard-00000/index.parquet").stat().st_mtime_ns == mtime_0  # shard 0 untouched
 
 
-def test_zero_usable_sequences_is_an_error_naming_the_limit(assets: dict[str, Any], tmp_path: Path) -> None:
+def test_zero_usable_sequences_is_an_error_naming_the_limit_and_never_complete(
+    assets: dict[str, Any], tmp_path: Path
+) -> None:
     import dataclasses
 
     spec = dataclasses.replace(assets["spec"], max_length=8)
@@ -153,6 +156,8 @@ def test_zero_usable_sequences_is_an_error_naming_the_limit(assets: dict[str, An
         CacheError, match=rf"0 usable sequences: all {NUM_RECORDS} of {NUM_RECORDS} .*max_length=8"
     ):
         build_teacher_cache(spec, assets["records"], str(tmp_path / "caches"), LOCAL)
+    (manifest,) = (tmp_path / "caches").glob("*/manifest.json")
+    assert json.loads(manifest.read_text())["complete"] is False  # an empty cache is never marked complete
 
 
 # --- the build lock ----------
