@@ -1,5 +1,5 @@
-"""The MoE-KD baseline end to end: its row of the baseline sweep file run through `moedistill distill` on the
-module's copy of the shared tiny teacher and cache (in-process training)."""
+"""The MoE-KD baseline end to end: its row of the baseline sweep file run through `moedistill distill` and
+`moedistill evaluate` on the module's copy of the shared tiny teacher and cache (in-process training)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def test_moe_kd_row_of_the_baseline_sweep_runs_through_the_cli(
         "distill.train.max_steps": 2,
     }
     config = with_overrides(tiny_workspace, {**points[0], **small})
-    assert main(["distill", "--config", write_config(config, tmp_path / "moe-kd.yaml")]) == 0
+    config_path = write_config(config, tmp_path / "moe-kd.yaml")
+    assert main(["distill", "--config", config_path]) == 0
     assert "validation loss" in capsys.readouterr().out
 
     # The dense student pretrained, then its LoRA-MoE fine-tuned on the responses, then distilled.
@@ -53,6 +54,11 @@ def test_moe_kd_row_of_the_baseline_sweep_runs_through_the_cli(
     layers = student.model.layers
     assert all(type(layer.mlp).__name__ == "LoraMoEMLP" for layer in layers)  # lora_moe.layers: null
     assert len(layers[0].mlp.lora_experts) == config.student.build.num_experts
+
+    # evaluated like every row of the sweep (the pipeline loads the export through the registered type)
+    capsys.readouterr()
+    assert main(["evaluate", "--config", config_path, "--model", f"moe-kd={export}"]) == 0
+    assert "moe-kd" in capsys.readouterr().out
 
     # skew reverse KL alone: no SFT term, no gate metrics (the LoRA routers are not read)
     logged = [json.loads(line) for line in (run_dir / "metrics" / "metrics.jsonl").read_text().splitlines()]
