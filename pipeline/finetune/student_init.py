@@ -122,11 +122,9 @@ def dense_student_dir(config: Config) -> Path:
 
 def lora_moe_student_settings(config: Config) -> dict[str, Any]:
     """Everything that decides the fine-tuned LoRA-MoE student: its dense start, the mixture, the budget."""
-    assert config.student.build is not None
     return {
         "dense": dense_student_settings(config),
-        "lora_moe": dataclasses.asdict(config.student.lora_moe),
-        "experts": [config.student.build.num_experts, config.student.build.top_k],
+        "lora_moe": dataclasses.asdict(config.student.lora_moe),  # experts and top-k: in the architecture
         "sft": train_settings(config.student_pretrain),
     }
 
