@@ -166,8 +166,11 @@ def plot_gate_heatmaps(loads: list[GateLoad], png_path: str | Path) -> Path:
 def write_gate_report(
     target: str | Path, out_dir: str | Path | None = None, last_n: int = DEFAULT_LAST_N
 ) -> tuple[list[GateLoad], Path, Path]:
-    """gates.png + gates.md for one run (or every run under a directory); returns (loads, md, png)."""
+    """gates.png + gates.md for one run (or every run under a directory that logged router statistics: a
+    logits-only student, such as moe-kd's LoRA-MoE, logs none); returns (loads, md, png)."""
     found = find_metrics(target)
+    if len(found) > 1:  # a lone run without router statistics still gets load_gate_metrics' error
+        found = [(run, path) for run, path in found if "load/pair" in path.read_text()] or found
     loads = [load_gate_metrics(path, run, last_n) for run, path in found]
     target = Path(target)
     if out_dir is None:  # beside the run: the run directory (or the directory of runs)

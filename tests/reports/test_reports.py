@@ -291,11 +291,16 @@ def test_gate_heat_map_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[s
     final = load_gate_metrics(metrics)
     assert final.steps == [31] and np.allclose(final.load, 0.25) and np.allclose(final.balance, 1.0)
 
-    # CLI on a directory of runs: one panel per run, written beside them.
+    # CLI on a directory of runs: one panel per run, written beside them; a logits-only run (moe-kd's
+    # LoRA-MoE student logs no router statistics) is left out.
     _write_metrics(tmp_path / "students" / "b-distill-k3-a0.2-b0.1-e4-s0", skew=0.05)
+    logits_only = tmp_path / "students" / "moe-kd-k3-a0.2-b0.1-e4-s0" / "metrics"
+    logits_only.mkdir(parents=True)
+    (logits_only / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss_skew_reverse_kl": 1.0}) + "\n")
     assert main(["report", "gates", str(tmp_path / "students")]) == 0
     out = capsys.readouterr().out
     assert "b-distill-k3-a0.2-b0.1-e4-s0: mean router probability" in out and "kd-k3" in out
+    assert "moe-kd" not in out
     png = tmp_path / "students" / "gates.png"
     assert png.read_bytes()[:8] == PNG_MAGIC and (tmp_path / "students" / "gates.md").is_file()
     loads, _, single = write_gate_report(run)
