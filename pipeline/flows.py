@@ -218,10 +218,13 @@ def _summary_table(rows: list[dict[str, Any]], md_path: Path) -> list[str]:
     test_sets = list(dict.fromkeys(str(r["test_set"]) for r in rows))
     by_cell = {(str(r["model"]), str(r["test_set"])): r for r in rows}
     width = max(len("model"), *(len(m) for m in models))
-    cell_width = {ts: max(22, len(ts)) for ts in test_sets}
+    cell_width = {ts: max(18, len(ts)) for ts in test_sets}
+    multiple_choice = {str(r["test_set"]) for r in rows if r.get("rouge_l_mean") is None}
     head = f"{'model':<{width}} {'val loss':>9}" + "".join(f"  {ts:>{cell_width[ts]}}" for ts in test_sets)
-    pair = f"{'task acc.':>9}  {'Rouge-L':>11}"
-    sub = f"{'':<{width}} {'':>9}" + "".join(f"  {pair:>{cell_width[ts]}}" for ts in test_sets)
+    pair = f"{'acc.':>5}  {'Rouge-L':>11}"
+    sub = f"{'':<{width}} {'':>9}" + "".join(
+        f"  {'acc.' if ts in multiple_choice else pair:>{cell_width[ts]}}" for ts in test_sets
+    )
     lines = [head, sub]
     for model in models:
         loss = next(
@@ -233,16 +236,16 @@ def _summary_table(rows: list[dict[str, Any]], md_path: Path) -> list[str]:
             if row is None:
                 text = "-"
             elif row.get("rouge_l_mean") is None:  # a multiple-choice set
-                text = f"acc. {row['accuracy']:.1f}"
+                text = f"{row['accuracy']:.1f}"
             else:
                 acc = row.get("task_accuracy")
                 rouge = f"{row['rouge_l_mean']:.1f} ± {row['rouge_l_std'] or 0.0:.1f}"
-                text = f"{acc:9.1f}  {rouge:>11}" if acc is not None else f"{'-':>9}  {rouge:>11}"
+                text = f"{acc:5.1f}  {rouge:>11}" if acc is not None else f"{'-':>5}  {rouge:>11}"
             line += f"  {text:>{cell_width[ts]}}"
         lines.append(line)
     lines.append(
-        f"(sampling T=1 over {rows[0].get('num_seeds') or '?'} seeds; task acc.: responses judged correct "
-        f"against the generator's answer keys, %; Rouge-L %; table: {md_path})"
+        f"(sampling T=1 over {rows[0].get('num_seeds') or '?'} seeds; acc.: task accuracy, responses judged "
+        f"correct against the generator's answer keys (%), or a multiple-choice set's; table: {md_path})"
     )
     return lines
 

@@ -44,6 +44,10 @@ class AnswerKey:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"answer key: unknown family {self.family!r}. Fix: use one of {list(FAMILIES)}")
+        if self.kind not in ("choice", "number", "sequence", "set"):
+            raise ValueError(
+                f"answer key: unknown kind {self.kind!r}. Fix: use choice, number, sequence or set"
+            )
         if not self.answer or (self.kind == "set" and len(self.answer) < self.count):
             raise ValueError(f"answer key of {self.task or self.family!r}: too few answers {self.answer}")
 

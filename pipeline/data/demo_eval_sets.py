@@ -109,7 +109,7 @@ HELDOUT_NAMES = tuple(h + t for h in _HELDOUT_HEADS for t in _HELDOUT_TAILS)
 _ENTITY_TASKS = ("creature_lookup", "creature_transform", "extract_numbers", "summarize")
 
 
-def test_split_keys(records: Sequence[Record], num_demo_records: int, seed: int) -> list[AnswerKey | None]:
+def demo_answer_keys(records: Sequence[Record], num_demo_records: int, seed: int) -> list[AnswerKey | None]:
     """The answer keys of demo records (a split of `generate_demo_records(num_demo_records, seed)`): the
     generator is run again and each record looked up by content, so any split of it gets its keys. A record
     it did not generate (user data), or an open-ended one, gets None."""

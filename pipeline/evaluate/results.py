@@ -21,15 +21,23 @@ accuracy ones; every row needs one of rouge_l_mean and accuracy:
   empty_rate       fraction of empty generations (scored 0, never dropped)
   accuracy         multiple-choice accuracy in percent: the option of highest summed log-likelihood
   accuracy_norm    the same with the per-token mean log-likelihood (length normalised)
+  task_accuracy    percent of sampled responses judged correct against their answer keys
+                   (pipeline/evaluate/correctness.py), mean over sampling seeds; empty when the test set has
+                   no answer keys (user data); task_accuracy_std: its std (ddof=1) over seeds
+  task_accuracy.<family>  the same per task family (pipeline.data.answers.FAMILIES), seeds pooled
+  answer_coverage, answer_kl  several-answer tasks: share of the valid answers given (percent) and KL (nats)
+                   of the model's answer distribution to the generator's; *_generator: the generator's own
+                   values at the same number of answers
   val_loss         the model's validation loss (response-token cross-entropy), when known
   checkpoint       path of the evaluated checkpoint
 
 Extra columns are kept when reading and writing. Table rules: the row label is "method (setting)", or the
 model name when method is empty or when two different models would get the same label. Rows sharing a label
 and test set but with different training seeds are aggregated: mean ± std (ddof=1) of rouge_l_mean (of
-accuracy for a multiple-choice set) across training runs, shown with "(n=runs)". "Avg." is the mean of
-Rouge-L over the generation test sets (when there are several); the multiple-choice sets' accuracy columns,
-headed "<set> (acc.)", follow it. The best non-teacher mean of each column is bold.
+accuracy for a multiple-choice set) across training runs, shown with "(n=runs)". A generation test set with
+answer keys is a column group: its Rouge-L column, then "<set> (task acc.)". "Avg." is the mean of Rouge-L
+over the generation test sets (when there are several); the multiple-choice sets' accuracy columns, headed
+"<set> (acc.)", follow it. The best non-teacher mean of each column is bold.
 """
 
 from __future__ import annotations
@@ -66,13 +74,22 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "empty_rate",
     "accuracy",
     "accuracy_norm",
+    "task_accuracy",
+    "task_accuracy_std",
+    "answer_coverage",
+    "answer_coverage_generator",
+    "answer_kl",
+    "answer_kl_generator",
     "val_loss",
     "checkpoint",
 )
 _INT_COLUMNS = ("k", "student_experts", "seed", "num_examples", "num_seeds")
 _FLOAT_COLUMNS = (
-    "alpha", "beta", "rouge_l_mean", "rouge_l_std", "empty_rate", "accuracy", "accuracy_norm", "val_loss"
+    "alpha", "beta", "rouge_l_mean", "rouge_l_std", "empty_rate", "accuracy", "accuracy_norm", "val_loss",
+    "task_accuracy", "task_accuracy_std", "answer_coverage", "answer_coverage_generator", "answer_kl",
+    "answer_kl_generator",
 )  # fmt: skip
+FAMILY_PREFIX = "task_accuracy."  # per-family accuracy columns (extra columns, parsed as numbers)
 _REQUIRED = ("model", "test_set")
 _SCORES = ("rouge_l_mean", "accuracy")  # each row has one of them
 AVG = "Avg."
@@ -83,7 +100,8 @@ def normalize_row(row: Mapping[str, Any], where: str = "results row") -> dict[st
     out: dict[str, Any] = {c: None for c in RESULT_COLUMNS}
     for key, value in row.items():
         out[key] = None if value is None or (isinstance(value, str) and not value.strip()) else value
-    for col in _INT_COLUMNS + _FLOAT_COLUMNS:
+    families = [c for c in out if c.startswith(FAMILY_PREFIX)]
+    for col in (*_INT_COLUMNS, *_FLOAT_COLUMNS, *families):
         if out[col] is not None:
             try:
                 out[col] = int(float(out[col])) if col in _INT_COLUMNS else float(out[col])
@@ -206,6 +224,11 @@ class ResultsTable:
         return f"{test_set} (acc.)" if test_set in self.accuracy_sets else test_set
 
 
+def task_column(test_set: str) -> str:
+    """The table column of a generation test set's task accuracy (its own key and header)."""
+    return f"{test_set} (task acc.)"
+
+
 def score_column(row: Mapping[str, Any]) -> str:
     """The column a normalised row's table cell shows: rouge_l_mean, or accuracy on a multiple-choice set."""
     return "rouge_l_mean" if row["rouge_l_mean"] is not None else "accuracy"
@@ -247,12 +270,15 @@ def build_table(rows: Sequence[Mapping[str, Any]]) -> ResultsTable:
     cells: dict[tuple[str, str], Cell] = {}
     for (label, ts), bucket in groups.items():
         runs, column = list(bucket.values()), metric[ts]
-        if len(runs) == 1:
-            spread = (runs[0]["rouge_l_std"] or 0.0) if column == "rouge_l_mean" else float("nan")
-            cells[label, ts] = Cell(runs[0][column], spread, 1)
-        else:
-            means = [r[column] for r in runs]
-            cells[label, ts] = Cell(statistics.fmean(means), statistics.stdev(means), len(runs))
+        rouge = column == "rouge_l_mean"  # multiple choice samples nothing: no spread over seeds
+        cells[label, ts] = _cell([(r[column], (r["rouge_l_std"] or 0.0) if rouge else None) for r in runs])
+        keyed = [
+            (r["task_accuracy"], r["task_accuracy_std"] or 0.0)
+            for r in runs
+            if r["task_accuracy"] is not None
+        ]
+        if keyed:  # absent (no answer keys) stays absent, never 0
+            cells[label, task_column(ts)] = _cell(keyed)
     rouge_sets = [ts for ts in order_sets if metric[ts] == "rouge_l_mean"]
     accuracy_sets = [ts for ts in order_sets if metric[ts] == "accuracy"]
     if len(rouge_sets) > 1:
@@ -262,8 +288,22 @@ def build_table(rows: Sequence[Mapping[str, Any]]) -> ResultsTable:
                 cells[label, AVG] = Cell(statistics.fmean(per_set), float("nan"), 1)
         rouge_sets = [*rouge_sets, AVG]
     seeds = sorted({r["num_seeds"] for r in rows if r["num_seeds"] is not None})
-    columns = [*rouge_sets, *accuracy_sets]
+    grouped = [c for ts in rouge_sets for c in (ts, task_column(ts)) if c == ts or _has_column(cells, c)]
+    columns = [*grouped, *accuracy_sets]
     return ResultsTable(order_labels, columns, cells, teacher, seeds, frozenset(accuracy_sets))
+
+
+def _cell(runs: Sequence[tuple[float, float | None]]) -> Cell:
+    """One run: its mean and its spread over sampling seeds (NaN: none); several: mean ± std over runs."""
+    if len(runs) == 1:
+        mean, spread = runs[0]
+        return Cell(mean, float("nan") if spread is None else spread, 1)
+    means = [mean for mean, _ in runs]
+    return Cell(statistics.fmean(means), statistics.stdev(means), len(runs))
+
+
+def _has_column(cells: Mapping[tuple[str, str], Cell], column: str) -> bool:
+    return any(c == column for _, c in cells)
 
 
 def _label(row: Mapping[str, Any]) -> str:
@@ -303,6 +343,11 @@ def format_results_markdown(rows: Sequence[Mapping[str, Any]], title: str | None
         f"Rouge-L F1 (%), mean ± std over {seeds} sampling seed(s) per example (std over training runs where "
         "n= is shown); empty generations score 0. Bold: best non-teacher mean per column.",
     ]
+    if any(ts.endswith(task_column("")) for ts in table.test_sets):
+        lines.append(
+            "(task acc.): sampled responses judged correct against the generator's answer keys (%), mean ± "
+            "std over sampling seeds (docs/evaluation.md)."
+        )
     if table.accuracy_sets:
         lines.append(
             "(acc.): multiple-choice accuracy (%), the option of highest summed log-likelihood; no sampling, "
@@ -330,7 +375,8 @@ def plot_results(rows: Sequence[Mapping[str, Any]], png_path: str | Path, title:
         if n_labels * n_sets <= 40:
             ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
     ax.set_xticks(range(n_sets), [table.header(ts) for ts in table.test_sets])
-    ax.set_ylabel("Rouge-L / accuracy (%)" if table.accuracy_sets else "Rouge-L (%)")
+    accuracies = table.accuracy_sets or any(ts.endswith(task_column("")) for ts in table.test_sets)
+    ax.set_ylabel("Rouge-L / accuracy (%)" if accuracies else "Rouge-L (%)")
     ax.set_title(title or "Rouge-L by model and test set (mean ± std over sampling seeds)")
     ax.set_ylim(
         0, max([c.mean + (c.std if c.std == c.std else 0) for c in table.cells.values()] + [1]) * 1.18

@@ -35,8 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, stable_hash
+from pipeline.data.demo_eval_sets import demo_answer_keys
 from pipeline.data.stage import PreparedData, prepare_data
 from pipeline.errors import ConfigError, DataError, ModelError
+from pipeline.evaluate.correctness import Scored, correctness_columns, score_response
 from pipeline.evaluate.multiple_choice import (
     DEMO_SET,
     ItemScore,
@@ -46,7 +48,7 @@ from pipeline.evaluate.multiple_choice import (
     load_mc_items,
 )
 from pipeline.evaluate.results import format_results_markdown, write_results_csv, write_results_table
-from pipeline.evaluate.test_sets import EvalSet, examples_from_records, load_test_set
+from pipeline.evaluate.test_sets import EvalSet, demo_test_sets, examples_from_records, load_test_set
 from pipeline.locks import run_lock
 from pipeline.models.dims import read_dims
 from pipeline.models.export import EXPORT_MARKER
@@ -163,7 +165,13 @@ def load_test_sets(config: Config, prepared: PreparedData | None = None) -> list
     test = (prepared or prepare_data(config)).splits.test
     if ev.max_examples is not None:
         test = test[: ev.max_examples]
-    sets = [EvalSet(held_out_name(config), "config test split", examples_from_records(test))]
+    demo = config.data.source == "demo"
+    # the demo generator's answer keys travel beside the records (never in the JSONL); user data has none
+    keys = demo_answer_keys(test, config.data.num_demo_records, config.data.seed) if demo else None
+    sets = [EvalSet(held_out_name(config), "config test split", examples_from_records(test, keys))]
+    heldout = min(ev.heldout_examples, ev.max_examples or ev.heldout_examples)
+    if demo and heldout > 0:
+        sets += demo_test_sets(heldout, config.data.seed)
     sets += [load_test_set(spec, ev.max_examples) for spec in ev.test_sets]
     names = [s.name for s in sets]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -413,6 +421,7 @@ def _score_and_write(
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "protocol.json").unlink(missing_ok=True)  # invalid until everything below is written
     per_seed: dict[tuple[int, int], list[float]] = {}
+    scored: dict[int, dict[int, list[Scored]]] = {i: {} for i in range(len(test_sets))}
     empty: dict[int, int] = {}
     tmp = model_dir / "predictions.jsonl.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -424,6 +433,11 @@ def _score_and_write(
             per_seed.setdefault((item["test_set"], item["seed"]), []).append(score)
             empty[item["test_set"]] = empty.get(item["test_set"], 0) + (not prediction.strip())
             ex = ts.examples[item["example"]]
+            check = {}
+            if ex.answer is not None:
+                judged = score_response(prediction, ex.answer)
+                scored[item["test_set"]].setdefault(item["seed"], []).append(judged)
+                check = {"task": ex.answer.task, "answer": list(judged.answer), "correct": judged.correct}
             line = {
                 "model": name,
                 "test_set": ts.name,
@@ -434,6 +448,7 @@ def _score_and_write(
                 "references": list(ex.references),
                 "prediction": prediction,
                 "rouge_l": score,
+                **check,
             }
             fh.write(json.dumps(line, ensure_ascii=False) + "\n")
     tmp.replace(model_dir / "predictions.jsonl")
@@ -451,6 +466,7 @@ def _score_and_write(
                 "rouge_l_mean": statistics.fmean(means),
                 "rouge_l_std": statistics.stdev(means) if len(means) > 1 else 0.0,
                 "empty_rate": empty.get(ts_index, 0) / (len(ts.examples) * len(seeds)),
+                **correctness_columns(scored[ts_index]),
             }
         )
     if mc_sets:
@@ -570,8 +586,9 @@ def _protocol(
         for s in mc_sets
     }
     return ({"multiple_choice": mc} if mc else {}) | {
-        # 2: generate calls are fixed chunks of the test sets (generation_units), not Ray Data batches
-        "version": 2,
+        # 2: generate calls are fixed chunks of the test sets (generation_units), not Ray Data batches;
+        # 3: responses are also scored against answer keys (task accuracy, answer spread)
+        "version": 3,
         "greedy": ev.greedy,
         "temperature": ev.temperature,
         "top_p": ev.top_p,

@@ -5,10 +5,15 @@ A test-set spec (an entry of `evaluate.test_sets`) is one of
   * a preset name: dolly, selfinst, vicuna, sni, unni (the B-Distill / MiniLLM benchmarks);
   * a .jsonl / .json file: one object per line with `instruction`, optional `context` (or `input`) and the
     reference(s) as `response` / `output` (a string) or `references` / `outputs` (a list of strings: Rouge-L
-    takes the max over them);
+    takes the max over them), optionally an `answer_key` (pipeline.data.answers.AnswerKey.to_dict) for
+    task accuracy;
   * anything `pipeline.data.records.load_records` reads (a local dataset directory, a hub name already in the
     local Hugging Face cache), in Dolly format, split "test";
   * `NAME=SOURCE` for any of the above, to choose the column name in the results table.
+
+With the demo data, the config's test split carries the generator's answer keys and the held-out demo sets
+(pipeline.data.demo_eval_sets) are added (`demo_test_sets`). Examples without a key (user data) are scored
+by Rouge-L alone: their test set has no accuracy columns.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.answers import AnswerKey
+from pipeline.data.demo_dataset import DemoExample
+from pipeline.data.demo_eval_sets import HELDOUT_SETS, generate_heldout
 from pipeline.data.records import Record, load_records
 from pipeline.errors import DataError
 
@@ -29,6 +37,9 @@ class EvalExample:
     context: str
     references: tuple[str, ...]
     category: str = ""
+    answer: AnswerKey | None = (
+        None  # what a correct response is (pipeline.evaluate.correctness); None: unknown
+    )
 
     def to_record(self) -> Record:
         """The generation input (the prompt template only reads instruction and context)."""
@@ -100,8 +111,30 @@ def load_test_set(spec: str, max_examples: int | None = None) -> EvalSet:
     return EvalSet(name=name, source=source, examples=examples)
 
 
-def examples_from_records(records: Iterable[Record]) -> list[EvalExample]:
-    return [EvalExample(r.instruction, r.context, (r.response,), r.category) for r in records]
+def examples_from_records(
+    records: Sequence[Record], keys: Sequence[AnswerKey | None] | None = None
+) -> list[EvalExample]:
+    """One example per record, its reference the record's response, with `keys[i]` as its answer key."""
+    keys = keys if keys is not None else [None] * len(records)
+    return [
+        EvalExample(r.instruction, r.context, (r.response,), r.category, key)
+        for r, key in zip(records, keys, strict=True)
+    ]
+
+
+def demo_test_sets(num_examples: int, seed: int) -> list[EvalSet]:
+    """The held-out demo sets (pipeline.data.demo_eval_sets), `num_examples` each, with their answer keys."""
+    return [
+        EvalSet(
+            name, f"held-out demo set (seed {seed})", _examples_of(generate_heldout(name, num_examples, seed))
+        )
+        for name in HELDOUT_SETS
+    ]
+
+
+def _examples_of(examples: Iterable[DemoExample]) -> list[EvalExample]:
+    examples = list(examples)
+    return examples_from_records([e.record for e in examples], [e.key for e in examples])
 
 
 def read_examples_jsonl(path: str | Path) -> list[EvalExample]:
@@ -158,7 +191,19 @@ def _example_from_row(row: Any, where: str) -> EvalExample:
     ):
         raise DataError(f"{where}: malformed test example (keys: {sorted(row)}). {fix}")
     category = row.get("category") if isinstance(row.get("category"), str) else ""
-    return EvalExample(instruction, context, tuple(refs), category)
+    return EvalExample(instruction, context, tuple(refs), category, _answer_key(row.get("answer_key"), where))
+
+
+def _answer_key(raw: Any, where: str) -> AnswerKey | None:
+    if raw is None:
+        return None
+    try:
+        return AnswerKey.from_dict(raw)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DataError(
+            f"{where}: malformed answer_key ({exc}). Fix: write it as AnswerKey.to_dict() does "
+            "(family, kind, answer: [...], options: [...], count; pipeline/data/answers.py), or drop it."
+        ) from None
 
 
 def _first(row: Mapping[str, Any], keys: Sequence[str]) -> Any:

@@ -361,7 +361,12 @@ def tiny_job_config(tmp_path: Path) -> Path:
         resources={"teacher_node": 1},
     )
     cfg["evaluate"].update(
-        num_seeds=1, max_new_tokens=6, batch_size=16, max_examples=MAX_EXAMPLES, resources={"student_node": 1}
+        num_seeds=1,
+        max_new_tokens=6,
+        batch_size=16,
+        max_examples=MAX_EXAMPLES,
+        heldout_examples=0,  # the test split alone: the probe checks placement, not the held-out sets
+        resources={"student_node": 1},
     )
     path = tmp_path / "tiny-job.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -131,12 +131,16 @@ def workspace(tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.usefixtures("ray_cluster")
 def test_run_evaluate_through_the_actor_pool(workspace) -> None:
     config, root = workspace
+    # user data beside the demo's sets: a JSONL test set without answer keys
+    user = root / "user.jsonl"
+    user.write_text(json.dumps({"instruction": "Name a warm color.", "response": "red"}) + "\n")
+    config = with_overrides(config, {"evaluate.test_sets": [f"user={user}"]})
     assert list(default_models(config)) == ["teacher", "kd-k3-a0.2-b0.1-e2-s0"]
     results = run_evaluate(config, progress=False)
     student = "kd-k3-a0.2-b0.1-e2-s0"
+    sets = ("demo-test", "paraphrase", "composition", "entities", "user")
     assert {(r["model"], r["test_set"]) for r in results.rows} == {
-        ("teacher", "demo-test"),
-        (student, "demo-test"),
+        (m, ts) for m in ("teacher", student) for ts in sets
     }
     teacher_row = next(r for r in results.rows if r["model"] == "teacher")
     assert teacher_row["num_examples"] == 6 and teacher_row["num_seeds"] == 2
@@ -147,10 +151,20 @@ def test_run_evaluate_through_the_actor_pool(workspace) -> None:
     assert mean == pytest.approx(sum(seeds) / 2) and std == pytest.approx(abs(seeds[0] - seeds[1]) / 2**0.5)
 
     # Every (example, seed) is in predictions.jsonl, scored against its reference with rouge_l.
-    lines = [json.loads(x) for x in (root / "run/eval/teacher/predictions.jsonl").read_text().splitlines()]
+    every = [json.loads(x) for x in (root / "run/eval/teacher/predictions.jsonl").read_text().splitlines()]
+    assert len(every) == (6 * 4 + 1) * 2
+    lines = [x for x in every if x["test_set"] == "demo-test"]
     assert len(lines) == 6 * 2 and {x["seed"] for x in lines} == {0, 1}
     for x in lines:
         assert x["rouge_l"] == pytest.approx(rouge_l(x["prediction"], x["references"]))
+    # ... and, where the example has an answer key, judged against it; the rows' task accuracy is their mean.
+    for ts in sets[:4]:
+        judged = [x["correct"] for x in every if x["test_set"] == ts and "correct" in x]
+        row = next(r for r in results.rows if r["model"] == "teacher" and r["test_set"] == ts)
+        assert judged and row["task_accuracy"] == pytest.approx(100 * sum(judged) / len(judged))
+    assert not [x for x in every if x["test_set"] == "user" and "correct" in x]
+    user_rows = [r for r in results.rows if r["test_set"] == "user"]
+    assert all(r.get("task_accuracy") is None and r.get("answer_coverage") is None for r in user_rows)
     per_seed = [100 * sum(x["rouge_l"] for x in lines if x["seed"] == s) / 6 for s in (0, 1)]
     assert [x["prediction"] for x in lines if x["seed"] == 0] != [
         x["prediction"] for x in lines if x["seed"] == 1
@@ -160,6 +174,7 @@ def test_run_evaluate_through_the_actor_pool(workspace) -> None:
     # The always-empty student: every generation is "", scored 0 and kept.
     row = next(r for r in results.rows if r["model"] == student)
     assert row["rouge_l_mean"] == 0.0 and row["empty_rate"] == 1.0 and row["num_examples"] == 6
+    assert row["task_accuracy"] == 0.0  # an empty answer is wrong, never skipped
     assert (row["method"], row["k"], row["alpha"], row["beta"], row["student_experts"], row["seed"]) == (
         "kd",
         3,
@@ -179,7 +194,9 @@ def test_run_evaluate_through_the_actor_pool(workspace) -> None:
     ):
         assert path.is_file() and path.stat().st_size > 0
     with open(results.csv_path) as fh:
-        assert len(list(csv.DictReader(fh))) == 2
+        assert len(list(csv.DictReader(fh))) == 2 * len(sets)
+    assert "demo-test (task acc.)" in results.md_path.read_text()
+    assert "user (task acc.)" not in results.md_path.read_text()
     assert read_results_csv(results.csv_path)[0]["rouge_l_mean"] == pytest.approx(mean)
     assert f"{mean:.2f} ± {std:.2f}" in results.md_path.read_text()
 
@@ -188,7 +205,7 @@ def test_run_evaluate_through_the_actor_pool(workspace) -> None:
     again = evaluate_models(config, args.model)
     assert again.reused == ["teacher"] and again.score("teacher", "demo-test") == pytest.approx((mean, std))
     # The combined table keeps the student evaluated earlier under the same protocol.
-    assert [r["model"] for r in again.rows] == ["teacher", student]
+    assert list(dict.fromkeys(r["model"] for r in again.rows)) == ["teacher", student]
 
 
 def test_generation_units_are_fixed_chunks_of_one_seed_and_test_set() -> None:
@@ -208,7 +225,12 @@ def test_sampled_results_do_not_depend_on_the_models_evaluated_beside(workspace)
     student = str(root / "run/students/kd-k3-a0.2-b0.1-e2-s0/final")
 
     def predictions(tag: str, models: dict[str, str]) -> list[str]:
-        cfg = with_overrides(config, {"output_dir": str(root / tag), "evaluate.max_examples": 5})
+        overrides = {
+            "output_dir": str(root / tag),
+            "evaluate.max_examples": 5,
+            "evaluate.heldout_examples": 0,
+        }
+        cfg = with_overrides(config, overrides)
         run_evaluate(cfg, models, progress=False)
         lines = (root / tag / "eval/teacher/predictions.jsonl").read_text().splitlines()
         return [json.loads(x)["prediction"] for x in lines]
@@ -249,6 +271,7 @@ def test_multiple_choice_accuracy_rows_through_the_stage(workspace) -> None:
             "output_dir": str(root / "mc-run"),  # its own eval dir: the first test's results stay as they are
             "evaluate.num_seeds": 1,
             "evaluate.max_examples": 2,
+            "evaluate.heldout_examples": 0,  # the test split alone beside the multiple-choice sets
             "evaluate.multiple_choice": [
                 {"name": "hand", "path": str(hand)},
                 {"name": "demo-mc", "dataset": "demo", "limit": 4, "prompt_style": "response"},
@@ -286,7 +309,8 @@ def test_multiple_choice_accuracy_rows_through_the_stage(workspace) -> None:
     in_memory = [r["accuracy"] for r in mc_rows if r["test_set"] == "hand"]
     assert [r["accuracy"] for r in on_disk] == pytest.approx(in_memory)
     header = results.md_path.read_text().splitlines()[2]
-    assert header == "| Model | demo-test | hand (acc.) | demo-mc (acc.) |", header
+    # the demo test split is a column group (Rouge-L, task accuracy against its answer keys)
+    assert header == "| Model | demo-test | demo-test (task acc.) | hand (acc.) | demo-mc (acc.) |", header
     # Training seeds aggregate like Rouge-L: mean ± std over the runs; seeds.md gets an accuracy table.
     seeded = []
     for seed, shift in ((0, 0.0), (1, 10.0), (2, 20.0)):
@@ -303,7 +327,7 @@ def test_multiple_choice_accuracy_rows_through_the_stage(workspace) -> None:
     mean, std = sum(hand_accs) / 3, statistics.stdev(hand_accs)
     assert f"{mean:.2f} ± {std:.2f} (n=3)" in kd_line, kd_line
     seeds_md = write_seed_tables(rows, root / "mc-run").read_text()
-    assert "multiple-choice accuracy" in seeds_md, seeds_md
+    assert "multiple-choice accuracy" in seeds_md and "task accuracy" in seeds_md, seeds_md
     # Unchanged checkpoints and sets: the next call reuses every model's results, accuracy included.
     again = run_evaluate(mc_config, models, progress=False)
     assert sorted(again.reused) == sorted(models)
