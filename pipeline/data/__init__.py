@@ -6,6 +6,8 @@ tokenize.py      tokenize_record(s), tokenize_prompt: exact response masks, too-
 split.py         split_records: deterministic train/validation/test
 collate.py       pad_batch, distill_positions (docs/cache-format.md)
 demo_dataset.py  generate_demo_records: the generated, license-clean demo dataset
+answers.py       AnswerKey: what a correct response to a generated record is (a sidecar, never in the JSONL)
+demo_eval_sets.py the held-out demo test sets (paraphrase, composition, entities) and the test split's keys
 demo_tokenizer.py train_demo_tokenizer: byte-level BPE for the demo
 
 Submodules are imported explicitly (nothing is re-exported here) so that importing one of them in a Ray
