@@ -169,6 +169,11 @@ def load_test_sets(config: Config, prepared: PreparedData | None = None) -> list
     # the demo generator's answer keys travel beside the records (never in the JSONL); user data has none
     keys = demo_answer_keys(test, config.data.num_demo_records, config.data.seed) if demo else None
     sets = [EvalSet(held_out_name(config), "config test split", examples_from_records(test, keys))]
+    if ev.heldout_examples < 0:
+        raise ConfigError(
+            f"evaluate.heldout_examples={ev.heldout_examples} must be >= 0. Fix: --set "
+            "evaluate.heldout_examples=100 (0: the test split alone)."
+        )
     heldout = min(ev.heldout_examples, ev.max_examples or ev.heldout_examples)
     if demo and heldout > 0:
         sets += demo_test_sets(heldout, config.data.seed)

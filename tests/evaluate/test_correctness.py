@@ -3,15 +3,21 @@ spread of several-answer tasks."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
+from support.paths import TINY
 
+from pipeline.config import load_config
 from pipeline.data import answers
 from pipeline.data.demo_dataset import COLORS, FRUITS, generate_demo_examples
 from pipeline.data.demo_eval_sets import HELDOUT_SETS, generate_heldout
+from pipeline.errors import ConfigError, DataError
 from pipeline.evaluate.correctness import correctness_columns, read_answer, score_response
 from pipeline.evaluate.results import build_table, format_results_markdown, task_column
+from pipeline.evaluate.test_sets import read_examples_jsonl
 
 LEMON = answers.choice("fact", "yellow", COLORS)
 ARITH = answers.number("arithmetic", 5)
@@ -136,3 +142,43 @@ def test_results_table_groups_rouge_and_task_accuracy_per_test_set() -> None:
     md = format_results_markdown(rows)
     assert "| Model | demo-test | demo-test (task acc.) | user | Avg. |" in md
     assert "| kd | 25.00 ± 1.00 | 40.00 ± 1.00 | 15.00 ± 1.00 | 20.00 |" in md
+
+
+def test_a_jsonl_test_set_may_carry_answer_keys(tmp_path: Path) -> None:
+    rows = [
+        {"instruction": "What color is a lemon?", "response": "yellow", "answer_key": LEMON.to_dict()},
+        {"instruction": "Say hi.", "response": "hi"},  # no key: Rouge-L only
+    ]
+    path = tmp_path / "keyed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [e.answer for e in read_examples_jsonl(path)] == [LEMON, None]
+    path.write_text(
+        json.dumps({**rows[0], "answer_key": {"family": "fact", "kind": "vibes", "answer": ["x"]}})
+    )
+    with pytest.raises(DataError, match=r"keyed\.jsonl:1: malformed answer_key .*Fix"):
+        read_examples_jsonl(path)
+
+
+def test_demo_test_sets_and_their_size_setting(tmp_path: Path) -> None:
+    from pipeline.data.stage import prepare_data
+    from pipeline.evaluate.stage import load_test_sets
+
+    def config(heldout: int):
+        overrides = {
+            "output_dir": str(tmp_path),
+            "evaluate.max_examples": 5,
+            "evaluate.heldout_examples": heldout,
+        }
+        return load_config(TINY, overrides)
+
+    prepared = prepare_data(config(3))
+    sets = load_test_sets(config(3), prepared)
+    assert [(s.name, len(s.examples)) for s in sets] == [
+        ("demo-test", 5), ("paraphrase", 3), ("composition", 3), ("entities", 3)
+    ]  # fmt: skip
+    assert any(e.answer is not None for e in sets[0].examples)  # the test split's keys, found by content
+    assert all(e.answer is not None for e in sets[2].examples)
+    assert [s.name for s in load_test_sets(config(0), prepared)] == ["demo-test"]
+    assert [len(s.examples) for s in load_test_sets(config(100), prepared)] == [5] * 4  # max_examples caps
+    with pytest.raises(ConfigError, match=r"heldout_examples=-1 must be >= 0\. Fix"):
+        load_test_sets(config(-1), prepared)
