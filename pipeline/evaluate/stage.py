@@ -9,12 +9,15 @@ and score them with Rouge-L; the same actors score every item of the multiple-ch
 Protocol (MiniLLM / DistiLLM / B-Distill): sampling at temperature 1, top-p 1, `evaluate.num_seeds` seeds,
 Rouge-L of each generation against its reference(s) (max over references), mean over examples per seed,
 then mean ± std (ddof=1) over seeds; `evaluate.greedy` decodes greedily with one seed. Empty generations
-score 0 and are never dropped.
+score 0 and are never dropped. Where a test example has an answer key (the demo's sets), the driver also
+judges each generation correct or not (pipeline.evaluate.correctness: task accuracy, answer spread; the test
+sets and the scorer: docs/evaluation.md).
 
 Multiple-choice scoring samples nothing: one pass per item, no seeds; accuracy in percent per set.
 
 Outputs under runs/<name>/eval/:
-  <model>/predictions.jsonl  one line per (test set, example, seed): prompt, references, prediction, rouge_l
+  <model>/predictions.jsonl  one line per (test set, example, seed): prompt, references, prediction, rouge_l,
+                             and with an answer key: task, answer (as read from the prediction), correct
   <model>/multiple_choice.jsonl  one line per (multiple-choice set, item): options' log-likelihoods, picks
   <model>/results.csv|md     that model's rows; <model>/protocol.json (written last) makes a rerun with the
                              same checkpoint, protocol and test sets reuse them instead of regenerating
