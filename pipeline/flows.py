@@ -164,7 +164,7 @@ def write_demo_results(
     """results.csv|md|png under <output_dir>/reports for the teacher and `students` (DistillResults) only,
     with each student's validation loss from its run."""
     rows = rows_of_runs(evaluation_rows, students)
-    return write_results(rows, paths_for(config).reports, title=f"{config.name}: Rouge-L (%)")
+    return write_results(rows, paths_for(config).reports, title=f"{config.name}: Rouge-L, task accuracy (%)")
 
 
 # --- the demo -----------------------------------------------------------------------------------------------
@@ -177,7 +177,12 @@ def run_demo(
     timer = StageTimer()
     runs = [({}, with_overrides(config, {"distill.method": m})) for m in methods]
     flow = run_flow(
-        config, runs, paths_for(config).reports, f"{config.name}: Rouge-L (%)", stages=stages, timer=timer
+        config,
+        runs,
+        paths_for(config).reports,
+        f"{config.name}: Rouge-L, task accuracy (%)",
+        stages=stages,
+        timer=timer,
     )
     summary: dict[str, Any] = {"stages": timer.wall}
     if flow.finetune is not None:

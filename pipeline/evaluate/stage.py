@@ -308,7 +308,12 @@ def run_evaluate(config: Config, models: dict[str, str] | None = None, progress:
         reused = [name for name in models if name not in pending]
         eval_dir.mkdir(parents=True, exist_ok=True)
         csv_path = write_results_csv(rows, eval_dir / "results.csv")
-        title = f"{config.name}: Rouge-L" + (", accuracy" if mc_sets else "")
+        keyed = any(ex.answer is not None for ts in test_sets for ex in ts.examples)
+        title = (
+            f"{config.name}: Rouge-L"
+            + (", task accuracy" if keyed else "")
+            + (", accuracy" if mc_sets else "")
+        )
         md_path, png_path = write_results_table(rows, eval_dir, title=title)
         return EvalResults(eval_dir, rows, seed_scores, csv_path, md_path, png_path, model_dirs, reused)
 
