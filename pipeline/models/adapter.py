@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 from pipeline.errors import ConfigError, ModelError
 from pipeline.models.dims import ModelDims
 from pipeline.models.families import SUPPORTED_MODEL_TYPES, check_model_type, family_of
-from pipeline.models.moe_blocks import MoEBlockView, Routing, is_moe_layer
+from pipeline.models.moe_blocks import MoEBlockView, Routing, is_moe_layer, verify_block
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "MoEAdapter", "MoEForwardOutput", "Routing", "check_adapter_reads"]
 
@@ -74,6 +74,8 @@ class MoEAdapter:
         self._blocks = [
             MoEBlockView(layers[i], family, self.model_type, f"decoder layer {i}") for i in self.moe_layers
         ]
+        if self.model_type not in SUPPORTED_MODEL_TYPES:  # read with the default entry: check it numerically
+            verify_block(self._blocks[0])
         shapes = {(b.num_experts, b.top_k, b.hidden_size) for b in self._blocks}
         if len(shapes) > 1:
             raise ModelError(

@@ -130,7 +130,7 @@ def _as_int(value: Any, key: str, name: str) -> int:
 
 def num_routed_experts(cfg: Mapping[str, Any], name: str) -> int | None:
     """Routed experts per MoE layer from a config.json mapping (each family's spelling); None: dense."""
-    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+    for key in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
         if cfg.get(key):
             return _as_int(cfg[key], key, name)
     return None

@@ -48,7 +48,7 @@ class MoEBlockView:
         self.layer, self.family = layer, family
         self.block: nn.Module = getattr(layer, family.block)
         self.router: nn.Module = getattr(self.block, family.router)
-        self._where = f"{where} ({model_type}, {type(self.block).__name__})"
+        self.where = f"{where} ({model_type}, {type(self.block).__name__})"
         self._check_modules(model_type)
         try:
             self.router_weight: Tensor = operator.attrgetter(family.router_weight)(self.router)
@@ -62,7 +62,7 @@ class MoEBlockView:
     # --- validation ---
     def _missing(self, what: str) -> ModelError:
         return ModelError(
-            f"{self._where}: the MoE block has no {what}, so the adapter cannot read it. Fix: use a model of "
+            f"{self.where}: the MoE block has no {what}, so the adapter cannot read it. Fix: use a model of "
             f"a family listed in docs/model-families.md (or add this family's entry to "
             "pipeline/models/families.py)."
         )
@@ -74,7 +74,7 @@ class MoEBlockView:
         present = {name for name, _ in self.block.named_children()}
         if not expected - {"activation"} <= present or present - expected:
             raise ModelError(
-                f"{self._where}: the MoE block holds modules {sorted(present)}, but the adapter's entry for "
+                f"{self.where}: the MoE block holds modules {sorted(present)}, but the adapter's entry for "
                 f"{model_type!r} models {sorted(expected)}; other modules would change the block's output "
                 "unseen. Fix: use a listed family (docs/model-families.md) or add an entry for this one in "
                 "pipeline/models/families.py."
@@ -87,7 +87,7 @@ class MoEBlockView:
             ]
             if extra:
                 raise ModelError(
-                    f"{self._where}: the router has {extra}, which the default (softmax top-k) entry does "
+                    f"{self.where}: the router has {extra}, which the default (softmax top-k) entry does "
                     "not model. Fix: add this family's entry to pipeline/models/families.py."
                 )
 
@@ -96,13 +96,13 @@ class MoEBlockView:
             raise self._missing("fused experts `experts.gate_up_proj` / `experts.down_proj`")
         if not getattr(experts, "has_gate", True) or getattr(experts, "has_post_expert_norm", False):
             raise ModelError(
-                f"{self._where}: the experts have no gate projection or a post-expert norm, which the "
+                f"{self.where}: the experts have no gate projection or a post-expert norm, which the "
                 "adapter does not compute. Fix: use a listed family (docs/model-families.md)."
             )
         custom_gate = _own_apply_gate(experts)
         if not getattr(experts, "is_concatenated", True) and not custom_gate:
             raise ModelError(
-                f"{self._where}: interleaved gate/up rows without the experts' own `_apply_gate`. Fix: use a "
+                f"{self.where}: interleaved gate/up rows without the experts' own `_apply_gate`. Fix: use a "
                 "listed family (docs/model-families.md)."
             )
         if not custom_gate and not hasattr(experts, "act_fn"):
@@ -234,3 +234,41 @@ class MoEBlockView:
         chosen = expert_outputs.gather(1, routing.indices[..., None].expand(-1, -1, hidden))
         out = (chosen * routing.weights[..., None].to(chosen.dtype)).sum(1)
         return out if shared is None else out + shared
+
+
+def verify_block(view: MoEBlockView) -> None:
+    """For a model type outside the table (read with the default entry), on a random probe: the block's own
+    output must equal the rebuild from every expert's output, and its top-k weights must be p on its chosen
+    experts up to one factor per token (softmax vs sigmoid scores differ there), or the adapter refuses it.
+    Weights on the meta device (the config-only check) have no values to compare: skipped."""
+    weight = view.router_weight
+    if weight.is_meta:
+        return
+    dtype = view.block.experts.gate_up_proj.dtype if view.family.experts == "fused" else weight.dtype
+    x = torch.randn(1, 8, view.hidden_size, generator=torch.Generator().manual_seed(0))
+    x = x.to(device=weight.device, dtype=dtype)
+    was_training = view.block.training
+    view.block.eval()  # no router jitter on the probe
+    try:
+        with torch.no_grad():
+            out = view.block(x.clone())
+            out = (out[0] if isinstance(out, tuple) else out).reshape(-1, view.hidden_size).float()
+            flat = x.reshape(-1, view.hidden_size)
+            routing = view.routing(flat)
+            rebuilt = view.combine(view.expert_outputs(flat), routing, view.shared_output(flat)).float()
+    finally:
+        view.block.train(was_training)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    chosen = routing.probs.gather(1, routing.indices)
+    weights = routing.weights.float()
+    same_output = torch.allclose(rebuilt, out, atol=tol * float(out.abs().mean()) + 1e-6, rtol=tol)
+    same_gates = torch.allclose(
+        weights / weights.sum(-1, keepdim=True), chosen / chosen.sum(-1, keepdim=True), atol=tol, rtol=tol
+    )
+    if not (same_output and same_gates):
+        what = "block output" if not same_output else "top-k weights"
+        raise ModelError(
+            f"{view.where}: the model's {what} differs from what the default (Qwen3-MoE layout) entry "
+            "computes, so it does not describe this family. Fix: add this family's entry to "
+            "pipeline/models/families.py (docs/model-families.md)."
+        )

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.families import FAMILY_TYPES, family_config, family_model
-from transformers import Qwen3MoeConfig
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, Qwen3MoeConfig
 
 from pipeline.cache.build import teacher_dims
 from pipeline.errors import ConfigError
@@ -176,16 +176,35 @@ def test_selection_bias_changes_the_choice_not_p() -> None:
     assert not torch.equal(before.indices.sort(-1).values, after.indices.sort(-1).values)
 
 
+def test_a_family_outside_the_table_is_read_when_its_structure_is_the_default() -> None:
+    """cohere2_moe has no entry: it is read with the default one, checked numerically on construction."""
+    config = CONFIG_MAPPING["cohere2_moe"](
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=4, num_experts_per_tok=2, intermediate_size=24,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    adapter = MoEAdapter(AutoModelForCausalLM.from_config(config).eval())
+    input_ids, _, token_mask = _batch()
+    inputs, outputs = _block_io(adapter, input_ids, token_mask)
+    for i in range(adapter.num_layers):
+        view = adapter.block_view(i)
+        with torch.no_grad():
+            rebuilt = view.combine(view.expert_outputs(inputs[i]), view.routing(inputs[i]), None)
+        torch.testing.assert_close(rebuilt, outputs[i], atol=1e-5, rtol=1e-5)
+
+
 def test_unreadable_family_refused_from_its_config(tmp_path: Path) -> None:
-    """A family outside the table is built on the meta device and read: a block the default entry cannot
-    express is refused before any work, naming what is missing; a multimodal wrapper names its text model."""
+    """Before any work, from config.json: a family outside the table whose block the default entry cannot
+    express names what is missing; a multimodal wrapper names its text model; a known family with dense
+    layers records its MoE layers' decoder indices."""
+    CONFIG_MAPPING["ernie4_5_moe"](
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    ).save_pretrained(tmp_path / "ernie")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"teacher .*ernie.*shared_experts.*Fix: .*families\.py"):
+        teacher_dims(str(tmp_path / "ernie"))
     family_config("deepseek_v3").save_pretrained(tmp_path / "dsv3")
-    raw = json.loads((tmp_path / "dsv3" / "config.json").read_text())
-    (tmp_path / "renamed").mkdir()
-    (tmp_path / "renamed" / "config.json").write_text(json.dumps({**raw, "model_type": "deepseek_v3_fork"}))
-    with pytest.raises(ConfigError):  # an unknown model type transformers cannot even build
-        teacher_dims(str(tmp_path / "renamed"))
     assert teacher_dims(str(tmp_path / "dsv3"))["moe_layers"] == [1, 2]
+    raw = json.loads((tmp_path / "dsv3" / "config.json").read_text())
     (tmp_path / "mm").mkdir()
     (tmp_path / "mm" / "config.json").write_text(json.dumps({**raw, "model_type": "llama4"}))
     with pytest.raises(ConfigError, match=r"multimodal 'llama4'.*llama4_text"):

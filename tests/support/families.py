@@ -89,14 +89,15 @@ def family_config(
     vocab_size: int = 96,
     token_ids: tuple[int, int, int] = (0, 1, 2),
 ) -> Any:
-    """A tiny config of `model_type` (pad/bos/eos = `token_ids`)."""
+    """A tiny config of `model_type` (pad/bos/eos = `token_ids`); 4 heads of hidden // 4 (OLMoE's q/k norms
+    need heads x head_dim = hidden)."""
     cls, e_key, k_key, i_key = _SPELLING[model_type]
     pad, bos, eos = token_ids
     if model_type == "llama4_text":
         top_k = 1  # Llama 4 routes every token to one expert
     kwargs: dict[str, Any] = dict(
         vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, initializer_range=INIT,
+        num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=256, initializer_range=INIT,
         pad_token_id=pad, bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=False,
         **{e_key: experts, k_key: top_k, i_key: expert_width},
     )  # fmt: skip
