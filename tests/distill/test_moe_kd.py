@@ -34,6 +34,8 @@ def test_moe_kd_row_of_the_baseline_sweep_runs_through_the_cli(
         "student_pretrain.num_workers": 0,
         "distill.train.num_workers": 0,
         "distill.train.max_steps": 2,
+        "evaluate.num_seeds": 1,
+        "evaluate.max_examples": 4,
     }
     config = with_overrides(tiny_workspace, {**points[0], **small})
     config_path = write_config(config, tmp_path / "moe-kd.yaml")
