@@ -6,7 +6,8 @@ the modules lives in `pipeline.models.moe_blocks`; docs/model-families.md states
 
 A model type missing from `FAMILIES` is read with `DEFAULT_FAMILY` (the Qwen3-MoE layout: `mlp.gate` top-k
 softmax router, `mlp.experts` fused experts, nothing else in the block); the adapter refuses it when its
-modules do not have exactly that structure.
+modules do not have exactly that structure, or when its block's output and top-k weights on a random probe
+are not what that entry computes (pipeline.models.moe_blocks.verify_block).
 """
 
 from __future__ import annotations
