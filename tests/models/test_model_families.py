@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from support.families import FAMILY_TYPES, family_config, family_model
+from support.tiny import tiny_config, write_config
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, Qwen3MoeConfig
 
 from pipeline.cache.build import teacher_dims
+from pipeline.cli import main
 from pipeline.errors import ConfigError
 from pipeline.models.adapter import MoEAdapter
 from pipeline.models.dims import dims_from_config
@@ -224,3 +226,19 @@ def test_all_moe_teacher_record_unchanged(tmp_path: Path) -> None:
         "hidden_size",
         "vocab_size",
     }
+
+
+@pytest.mark.parametrize(("command", "role"), [("cache", "teacher"), ("distill", "student")])
+def test_cli_refuses_an_unreadable_family_before_ray_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, role: str
+) -> None:
+    import ray
+
+    CONFIG_MAPPING["ernie4_5_moe"](
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    ).save_pretrained(tmp_path / "ernie")  # fmt: skip
+    config = tiny_config(tmp_path, {f"{role}.build": None, f"{role}.path": str(tmp_path / "ernie")})
+    assert main([command, "--config", write_config(config, tmp_path / "config.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"{role} '{tmp_path / 'ernie'}' cannot be read for distillation" in err and "shared_experts" in err
+    assert "Fix:" in err and not ray.is_initialized()
