@@ -453,16 +453,29 @@ def _print_unexpected(exc: BaseException, debug: bool) -> int:
 
     from pipeline.storage import redact
 
-    storage = isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _STORAGE_LIBRARIES
-    if storage and not debug:
+    storage = _storage_error(exc)
+    if storage is not None and not debug:
         print(
-            f"moedistill: error: {type(exc).__name__}: {redact(str(exc))}. Fix: check that path or URL, its "
-            f"credentials and that its storage answers; {_where_traceback(exc)}.",
+            f"moedistill: error: {type(storage).__name__}: {redact(str(storage))}. Fix: check that path or "
+            f"URL, its credentials, its free space and that its storage answers; {_where_traceback(exc)}.",
             file=sys.stderr,
         )
         return 1
     print(redact("".join(traceback.format_exception(exc))).rstrip(), file=sys.stderr)
     return 1
+
+
+def _storage_error(exc: BaseException) -> BaseException | None:
+    """The storage error behind `exc` (an OSError such as a full disk, or a storage library's), following
+    its chain of causes (a cleanup step may raise while the first error is handled), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) or type(current).__module__.split(".")[0] in _STORAGE_LIBRARIES:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _from_ray(exc: BaseException) -> bool:

@@ -52,10 +52,10 @@ def connect(num_cpus: int | None = None, output_dir: str | Path | None = None) -
         kwargs["runtime_env"] = {"worker_process_setup_hook": "pipeline.ray_session.quiet_ray_internals"}
     with ray_startup_quietly():
         ray.init(**kwargs)
-    route_ray_output()
     # Keep Ray Data's own progress output quiet; stages draw their own bars.
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("MOEDISTILL_RAY_PROGRESS", "0") == "1"
+    route_ray_output()  # after ray.data's import, which installs its own console handler
 
 
 def recorded_local_address() -> str | None:

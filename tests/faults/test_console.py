@@ -5,13 +5,18 @@ lines, the workers' progress bars drawn on the driver, and a failed Ray task as 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.paths import REPO
+
+BAR = re.compile(r"\d+%\|")
 
 SCRIPT = textwrap.dedent(
     """
@@ -87,3 +92,45 @@ def test_a_failed_ray_task_is_one_line_naming_the_log_that_holds_its_traceback(t
     assert "a cause deep inside a task" in errors[0] and f"the traceback is in {log}" in errors[0]
     assert "Traceback (most recent call last)" not in proc.stdout + proc.stderr
     assert "ValueError: a cause deep inside a task" in log.read_text()
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 32 KiB tmpfs: a real filesystem that runs out of space (needs root, as CI has)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", mount], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.integration
+def test_a_cache_build_on_a_full_disk_is_one_line_not_a_traceback_wall(
+    tiny_workspace: Any, full_disk: Path, tmp_path: Path
+) -> None:  # issue 24, probe 8: disk full printed 288 lines and 3 tracebacks
+    from support.tiny import write_config
+
+    from pipeline.config import with_overrides
+
+    config = with_overrides(tiny_workspace, {"cache.root": str(full_disk / "caches"), "cache.logits_k": 6})
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    path = write_config(config, tmp_path / "c.yaml")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "cache", "--config", path],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    # Message lines: a progress bar redraws in place on a terminal, so its refreshes are not counted.
+    shown = [line for line in (proc.stdout + proc.stderr).strip().split("\n") if not BAR.search(line)]
+    errors = [line for line in shown if line.startswith("moedistill: error:")]
+    assert proc.returncode != 0 and len(errors) == 1, shown
+    assert "No space left" in errors[0] and "rerun" in errors[0], errors
+    assert not any("Traceback" in line or "pid=" in line for line in shown), shown
+    assert len(shown) <= 10, shown
