@@ -33,10 +33,11 @@ class DataConfig:
     seed: int = 0
     strict: bool = False  # malformed records: error (strict) or skip and count
     prompt_template: Literal["dolly"] = "dolly"  # pipeline.data.template (the one template so far)
-    # The teacher-knows-more regime (docs/method.md, "The demo regime"): null = every stage trains on the whole
-    # training split. N = the students (distillation, the cache, the dense pretraining of `init: upcycle`) see
-    # a seeded subset of N training records, and the teacher fine-tunes on `teacher_train`: "all" training
-    # records, or only the "rest" the students never see (so the cache is not built on what it memorised).
+    # The teacher-knows-more regime (docs/method.md, "The demo regime"): null = every stage trains on the
+    # whole training split. N = the students (distillation, the cache, the dense pretraining of `init:
+    # upcycle`) see a seeded subset of N training records, and the teacher fine-tunes on `teacher_train`:
+    # "all" training records, or only the "rest" the students never see (so the cache is not built on what
+    # it learnt).
     student_train_records: int | None = None
     teacher_train: Literal["all", "rest"] = "all"
 
