@@ -81,7 +81,7 @@ def recover_checkpoints(storage_path: str, run_name: str) -> list[str]:
         else:
             where = "its folder was already gone"
         lines.append(f"checkpoint {name} of run {run_name}: {problem}; {where}")
-        log.warning("quarantined %s", lines[-1])
+        log.debug("quarantined %s", lines[-1])  # the caller prints each line once
     keep = [i for i in order if results[i]["checkpoint_dir_name"] not in bad]
     snapshot["checkpoint_results"] = [results[i] for i in keep]
     snapshot["checkpoint_report_indices"] = [indices[i] for i in keep if i < len(indices)]
