@@ -150,6 +150,9 @@ class CacheConfig:
     # Exact fp32 states of this many validation tokens kept beside a schema-2 cache (never trained on), for
     # `moedistill report states-fidelity`; 0: none.
     states_fidelity_tokens: int = 256
+    # Mass-truncated states: per token and cached expert group, only the teacher experts carrying the top
+    # states_mass of the group's router mass are computed (renormalised in the group); 1.0 = exact states.
+    states_mass: float = 1.0
     store_expert_states: bool = True
     teacher_responses: Literal["none", "greedy", "sample"] = "none"  # for SeqKD
     max_new_tokens: int = 64
@@ -630,6 +633,7 @@ _CODEC_DEFAULTS = {
     "states_basis_tokens": 65536,
     "states_token_fraction": 1.0,
     "states_fidelity_tokens": 256,
+    "states_mass": 1.0,
 }
 
 

@@ -147,7 +147,8 @@ def stores_fidelity_sample(spec: CacheSpec, heldout: Sequence[Any]) -> bool:
     """Whether the cache keeps a held-out fidelity sample (pipeline/cache/fidelity.py): its states are lossy
     (schema 2), states_fidelity_tokens > 0 and there are held-out records to draw it from."""
     lossy = spec.store_expert_states and spec.states.schema_version >= 2
-    return lossy and spec.states_fidelity_tokens > 0 and len(heldout) > 0
+    # A mass-truncated cache keeps none: its report reruns the teacher for the exact states instead.
+    return lossy and spec.states_mass == 1.0 and spec.states_fidelity_tokens > 0 and len(heldout) > 0
 
 
 def key_inputs(
@@ -198,6 +199,8 @@ def key_inputs(
             "heldout_fingerprint": dataset_fingerprint(heldout),
             "seed": states.seed,
         }
+    if spec.store_expert_states and spec.states_mass != 1.0:  # exact states keep their key
+        inputs["states_mass"] = spec.states_mass
     if not spec.knowledge_augmentation.is_plain:  # plain KA computes the plain bytes: the plain key
         inputs["knowledge_augmentation"] = spec.knowledge_augmentation.key_inputs()
     return inputs

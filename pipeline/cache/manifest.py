@@ -96,6 +96,15 @@ def finalize_manifest(
         "num_bytes": sum(c["num_bytes"] for c in shards),
         "num_dropped": sum(c["num_records"] - c["num_rows"] for c in shards),
     }
+    kept = [c["states_mass"] for c in shards if "states_mass" in c]
+    if kept:  # a mass-truncated build: the router mass its states were computed from, over the whole cache
+        rows = sum(int(k["rows"]) for k in kept)
+        final["totals"]["states_mass"] = {
+            "target": kept[0]["target"],
+            "kept_mean": sum(float(k["kept_sum"]) for k in kept) / max(rows, 1),
+            "kept_min": min(float(k["kept_min"]) for k in kept),
+            "rows": rows,
+        }
     if check is not None:
         check(final)
     final["complete"] = True

@@ -8,6 +8,7 @@ has the same checksums as an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -55,6 +56,7 @@ class ShardData:
     teacher_response: list[list[int]] | None = None
     teacher_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    kept_mass: dict[str, float] | None = None  # states_mass < 1: teacher.kept_mass_record
 
     @property
     def total_tokens(self) -> int:
@@ -73,6 +75,8 @@ def shard_to_row(data: ShardData) -> dict[str, pa.Array]:
         "teacher_response": pa.array([data.teacher_response], pa.list_(pa.list_(pa.int32()))),
         "teacher_seconds": pa.array([data.teacher_seconds], pa.float64()),
     }
+    if data.kept_mass is not None:
+        cols["kept_mass"] = pa.array([json.dumps(data.kept_mass)], pa.string())
     for name, arr in sorted(data.arrays.items()):
         arr = np.ascontiguousarray(arr)
         # Zero-copy: the binary value's data buffer is the numpy array's memory (kept alive by the buffer).
@@ -117,6 +121,7 @@ def row_to_shard(table: pa.Table, i: int) -> ShardData:
         teacher_seconds=float(value("teacher_seconds") or 0.0)
         if "teacher_seconds" in table.column_names
         else 0.0,
+        kept_mass=json.loads(value("kept_mass")) if "kept_mass" in table.column_names else None,
     )
 
 
@@ -138,6 +143,7 @@ def write_shard_files(data: ShardData, meta: ShardMeta, local_dir: str) -> dict[
         "num_tokens": data.total_tokens,
         "num_bytes": sum(f["bytes"] for f in files.values()),
         "files": files,
+        **({"states_mass": data.kept_mass} if data.kept_mass is not None else {}),
     }
 
 

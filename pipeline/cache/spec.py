@@ -8,6 +8,7 @@ from typing import Literal
 from pipeline.cache.augment import KnowledgeAugmentation
 from pipeline.cache.codecs import StatesCodec
 from pipeline.errors import ConfigError
+from pipeline.models.truncation import check_states_mass
 
 LogitsMode = Literal["topk", "sampled"]
 StatesDtype = Literal["float16", "bfloat16"]
@@ -47,6 +48,9 @@ class CacheSpec:
     # Held-out fidelity sample (pipeline/cache/fidelity.py): exact fp32 states of this many validation-split
     # tokens, stored beside a lossy-codec cache (schema 2) for `moedistill report states-fidelity`; 0: none.
     states_fidelity_tokens: int = 256
+    # Mass-truncated states (pipeline/models/truncation.py): per token and cached group, only the experts
+    # carrying the top states_mass of its router mass run; 1.0 = exact (and the key of an exact cache).
+    states_mass: float = 1.0
 
     @property
     def states(self) -> StatesCodec:
@@ -86,6 +90,7 @@ class CacheSpec:
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
         problems += self.states.problems()
+        problems += check_states_mass(self.states_mass)
         if self.states_fidelity_tokens < 0:
             problems.append(
                 f"states_fidelity_tokens={self.states_fidelity_tokens} must be >= 0 (0: no sample)"

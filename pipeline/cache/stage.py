@@ -104,6 +104,7 @@ def cache_spec_from_config(config: Config, teacher_path: str, tokenizer_path: st
         states_basis_tokens=c.states_basis_tokens,
         states_token_fraction=c.states_token_fraction,
         states_fidelity_tokens=c.states_fidelity_tokens,
+        states_mass=c.states_mass,
         knowledge_augmentation=KnowledgeAugmentation(
             c.knowledge_augmentation.repeats, c.knowledge_augmentation.sampling_prob
         ),

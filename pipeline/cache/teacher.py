@@ -33,6 +33,7 @@ from pipeline.data.tokenize import tokenize_records
 from pipeline.errors import CacheError
 from pipeline.models.alignment import aggregate_expert_states, aggregate_gates
 from pipeline.models.generate import generate_token_ids
+from pipeline.models.truncation import truncated_states
 from pipeline.network import hub_load_kwargs
 from pipeline.placement import TeacherPlacement, check_no_offload, teacher_placement, visible_gpu_memory
 
@@ -51,6 +52,7 @@ class TeacherOutputSpec:
     max_new_tokens: int
     states: StatesCodec = field(default_factory=StatesCodec)  # schema 2 when not plain float16/bfloat16
     augmentation: KnowledgeAugmentation = field(default_factory=KnowledgeAugmentation)
+    states_mass: float = 1.0  # < 1: mass-truncated states (pipeline.models.truncation)
 
     @classmethod
     def from_spec(cls, spec: CacheSpec, width: int) -> TeacherOutputSpec:
@@ -65,7 +67,12 @@ class TeacherOutputSpec:
             max_new_tokens=spec.max_new_tokens,
             states=spec.states,
             augmentation=spec.knowledge_augmentation,
+            states_mass=spec.states_mass,
         )
+
+
+# teacher_targets' per-row kept router mass (m < 1): summed into the shard's commit record, never stored
+KEPT_MASS = "states_kept_mass"
 
 
 # --- tokenisation (CPU tasks) -------------------------------------------------------------------------------
@@ -102,21 +109,33 @@ def teacher_targets(
     output embedding's device, where `sparsify_logits` runs; only the sparse result moves to the CPU.
     """
     token_mask = distill_positions(batch["response_mask"])
+    truncated = out.store_expert_states and out.states_mass < 1.0
     fwd = adapter.forward_with_experts(
-        batch["input_ids"], batch["attention_mask"], out.cached_layers, token_mask
-    )
+        batch["input_ids"], batch["attention_mask"], out.cached_layers, token_mask,
+        compute_experts=not truncated,
+    )  # fmt: skip
     result = {"logits": fwd.logits[token_mask.to(fwd.logits.device)].float()}
-    gates, states = [], []
+    gates, states, kept = [], [], []
     for layer in out.cached_layers:
         probs = fwd.router_probs.pop(layer).float()
-        experts = fwd.expert_outputs.pop(layer)
         gates.append(aggregate_gates(probs, out.width).cpu())
-        if out.store_expert_states:
+        if truncated:  # only the experts carrying the top states_mass of each group's router mass run
+            x, logits = fwd.expert_inputs.pop(layer), fwd.router_logits.pop(layer)
+            view = adapter.block_view(layer)
+            h, mass, _ = truncated_states(view, x, logits, probs, out.width, out.states_mass)
+            states.append(h.cpu())
+            kept.append(mass.cpu())
+            del x, logits
+        elif out.store_expert_states:
+            experts = fwd.expert_outputs.pop(layer)
             states.append(aggregate_expert_states(probs, experts.float(), out.width).cpu())
-        del probs, experts
+            del experts
+        del probs
     result["gates"] = torch.stack(gates, dim=1)
     if out.store_expert_states:
         result["expert_states"] = torch.stack(states, dim=1)
+    if truncated:
+        result[KEPT_MASS] = torch.stack(kept, dim=1)  # [N, P]: the router mass whose experts ran
     return result
 
 
@@ -171,11 +190,14 @@ def compute_shard(
         state_rows = ShardStateRows(out.states, basis, seq_ids, counts, trailing)
         del arrays["expert_states"]
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    kept: list[torch.Tensor] = []  # [rows, P] kept router mass per micro-batch (states_mass < 1)
     for start in range(0, len(order), micro_batch):
         idx = order[start : start + micro_batch]
         batch = {k: v.to(device) for k, v in pad_batch([examples[i] for i in idx], pad_id).items()}
         splits = [counts[i] for i in idx]
         targets = score_sequences(adapter, batch, out, [examples[i]["seq_id"] for i in idx])
+        if KEPT_MASS in targets:
+            kept.append(targets.pop(KEPT_MASS).double())
         for name, t in targets.items():
             if name == "expert_states" and state_rows is not None:
                 row = 0
@@ -205,7 +227,23 @@ def compute_shard(
         arrays=arrays,
         teacher_response=responses,
         teacher_seconds=time.perf_counter() - t0,
+        kept_mass=kept_mass_record(out.states_mass, kept) if kept else None,
     )
+
+
+def kept_mass_record(mass: float, kept: Sequence[torch.Tensor]) -> dict[str, float]:
+    """What a shard records of a mass-truncated build (its commit record's "states_mass"): the target m and
+    the router mass whose experts ran, over its (token, layer) rows: sum (float64, so shards add up), rows,
+    mean and min. Every kept row's mass is >= m (each group keeps at least m of its mass)."""
+    rows = torch.cat([k.reshape(-1) for k in kept])
+    total = float(rows.sum())
+    return {
+        "target": float(mass),
+        "kept_sum": total,
+        "rows": int(rows.numel()),
+        "kept_mean": total / max(int(rows.numel()), 1),
+        "kept_min": float(rows.min()) if rows.numel() else 1.0,
+    }
 
 
 def _storage_layout(out: TeacherOutputSpec, hidden_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:

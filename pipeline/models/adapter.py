@@ -13,7 +13,7 @@ semantics per family are in docs/model-families.md.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,10 @@ class MoEForwardOutput:
     logits: Tensor  # [B, T, V]
     router_probs: dict[int, Tensor]  # layer -> [N, E] fp32, full softmax over ALL experts
     expert_outputs: dict[int, Tensor]  # layer -> [N, E, H], every expert's FFN output (model dtype)
+    # compute_experts=False: the MoE inputs [N, H] and router logits [N, E], for a caller that computes only
+    # some experts (pipeline.models.truncation)
+    expert_inputs: dict[int, Tensor] = field(default_factory=dict)
+    router_logits: dict[int, Tensor] = field(default_factory=dict)
 
 
 def _unsupported(model: nn.Module, model_type: object, why: str) -> ModelError:
@@ -171,6 +175,7 @@ class MoEAdapter:
         token_mask: Tensor,
         detach_expert_inputs: bool = False,
         with_experts: bool = True,
+        compute_experts: bool = True,
     ) -> MoEForwardOutput:
         """One model forward returning logits and, for `layers` and the tokens where `token_mask` [B, T] is
         True, full router probabilities and every expert's output.
@@ -178,7 +183,8 @@ class MoEAdapter:
         Differentiable; no hook survives the call. With `detach_expert_inputs` the returned expert outputs are
         computed on the detached MoE input, so a loss on them trains the experts only (not the layers below
         or the router); the router probabilities and logits keep their full graph. Without `with_experts`
-        only the router distributions are computed (`expert_outputs` is empty)."""
+        only the router distributions are computed (`expert_outputs` is empty). Without `compute_experts`
+        the MoE inputs and router logits are returned instead of the expert outputs."""
         layers = [int(i) for i in layers]
         for i in layers:
             self.moe_block(i)  # range check with a clear error
@@ -220,6 +226,8 @@ class MoEAdapter:
 
         router_probs: dict[int, Tensor] = {}
         expert_outputs: dict[int, Tensor] = {}
+        inputs: dict[int, Tensor] = {}
+        router_logits: dict[int, Tensor] = {}
         for i in layers:
             view = self.block_view(i)
             if not with_experts:
@@ -230,8 +238,11 @@ class MoEAdapter:
             router_probs[i] = view.probs_from_logits(logits)
             if detach_expert_inputs:
                 x, logits = x.detach(), logits.detach()
-            expert_outputs[i] = view.expert_outputs(x, logits)
-        return MoEForwardOutput(logits=out.logits, router_probs=router_probs, expert_outputs=expert_outputs)
+            if compute_experts:
+                expert_outputs[i] = view.expert_outputs(x, logits)
+            else:
+                inputs[i], router_logits[i] = x, logits
+        return MoEForwardOutput(out.logits, router_probs, expert_outputs, inputs, router_logits)
 
 
 def check_adapter_reads(dims: ModelDims, name_or_path: str, role: str) -> None:

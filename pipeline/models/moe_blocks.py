@@ -211,6 +211,50 @@ class MoEBlockView:
             out = out + experts.down_proj_bias
         return out
 
+    def routed_outputs(
+        self, x: Tensor, tokens: Tensor, experts: Tensor, logits: Tensor | None = None
+    ) -> Tensor:
+        """Expert `experts[s]`'s output on token `tokens[s]` for S (token, expert) pairs: [S, H], the same
+        math as `expert_outputs` for those pairs only. Batched per expert (transformers' `batched_mm` way):
+        the pairs are padded into [E, C, H] (C = the most pairs any expert got) and run through two bmm over
+        the stacked expert weights, so the cost follows the pairs, never a Python loop over experts."""
+        num = self.num_experts
+        counts = torch.bincount(experts, minlength=num)
+        order = torch.argsort(experts, stable=True)
+        exp, tok = experts[order], tokens[order]
+        slot = torch.arange(len(exp), device=exp.device) - (torch.cumsum(counts, 0) - counts)[exp]
+        x_in = x[tok]
+        if self.family.combine == "input":  # Llama 4: expert j sees sigmoid(logit_j) x, as in expert_outputs
+            logits = self.router_logits(x) if logits is None else logits
+            x_in = x_in * torch.sigmoid(logits[tok, exp].float()).to(x.dtype)[:, None]
+        padded = x.new_zeros(num, int(counts.max()) if len(exp) else 0, x.shape[-1])
+        padded[exp, slot] = x_in
+        out = self._batched_ffn(padded)[exp, slot]
+        return torch.empty_like(out).index_copy_(0, order, out)
+
+    def _batched_ffn(self, x: Tensor) -> Tensor:
+        """Expert e's FFN on rows x[e]: [E, C, H] -> [E, C, H]."""
+        if self.family.experts == "parallel":  # JetMoE: [E, 2I, H] and [E, H, I], chunked gate/up
+            gate, up = torch.bmm(x, self.block.input_linear.weight.transpose(1, 2)).chunk(2, dim=-1)
+            down = self.block.output_linear.weight.transpose(1, 2)
+            return torch.bmm(self.block.activation(gate) * up, down)
+        experts = self.block.experts
+        gate_up_w, down_w = experts.gate_up_proj, experts.down_proj
+        if not self._transposed:
+            gate_up_w, down_w = gate_up_w.transpose(1, 2), down_w.transpose(1, 2)
+        gate_up = torch.bmm(x, gate_up_w)
+        if getattr(experts, "has_bias", False):
+            gate_up = gate_up + experts.gate_up_proj_bias[:, None, :]
+        if hasattr(experts, "_apply_gate"):
+            hidden = experts._apply_gate(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            hidden = experts.act_fn(gate) * up
+        out = torch.bmm(hidden, down_w)
+        if getattr(experts, "has_bias", False):
+            out = out + experts.down_proj_bias[:, None, :]
+        return out
+
     def shared_output(self, x: Tensor) -> Tensor | None:
         """The block's always-on term for inputs x [N, H]: shared experts (gated where the model gates
         them), a shared MLP on the decoder layer, an output bias; None when the block has none."""

@@ -131,7 +131,7 @@ def states_fidelity(
             h, g = rerun_teacher(cache, examples, teacher_path)
     return FidelityReport(
         cache.path,
-        describe_states(cache.states),
+        describe_states(cache.states, float(cache.manifest["key_inputs"].get("states_mass", 1.0))),
         source,
         len(examples),
         int(h.shape[0]),

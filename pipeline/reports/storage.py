@@ -166,6 +166,7 @@ def measure_store(
         for n in FIELDS
         if disk[n] or n not in ("fidelity", "other")
     ]
+    notes += kept_mass_note(manifest["totals"])
     sample = manifest.get("states_fidelity")
     if sample is not None:
         notes.append(
@@ -252,7 +253,8 @@ def _dims_from_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
         "width": inputs["width"],
         "logits": f"{inputs['logit_sparsification']['mode']}-{inputs['logit_sparsification']['k']}",
         "states": describe_states(
-            StatesCodec.from_key_inputs(inputs.get("states_codec"), inputs["dtypes"]["expert_states"])
+            StatesCodec.from_key_inputs(inputs.get("states_codec"), inputs["dtypes"]["expert_states"]),
+            float(inputs.get("states_mass", 1.0)),
         )
         if inputs["stored_fields"]["expert_states"]
         else "not stored",
@@ -270,10 +272,24 @@ def config_states_codec(cache: Any) -> StatesCodec:
     )
 
 
-def describe_states(codec: StatesCodec) -> str:
-    """'fp8 rank 32, 50% of tokens' -- the states codec as the report header names it."""
+def describe_states(codec: StatesCodec, mass: float = 1.0) -> str:
+    """'fp8 rank 32, 50% of tokens, top 99% of group mass' -- the states as the report header names them."""
     text = codec.codec + (f" rank {codec.rank}" if codec.rank is not None else "")
-    return text + (f", {codec.token_fraction:.0%} of tokens" if codec.subsampled else "")
+    text += f", {codec.token_fraction:.0%} of tokens" if codec.subsampled else ""
+    return text + (f", top {mass:.4g} of group mass" if mass != 1.0 else "")
+
+
+def kept_mass_note(totals: dict[str, Any]) -> list[str]:
+    """The storage report's line on a mass-truncated cache (manifest totals.states_mass), else nothing."""
+    kept = totals.get("states_mass")
+    if kept is None:
+        return []
+    return [
+        f"expert states mass-truncated at m = {kept['target']}: per token and group only the experts "
+        f"carrying the top m of its router mass were computed; router mass kept {kept['kept_mean']:.4f} "
+        f"on average, {kept['kept_min']:.4f} at least, over {kept['rows']} (token, layer) rows; "
+        "`moedistill report states-fidelity` gives its MC-loss error and gradient cosine against exact states"
+    ]
 
 
 def _dense_fp32(teacher: dict[str, Any], index_per_token: float) -> dict[str, float]:
@@ -343,7 +359,9 @@ def project_from_config(
         "cached_layers": cached,
         "width": width,
         "logits": f"{config.cache.logits_mode}-{k}",
-        "states": describe_states(codec) if config.cache.store_expert_states else "not stored",
+        "states": describe_states(codec, config.cache.states_mass)
+        if config.cache.store_expert_states
+        else "not stored",
     }
     notes = [
         "projection from the config alone: uncompressed sizes (compression needs data; a built store's "

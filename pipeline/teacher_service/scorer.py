@@ -19,7 +19,13 @@ import numpy as np
 import torch
 
 from pipeline.cache.spec import CacheSpec
-from pipeline.cache.teacher import TeacherShardStage, input_device, score_sequences, to_storage
+from pipeline.cache.teacher import (
+    KEPT_MASS,
+    TeacherShardStage,
+    input_device,
+    score_sequences,
+    to_storage,
+)
 from pipeline.data.collate import pad_batch
 from pipeline.errors import MoeDistillError
 from pipeline.teacher_service.rows import sparse_tensors
@@ -63,6 +69,7 @@ class TeacherScorer:
         routing = dense_routing(stage.adapter) if self.router_trainer is not None else nullcontext()
         with torch.no_grad(), routing:
             targets = score_sequences(stage.adapter, batch, stage.out, seeds)
+        targets.pop(KEPT_MASS, None)  # a build's per-shard record, never a scored field
         stored = {name: to_storage(name, t, stage.out.states_dtype) for name, t in targets.items()}
         counts = [int(np.sum(np.asarray(ex["response_mask"])[1:])) for ex in examples]
         bounds = np.concatenate([[0], np.cumsum(counts)])
