@@ -183,19 +183,18 @@ def check_method(config: Config, where: str) -> None:
     """The run's method exists, can run, and its preset agrees with the config: checked before Ray starts
     (and before any teacher work), so a typo in a sweep's grid never costs a fine-tuning."""
     # why here: the method registry imports torch; `moedistill report results <sweep>` needs none of it.
-    from pipeline.distill.methods import check_method_student, on_policy_method, resolved_distill
+    from pipeline.distill.methods import resolve_method
 
     try:
-        on_policy_method(config.distill)
-        resolved_distill(config.distill)
-        check_method_student(config.distill, config.student.init)
+        resolve_method(config.distill, config.student.init)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
 
 def _changes_cache(base: Config, key: str, value: Any) -> bool:
     """Whether setting `key` alone changes the teacher cache (a teacher-side setting)."""
-    return teacher_cache_hash(with_overrides(base, {key: value})) != teacher_cache_hash(base)
+    alone = with_overrides(base, {key: value}, validate=False)  # the whole point is validated in plan_runs
+    return teacher_cache_hash(alone) != teacher_cache_hash(base)
 
 
 def _check_distinct_runs(sweep: Sweep, points: list[dict[str, Any]], configs: list[Config]) -> None:

@@ -187,7 +187,21 @@ def test_compare_to_names_a_grid_point_or_is_refused(tmp_path: Path) -> None:
         load_sweep(write_sweep(tmp_path, grid, compare_to={"distill.train.seed": 0}))
 
 
-@pytest.mark.parametrize("name", ["demo-sweep", "demo-bdistill-study", "demo-codecs", "demo-baselines"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "demo-sweep",
+        "demo-bdistill-study",
+        "demo-codecs",
+        "demo-baselines",
+        "demo-fig7-k",
+        "demo-fig8-experts",
+        "demo-fig9-beta",
+        "demo-fig10-gates",
+        "regime/demo-regime-rest",
+        "regime/demo-regime-all",
+    ],
+)
 def test_every_shipped_sweep_file_plans(name: str) -> None:
     """The sweep files the README runs load and plan (every method a preset, every grid point its own run)
     before any work; the baselines and codec sweeps run 3 training seeds per row."""
