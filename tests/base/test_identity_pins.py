@@ -12,7 +12,8 @@ from pipeline.distill.stage import default_run_name
 from pipeline.finetune.student_init import dense_student_dir
 
 PINS = {
-    "demo.yaml": {
+    # The first demo regime: demo.yaml up to commit a9b9085, its identities unchanged under the new name.
+    "demo-same-data.yaml": {
         "cache": "3927b43cefc377c5",
         "sft": "sft-k3-a0.2-b0.1-e4-s0-bbef3c",
         "kd": "kd-k3-a0.2-b0.1-e4-s0-e1fec0",
@@ -21,6 +22,17 @@ PINS = {
         "gkd-on-policy": "gkd-on-policy-k3-a0.2-b0.1-e4-s0-84019c",
         "sar": "sar-k3-a0.2-b0.1-e4-s0-c74612",
         "dense": "dense-bf9ad679",
+    },
+    # The teacher-knows-more regime (docs/method.md, "The demo regime"), pinned when demo.yaml moved to it.
+    "demo.yaml": {
+        "cache": "b075bd2990547a24",
+        "sft": "sft-k3-a0.2-b0.1-e4-s0-71aeaf",
+        "kd": "kd-k3-a0.2-b0.1-e4-s0-d2fd65",
+        "b-distill": "b-distill-k3-a0.2-b0.1-e4-s0-a3227b",
+        "b-distill-stable": "b-distill-stable-k3-a0.2-b0.1-e4-s0-52514c",
+        "gkd-on-policy": "gkd-on-policy-k3-a0.2-b0.1-e4-s0-309cb5",
+        "sar": "sar-k3-a0.2-b0.1-e4-s0-10f4a4",
+        "dense": "dense-ddb6fc95",
     },
     "qwen3-4b-moe-to-0.6b-moe.yaml": {
         "cache": "1c225c5471aacb26",
