@@ -1,6 +1,11 @@
 """Benchmark the teacher-cache stage against the bare teacher on the same batches, in one run.
 
     python jobs/benchmarks/bench_cache.py [--records 256] [--num-actors 1] [--threads 1] [--num-gpus 0]
+    python jobs/benchmarks/bench_cache.py --shape qwen3-30b-a3b,olmoe-1b-7b [--trials 3] [--seqs 2]
+
+--shape: a real MoE's width, vocabulary and expert count at truncated depth (jobs/benchmarks/real_shapes.py);
+its default run (2 sequences x 64 tokens, 2 layers, 3 interleaved rounds) fits a 2-core, 24 GiB machine.
+Without it:
 
 Builds the demo-sized teacher (jobs/configs/demo.yaml: Qwen3-MoE, hidden 256, 4 layers, 4 experts; demo
 tokenizer; cached layers = the pairs of a 2-layer student) in a temp dir, then measures side by side:
@@ -30,7 +35,6 @@ import argparse
 import logging
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,8 +42,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runnable as a plain script from a checkout
 
 import numpy as np
-import psutil
 import torch
+from measure import PeakMemory, interleaved
+from real_shapes import SHAPES, run_shape
 
 from pipeline.cache import (
     CacheRuntime,
@@ -81,44 +86,6 @@ MAX_LENGTH = 128
 ROWS_PER_SHARD = 64
 MICRO_BATCH = 32
 LOGITS_K = 32
-
-
-class PeakMemory:
-    """Samples the RSS of this process and all its descendants (a local Ray cluster's processes)."""
-
-    def __init__(self, interval_s: float = 0.05) -> None:
-        self.interval_s = interval_s
-        self.peak_total = 0
-        self.peak_single = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> None:
-        me = psutil.Process()
-        total = single = 0
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                rss = p.memory_info().rss
-            except psutil.Error:
-                continue
-            total += rss
-            single = max(single, rss)
-        self.peak_total = max(self.peak_total, total)
-        self.peak_single = max(self.peak_single, single)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample()
-
-    def __enter__(self) -> PeakMemory:
-        self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
 
 
 def make_assets(workdir: Path, num_records: int) -> dict[str, Any]:
@@ -222,7 +189,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per teacher (= CPUs per actor)")
     ap.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per teacher (cache.num_gpus_per_actor)")
     ap.add_argument("--workdir", default=None, help="default: a temp dir, removed afterwards")
+    ap.add_argument("--trials", type=int, default=3, help="interleaved rounds of the in-process variants")
+    ap.add_argument("--shape", default=None, help=f"comma-separated real shapes: {', '.join(SHAPES)}")
+    ap.add_argument("--layers", type=int, default=2, help="--shape: teacher depth (truncated)")
+    ap.add_argument("--seqs", type=int, default=2, help="--shape: sequences (one micro-batch)")
+    ap.add_argument("--seq-len", type=int, default=64, help="--shape: tokens per sequence")
+    ap.add_argument("--sharpness", type=float, default=0.9, help="--shape: mean top-k router mass")
+    ap.add_argument("--masses", default="1.0,0.99", help="--shape: states_mass values timed")
+    ap.add_argument("--sweep", default="0.9,0.95,0.99,1.0", help="--shape: states_mass values for fidelity")
+    ap.add_argument("--logits-k", type=int, default=64, help="--shape: cached top-k logits")
     args = ap.parse_args()
+    if args.shape:
+        torch.set_num_threads(args.threads)
+        args.masses = [float(m) for m in args.masses.split(",")]
+        args.sweep = [float(m) for m in args.sweep.split(",")]
+        for name in args.shape.split(","):
+            run_shape(name, args)
+        return
     logging.basicConfig(level=logging.WARNING)
 
     import ray
@@ -245,10 +228,16 @@ def main() -> None:
         shards = shard_batches(spec, small)
         tokens = sum(sum(e["response_mask"][1:]) for ex in shards for e in ex)
         out = TeacherOutputSpec.from_spec(spec, adapter.num_experts)
-        time_bare(adapter, shards[:1], spec.cached_layers, pad_id, experts=True)  # warm-up
-        t_plain = time_bare(adapter, shards, spec.cached_layers, pad_id, experts=False)
-        t_bare = time_bare(adapter, shards, spec.cached_layers, pad_id, experts=True)
-        t_compute = time_compute(adapter, shards, out, pad_id)
+        layers = spec.cached_layers
+        trials = interleaved(
+            {
+                "plain forward": lambda: time_bare(adapter, shards, layers, pad_id, experts=False),
+                "forward + all experts": lambda: time_bare(adapter, shards, layers, pad_id, experts=True),
+                "shard compute": lambda: time_compute(adapter, shards, out, pad_id),
+            },
+            args.trials,
+        )
+        t_plain, t_bare, t_compute = (trials.median(n) for n in trials.seconds)
         rt_local = CacheRuntime(
             batch_size=MICRO_BATCH,
             rows_per_shard=ROWS_PER_SHARD,
@@ -295,6 +284,10 @@ def main() -> None:
         print(f"{'step':<48}{'tokens/s':>12}{'vs baseline':>13}")
         for name, tps in rows:
             print(f"{name:<48}{tps:>12.0f}{tps / base:>12.2f}x")
+        print(f"in process: medians of {args.trials} interleaved rounds; seconds [min-max], paired ratios:")
+        for name in trials.seconds:
+            ratio = trials.ratio_text(name, "forward + all experts")
+            print(f"  {name:<24}{trials.time_text(name):>26}  {ratio}")
 
         bpt = bytes_per_token_by_field(info_4n.path)
         raw = raw_bytes_per_token(info_4n.path)

@@ -1,0 +1,283 @@
+"""`bench_cache.py --shape NAME`: the cache stage at a real MoE's width, vocabulary and expert count.
+
+The teacher is the named model's shape at truncated depth (2 layers by default), random weights, its routers
+scaled so that a stated share of each token's router mass falls on its own top-k experts (`--sharpness`: a
+random router is almost flat, and nothing could be skipped). Its cache aggregates to the student's 4 experts
+(cache.width = 4), the width mass truncation works on. Token ids are random (no tokenizer: the shapes'
+vocabularies are the real ones). Side by side, interleaved over `--trials` rounds (jobs/benchmarks/measure):
+
+  plain forward            the model's own forward (its top-k experts only)
+  forward + all experts    MoEAdapter.forward_with_experts: every expert on every cached token
+  cache stage, m = X       compute_shard (forward, top-k sparsify, aggregation, fp16 encode) + the shard's
+                           zarr/Parquet write with checksums, at cache.states_mass X
+
+then bytes per token by field against `report storage --config`'s projection for the same shape, and the m
+sweep: experts computed per token and layer, router mass kept, MC-loss relative error and gradient cosine
+against exact states (pipeline.reports.fidelity.pair_fidelity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import statistics
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from measure import interleaved
+from transformers import AutoModelForCausalLM, OlmoeConfig, PretrainedConfig, Qwen3MoeConfig
+
+from pipeline.cache.codecs import StatesCodec
+from pipeline.cache.shard import ShardMeta, write_shard_files
+from pipeline.cache.teacher import KEPT_MASS, TeacherOutputSpec, compute_shard, teacher_targets
+from pipeline.cache.verify import bytes_by_field
+from pipeline.config import load_config, with_overrides
+from pipeline.data.collate import distill_positions, pad_batch
+from pipeline.models.adapter import MoEAdapter
+from pipeline.models.truncation import mass_selection
+from pipeline.reports.fidelity import pair_fidelity
+from pipeline.reports.storage import project_from_config
+
+REPO = Path(__file__).resolve().parents[2]
+WIDTH = 4  # the student's experts: cache.width
+
+
+def _qwen3_30b_a3b(layers: int) -> PretrainedConfig:
+    return Qwen3MoeConfig(
+        vocab_size=151_936, hidden_size=2048, num_hidden_layers=layers, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        moe_intermediate_size=768, intermediate_size=6144, norm_topk_prob=True, tie_word_embeddings=False,
+        max_position_embeddings=4096,
+    )  # fmt: skip
+
+
+def _olmoe_1b_7b(layers: int) -> PretrainedConfig:
+    return OlmoeConfig(
+        vocab_size=50_304, hidden_size=2048, num_hidden_layers=layers, num_attention_heads=16,
+        num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, intermediate_size=1024,
+        norm_topk_prob=False, tie_word_embeddings=False, max_position_embeddings=4096,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Shape:
+    teacher: Callable[[int], PretrainedConfig]
+    student: str  # what the cache is built for (its E_S = WIDTH)
+
+
+SHAPES = {
+    "qwen3-30b-a3b": Shape(_qwen3_30b_a3b, "Qwen3-0.6B-MoE-shaped (hidden 1024, vocab 151,936, 4 experts)"),
+    "olmoe-1b-7b": Shape(_olmoe_1b_7b, "OLMoE-shaped (hidden 1024, vocab 50,304, 4 experts)"),
+}
+
+
+def topk_mass(logits: torch.Tensor, k: int, scale: float) -> float:
+    """Mean router mass on each token's top-k experts at logits x scale."""
+    return float(torch.softmax(logits.float() * scale, -1).topk(k, -1).values.sum(-1).mean())
+
+
+@torch.no_grad()
+def sharpen_routers(adapter: MoEAdapter, batch: dict[str, torch.Tensor], target: float) -> list[float]:
+    """Scale each MoE layer's router weight (layer by layer, on the MoE inputs the layers below give) so the
+    mean top-k router mass is `target`; returns the scales. A linear router's logits scale with its weight."""
+    mask = distill_positions(batch["response_mask"])
+    scales = []
+    for layer in range(adapter.num_layers):
+        fwd = adapter.forward_with_experts(
+            batch["input_ids"], batch["attention_mask"], [layer], mask, compute_experts=False
+        )
+        logits = fwd.router_logits[layer]
+        lo, hi = 1e-2, 1e4  # bisection in log space: top-k mass rises with the scale
+        for _ in range(60):
+            mid = (lo * hi) ** 0.5
+            lo, hi = (mid, hi) if topk_mass(logits, adapter.top_k, mid) < target else (lo, mid)
+        adapter.block_view(layer).router_weight.mul_(hi)
+        scales.append(hi)
+    return scales
+
+
+def random_examples(num_seqs: int, seq_len: int, vocab: int, prompt: int = 8) -> list[dict[str, Any]]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        {
+            "seq_id": i,
+            "input_ids": torch.randint(3, vocab, (seq_len,), generator=g).tolist(),
+            "response_mask": [0] * prompt + [1] * (seq_len - prompt),
+        }
+        for i in range(num_seqs)
+    ]
+
+
+def projected(shape: str, teacher_dir: Path, seq_len: int, logits_k: int) -> dict[str, float]:
+    """`moedistill report storage --config`'s bytes per token by field for this cache."""
+    config = with_overrides(
+        load_config(REPO / "jobs" / "configs" / "demo.yaml"),
+        {
+            "teacher.build": None,
+            "teacher.path": str(teacher_dir),
+            "cache.layers": "all",
+            "cache.width": WIDTH,
+            "cache.logits_k": logits_k,
+            "data.max_length": seq_len,
+        },
+    )
+    report = project_from_config(config, source=f"{shape} at truncated depth")
+    return {f.name: f.logical_per_token for f in report.fields}
+
+
+def measured(shard_dir: Path, arrays: dict[str, Any], tokens: int) -> dict[str, tuple[float, float]]:
+    """(raw, on disk) bytes per token by field of one written shard."""
+    groups = {
+        "logits": ("logit_indices", "logit_values", "logit_tail_logmass"),
+        "gates": ("gates",),
+        "expert_states": ("expert_states",),
+    }
+    commit_files = {
+        rel: {"bytes": p.stat().st_size}
+        for p in shard_dir.rglob("*")
+        if p.is_file() and (rel := str(p.relative_to(shard_dir))) != "_SHARD.json"
+    }
+    disk = bytes_by_field({"shards": [{"files": commit_files}]})
+    out = {
+        name: (sum(arrays[a].nbytes for a in names) / tokens, sum(disk.get(a, 0) for a in names) / tokens)
+        for name, names in groups.items()
+    }
+    out["index"] = (float("nan"), disk.get("index", 0) / tokens)
+    return out
+
+
+def run_shape(name: str, args: Any) -> None:
+    shape = SHAPES[name]
+    torch.manual_seed(0)
+    config = shape.teacher(args.layers)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    adapter = MoEAdapter(model)
+    examples = random_examples(args.seqs, args.seq_len, adapter.vocab_size)
+    batch = pad_batch(examples, 0)
+    mask = distill_positions(batch["response_mask"])
+    tokens = int(mask.sum())
+    scales = sharpen_routers(adapter, batch, args.sharpness)
+    layers = tuple(range(adapter.num_layers))
+    base_out = TeacherOutputSpec(layers, WIDTH, "topk", args.logits_k, "float16", True, "none", 1)
+    outs = {m: dataclasses.replace(base_out, states_mass=m) for m in args.masses}
+    work = Path(tempfile.mkdtemp(prefix="bench-shape-"))
+    meta = ShardMeta(layers, WIDTH, adapter.hidden_size, adapter.vocab_size, "topk", args.logits_k,
+                     "float16", True, False, StatesCodec())  # fmt: skip
+    written: dict[float, Any] = {}
+
+    def cache_stage(m: float) -> Callable[[], None]:
+        def run() -> None:
+            data = compute_shard(adapter, examples, 0, len(examples), outs[m], args.seqs, 0)
+            target = work / f"m{m}"
+            shutil.rmtree(target, ignore_errors=True)
+            write_shard_files(data, meta, str(target))
+            written[m] = data
+
+        return run
+
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    variants: dict[str, Callable[[], Any]] = {
+        "plain forward": lambda: model(input_ids=ids, attention_mask=attn, use_cache=False),
+        "forward + all experts": lambda: adapter.forward_with_experts(ids, attn, layers, mask),
+        **{f"cache stage, m = {m:g}": cache_stage(m) for m in args.masses},
+    }
+    with torch.no_grad():
+        trials = interleaved(variants, args.trials, warmup=1, memory=True)
+
+    # bytes per token: measured on the m = 1 shard (truncation changes values, never sizes)
+    teacher_dir = work / "teacher-config"
+    config.save_pretrained(teacher_dir)
+    proj = projected(name, teacher_dir, args.seq_len, args.logits_k)
+    exact_m = max(args.masses)
+    meas = measured(work / f"m{exact_m}", written[exact_m].arrays, tokens)
+    sweep = mass_sweep(adapter, batch, base_out, args.sweep)
+    shutil.rmtree(work, ignore_errors=True)
+
+    print(
+        f"\n== {name}: teacher {config.model_type} hidden {config.hidden_size}, {adapter.num_experts} "
+        f"experts top-{adapter.top_k}, expert width {adapter.expert_intermediate_size}, vocab "
+        f"{adapter.vocab_size}, {adapter.num_layers} layers (truncated depth), random weights; student "
+        f"{shape.student} =="
+    )
+    after = [f"{topk_mass(r, adapter.top_k, 1.0):.3f}" for r in _router_logits(adapter, batch).values()]
+    print(
+        f"routers scaled x{', x'.join(f'{s:.3g}' for s in scales)} to a top-{adapter.top_k} router mass of "
+        f"{args.sharpness} (measured after: {', '.join(after)}); {args.seqs} sequences x {args.seq_len} "
+        f"tokens = {tokens} distillation tokens; torch threads {torch.get_num_threads()}; experts "
+        f"implementation {getattr(config, '_experts_implementation', '?')}"
+    )
+    print_tables(trials, meas, proj, sweep, args.trials, adapter.num_experts, adapter.top_k)
+
+
+def print_tables(
+    trials: Any,
+    meas: dict[str, tuple[float, float]],
+    proj: dict[str, float],
+    sweep: list[dict[str, float]],
+    rounds: int,
+    num_experts: int,
+    top_k: int,
+) -> None:
+    base = "plain forward"
+    print(f"\n{'variant':<26}{'median [min-max] s':>28}{'vs plain forward':>24}{'peak RSS GB':>13}")
+    for v in trials.seconds:
+        ratio = trials.ratio_text(v, base)
+        print(f"{v:<26}{trials.time_text(v):>28}{ratio:>24}{trials.peak_rss[v] / 2**30:>13.1f}")
+    print(f"({rounds} interleaved rounds after one warm-up round; ratios paired within a round)")
+    print(f"\n{'field':<15}{'measured B/tok':>16}{'projected B/tok':>17}{'diff':>8}{'on disk B/tok':>15}")
+    for field in ("logits", "gates", "expert_states", "index"):
+        raw, disk = meas[field]
+        want = proj.get(field, float("nan"))
+        diff = f"{raw / want - 1:+.1%}" if raw == raw else "n/a"
+        print(f"{field:<15}{raw:>16.1f}{want:>17.1f}{diff:>8}{disk:>15.1f}")
+    print(
+        "(measured: stored dtype x shape per token; on disk: the blosc-compressed zarr files, padded to "
+        "the 256-token chunk; the index projection assumes max_length sequences half response)"
+    )
+    print(f"\n{'m':>6}{'experts/token-layer':>21}{'kept mass':>11}{'MC-loss rel err':>17}{'grad cos':>10}")
+    for row in sweep:
+        print(
+            f"{row['m']:>6g}{row['experts']:>21.1f}{row['kept']:>11.4f}{row['mc_rel']:>17.2e}"
+            f"{row['grad_cos']:>10.5f}"
+        )
+    print(f"(all experts: {num_experts} per token-layer; the model's own forward: {top_k})")
+
+
+@torch.no_grad()
+def _router_logits(adapter: MoEAdapter, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    mask = distill_positions(batch["response_mask"])
+    layers = range(adapter.num_layers)
+    fwd = adapter.forward_with_experts(
+        batch["input_ids"], batch["attention_mask"], layers, mask, compute_experts=False
+    )
+    return fwd.router_logits
+
+
+def mass_sweep(
+    adapter: MoEAdapter, batch: dict[str, torch.Tensor], out: TeacherOutputSpec, masses: list[float]
+) -> list[dict[str, float]]:
+    """Per m: experts computed per (token, layer), router mass kept, worst-pair MC-loss relative error and
+    gradient cosine against the exact states of the same forward."""
+    exact = teacher_targets(adapter, batch, out)
+    logits = _router_logits(adapter, batch)
+    keep = torch.ones(len(exact["gates"]), dtype=torch.bool)
+    rows = []
+    for m in masses:
+        t = teacher_targets(adapter, batch, dataclasses.replace(out, states_mass=m))
+        g, h = exact["gates"], exact["expert_states"]
+        pairs = [
+            pair_fidelity(g[:, p], h[:, p], t["expert_states"][:, p], keep, p)
+            for p in range(len(out.cached_layers))
+        ]
+        probs = {i: adapter.block_view(i).probs_from_logits(v) for i, v in logits.items()}
+        experts = statistics.mean(float(mass_selection(p, out.width, m).sum(-1).float().mean()) for p in
+                                  probs.values())  # fmt: skip
+        rows.append({
+            "m": m, "experts": experts, "kept": float(t.get(KEPT_MASS, torch.ones(1)).mean()),
+            "mc_rel": max(x["mc_rel"] for x in pairs), "grad_cos": min(x["grad_cos"] for x in pairs),
+        })  # fmt: skip
+    return rows
