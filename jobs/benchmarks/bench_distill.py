@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runnable as a plain script from a checkout
 
 import torch
+from measure import Trials, interleaved
 
 from pipeline.cache import CacheRuntime, build_teacher_cache, open_cache
 from pipeline.cache.integrity import files_for_fields, forget_verified
@@ -157,15 +158,14 @@ def main() -> None:
                 )
             return cache_step(online)
 
-        timings = {}
-        variants = (
-            ("sft", sft_step),
-            ("kd from cache", kd_cache_step),
-            ("from cache", cache_step),
-            ("online teacher", online_step),
-        )
-        for name, step in variants:
-            timings[name] = _time_steps(step, batches, optimizer, args.steps)
+        variants = {
+            "sft": sft_step,
+            "kd from cache": kd_cache_step,
+            "from cache": cache_step,
+            "online teacher": online_step,
+        }
+        trials = _interleaved_steps(variants, batches, optimizer, args.steps)
+        timings = {name: trials.median(name) for name in variants}
 
         data_wait = _ray_train_data_wait(config, info.path, args)
         ray.shutdown()
@@ -178,14 +178,17 @@ def main() -> None:
         f"\nbench_distill: {len(rows)} cached sequences, batch {args.batch_size} (~{tokens:.0f} distillation "
         f"tokens), {args.steps} timed steps each, torch threads {args.threads}"
     )
-    print(f"{'variant':<16} {'median step (ms)':>17} {'tokens/s':>10}")
+    print(f"{'variant':<16} {'median step [min-max] (ms)':>30} {'tokens/s':>10}")
     for name, seconds in timings.items():
-        print(f"{name:<16} {seconds * 1e3:17.1f} {tokens / seconds:10.0f}")
-    cache_over_sft = timings["from cache"] / timings["sft"]
-    print(f"ratio from-cache / sft step:            {cache_over_sft:.2f}x  (target <= 1.1x)")
-    kd_over_sft = timings["kd from cache"] / timings["sft"]
-    print(f"  of which cached targets (kd / sft):   {kd_over_sft:.2f}x; the rest is B-Distill's own compute")
-    print(f"ratio online-teacher / from-cache step: {timings['online teacher'] / timings['from cache']:.2f}x")
+        print(f"{name:<16} {trials.time_text(name, 1e3, 'ms'):>30} {tokens / seconds:10.0f}")
+    print("steps interleaved (one of each variant per round, order rotated); ratios: median [min-max] of the")
+    print("per-round ratios, so a load change on the machine moves both sides of a ratio alike")
+    print(
+        f"ratio from-cache / sft step:            {trials.ratio_text('from cache', 'sft')}  (target <= 1.1x)"
+    )
+    kd_over_sft = trials.ratio_text("kd from cache", "sft")
+    print(f"  of which cached targets (kd / sft):   {kd_over_sft}; the rest is B-Distill's own compute")
+    print(f"ratio online-teacher / from-cache step: {trials.ratio_text('online teacher', 'from cache')}")
     print(
         f"cache read of all {len(cache.shards)} shards ({cache_mb:.1f} MB of files it opens): "
         f"{read_on * 1e3:.0f} ms with the per-shard checksums (first open), {read_off * 1e3:.0f} ms with "
@@ -221,17 +224,21 @@ def _read_timings(read_all, repeats: int) -> tuple[float, float]:
     return statistics.median(on), statistics.median(off)
 
 
-def _time_steps(step, batches, optimizer, steps: int) -> float:
-    times = []
-    for i in range(steps + 3):  # 3 warm-up steps
-        batch = batches[i % len(batches)]
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        step(batch).backward()
-        optimizer.step()
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _interleaved_steps(variants, batches, optimizer, steps: int) -> Trials:
+    """`steps` timed training steps of every variant, one of each per round (3 warm-up rounds); every
+    variant's i-th step sees the same batch."""
+
+    def one_step(step, counter):
+        def run():
+            batch = batches[counter[0] % len(batches)]
+            counter[0] += 1
+            optimizer.zero_grad(set_to_none=True)
+            step(batch).backward()
+            optimizer.step()
+
+        return run
+
+    return interleaved({name: one_step(step, [0]) for name, step in variants.items()}, steps, warmup=3)
 
 
 @dataclass(frozen=True)
