@@ -1,12 +1,14 @@
 """Registry of distillation method presets: which loss terms a method uses, and where it comes from.
 
-A method is a recipe over four terms (B-Distill Eq. 13): L = L_SFT + L_token + lambda_1 L_MC + lambda_2 L_ERD.
-``token_loss`` names a function in ``pipeline.distill.token_losses.TOKEN_LOSSES`` (None: no token-level KD)
-that is called with ``token_loss_kwargs``. Every token-KD baseline here adds the SFT term, as B-Distill's
+A method is a recipe over loss terms (B-Distill Eq. 13): L = L_SFT + L_token + lambda_1 L_MC + lambda_2 L_ERD.
+A preset lists its ``terms``, one ``TermUse`` line each (a name in pipeline.distill.terms.TERMS, a weight,
+keyword arguments); what a term needs (cache fields, student outputs) is declared once, in TERMS. A run
+resolves its method once (``resolve_method``: a ``ResolvedMethod``), and the distill stage, the tasks and the
+objective read only that. Every token-KD baseline here adds the SFT term, as B-Distill's
 L_KD = L_SFT + L_KL (Eq. 3) does, so methods differ only in the terms that define them; ``deviation`` records
 this and every other difference from the cited recipe. A preset may also fix distill settings (its
 ``settings``, filled in by ``resolved_distill``: the MC variants), or use the released code's objective
-instead of Eq. 13 (``formulas = "released"``). All teacher signals of these presets come from the
+instead of Eq. 13 (the released terms: b-distill-official). All teacher signals of these presets come from the
 offline cache. The on-policy methods (ON_POLICY_METHODS: ImitKD, on-policy GKD, MiniLLM, DistiLLM with
 student-generated outputs, DistiLLM-2) need the teacher service to score student samples: the distill stage
 runs them with pipeline.distill.onpolicy_task.OnPolicyTask, their dataset batches reading the cached fields
@@ -22,7 +24,8 @@ from typing import Any, Literal
 
 from pipeline.config import DistillConfig
 from pipeline.distill import onpolicy
-from pipeline.distill.token_losses import DEFAULT_AB_ALPHA, DEFAULT_AB_BETA, TOKEN_LOSSES
+from pipeline.distill.terms import TERMS, WEIGHTS, TermUse
+from pipeline.distill.token_losses import DEFAULT_AB_ALPHA, DEFAULT_AB_BETA
 from pipeline.errors import ConfigError
 
 
@@ -61,20 +64,27 @@ _PRESET_SETTABLE = frozenset(f.name for f in fields(DistillConfig)) - {
 }
 
 
+# A preset's terms, one line each (pipeline.distill.terms.TERMS names them and says what each needs).
+SFT = TermUse("sft")
+MC = TermUse("mc", weight="lambda_mc")
+ERD = TermUse("erd", weight="lambda_erd")
+
+
+def token(loss: str, **kwargs: Any) -> TermUse:
+    """A token-level KD term: `loss` names a function of pipeline.distill.token_losses.TOKEN_LOSSES."""
+    return TermUse(loss, kwargs=kwargs)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
-    """A distillation method preset; ``get_method`` hands out copies, so editing one leaves the registry."""
+    """A distillation method preset: its loss terms (weighted, in the order they are summed) and what it
+    trains on; ``get_method`` hands out copies, so editing one leaves the registry. Everything a run needs
+    to know about the method (cache fields, student outputs, which Eq. 13 parts it has) is derived from
+    ``terms`` and the TERMS declarations here, never from the method's name."""
 
     name: str
-    token_loss: str | None
-    token_loss_kwargs: dict[str, Any] = field(default_factory=dict)
-    uses_sft: bool = False
-    uses_mc: bool = False
-    uses_erd: bool = False
-    uses_teacher_responses: bool = False
-    # "paper": the terms of Eq. 13 as flagged above; "released": the paper's released code's objective
-    # (pipeline.distill.objective.released_terms), which needs gates but no expert states.
-    formulas: Literal["paper", "released"] = "paper"
+    terms: tuple[TermUse, ...]
+    uses_teacher_responses: bool = False  # SFT on the cached teacher responses instead of the dataset's
     # DistillConfig fields this preset fixes (e.g. {"mc_state_loss": "relative"}); see resolved_distill.
     settings: dict[str, Any] = field(default_factory=dict)
     # The student.init the recipe trains (moe-kd: its LoRA-MoE student); None: any student.
@@ -83,19 +93,79 @@ class MethodSpec:
     deviation: str = ""
 
     def __post_init__(self) -> None:
-        if self.token_loss is not None and self.token_loss not in TOKEN_LOSSES:
+        unknown_terms = [t.name for t in self.terms if t.name not in TERMS]
+        if unknown_terms:
             raise ConfigError(
-                f"method {self.name!r} names unknown token loss {self.token_loss!r}; "
-                f"valid: {sorted(TOKEN_LOSSES)}"
+                f"method {self.name!r} names unknown loss terms {unknown_terms}; valid: {sorted(TERMS)}"
             )
+        bad_weights = [t.weight for t in self.terms if isinstance(t.weight, str) and t.weight not in WEIGHTS]
+        if bad_weights:
+            raise ConfigError(
+                f"method {self.name!r} names unknown weights {bad_weights}; valid: {sorted(WEIGHTS)}"
+            )
+        if len([t for t in self.terms if TERMS[t.name].kind == "token"]) > 1:
+            raise ConfigError(f"method {self.name!r} names more than one token-level KD loss")
         unknown = sorted(set(self.settings) - _PRESET_SETTABLE)
         if unknown:
             raise ConfigError(f"method {self.name!r} fixes {unknown}, which are not settable distill fields")
 
+    def _kinds(self) -> set[str]:
+        return {TERMS[t.name].kind for t in self.terms}
+
+    @property
+    def uses_sft(self) -> bool:
+        return "sft" in self._kinds()
+
+    @property
+    def uses_mc(self) -> bool:
+        """An MC term (Eq. 8 or the released router MC): it draws experts, reading K and alpha."""
+        return "mc" in self._kinds()
+
+    @property
+    def uses_erd(self) -> bool:
+        """A router distillation term (Eq. 12 or the released one), reading beta."""
+        return "erd" in self._kinds()
+
+    @property
+    def token_term(self) -> TermUse | None:
+        return next((t for t in self.terms if TERMS[t.name].kind == "token"), None)
+
+    @property
+    def token_loss(self) -> str | None:
+        """The token-level KD loss (a key of TOKEN_LOSSES); None: no token-level KD."""
+        term = self.token_term
+        return None if term is None else term.name
+
+    @property
+    def token_loss_kwargs(self) -> dict[str, Any]:
+        term = self.token_term
+        return {} if term is None else term.kwargs
+
+    @property
+    def formulas(self) -> str:
+        """Which formulas: "paper" (Eq. 13) or "released" (the released code, b-distill-official)."""
+        return "released" if any(TERMS[t.name].formulas == "released" for t in self.terms) else "paper"
+
+    @property
+    def outputs(self) -> frozenset[str]:
+        """The student outputs beyond the logits its terms read ("router_probs", "expert_states")."""
+        return frozenset().union(*(TERMS[t.name].outputs for t in self.terms))
+
     @property
     def needs_expert_states(self) -> bool:
         """Whether the run reads cached expert states and the student's expert outputs (Eq. 7's MC term)."""
-        return self.uses_mc and self.formulas == "paper"
+        return "expert_states" in self.outputs
+
+    @property
+    def cache_fields(self) -> frozenset[str]:
+        """The cache columns its terms read: a run reads only these (SFT reads no teacher arrays at all)."""
+        fields = frozenset().union(*(TERMS[t.name].reads for t in self.terms))
+        return fields | {"teacher_responses"} if self.uses_teacher_responses else fields
+
+    def with_token_kwargs(self, kwargs: dict[str, Any]) -> MethodSpec:
+        """This preset with its token loss called with `kwargs` (distill.token_loss_kwargs)."""
+        terms = tuple(replace(t, kwargs=dict(kwargs)) if t is self.token_term else t for t in self.terms)
+        return replace(self, terms=terms)
 
 
 _B_DISTILL_SOURCE = (
@@ -107,13 +177,11 @@ _B_DISTILL_DEVIATION = (
 )
 
 
-def _b_distill(name: str, uses_mc: bool, uses_erd: bool, ablation: str) -> MethodSpec:
+def _b_distill(name: str, layer_terms: tuple[TermUse, ...], ablation: str) -> MethodSpec:
+    """Eq. 13: L_SFT + L_KL + lambda_1 L_MC + lambda_2 L_ERD, or an ablation without a layer term."""
     return MethodSpec(
         name=name,
-        token_loss="forward_kl",
-        uses_sft=True,
-        uses_mc=uses_mc,
-        uses_erd=uses_erd,
+        terms=(SFT, token("forward_kl"), *layer_terms),
         source=_B_DISTILL_SOURCE + ablation,
         deviation=_B_DISTILL_DEVIATION,
     )
@@ -122,21 +190,24 @@ def _b_distill(name: str, uses_mc: bool, uses_erd: bool, ablation: str) -> Metho
 def _b_distill_variant(name: str, settings: dict[str, Any], change: str) -> MethodSpec:
     """`b-distill` with some MC switches fixed: the project's variants, not the paper's."""
     return replace(
-        _b_distill(name, uses_mc=True, uses_erd=True, ablation=""),
+        _b_distill(name, (MC, ERD), ablation=""),
         settings=settings,
         source=_B_DISTILL_SOURCE + ", with a project variant of its MC term",
         deviation=f"{change}; otherwise as b-distill: {_B_DISTILL_DEVIATION}",
     )
 
 
-# The paper's released code (github.com/ljj-007/moedistill, commit 20cad41): its trainer and expert loss.
+# The paper's released code (github.com/ljj-007/moedistill, commit 20cad41): its trainer and expert loss,
+# with its fixed weights: 0.8 SFT + 0.1 token KD + 0.1 expert terms, 0.5 for the coverage KL inside them.
 _RELEASED = MethodSpec(
     name="b-distill-official",
-    token_loss="forward_kl",
-    uses_sft=True,
-    uses_mc=True,
-    uses_erd=True,
-    formulas="released",
+    terms=(
+        TermUse("sft", 0.8),
+        TermUse("forward_kl", 0.1),
+        TermUse("router_mc", 0.1),
+        TermUse("coverage_kl", 0.1 * 0.5),
+        TermUse("released_erd", 0.1),
+    ),
     settings={"k": 3, "alpha": 0.5, "beta": 0.1},
     source="the paper's released code (github.com/ljj-007/moedistill, commit 20cad41): 0.8 SFT + 0.1 token "
     "KD + 0.1 (router-level MC cross-entropy on the drawn experts + 0.5 x coverage KL + router distillation "
@@ -157,8 +228,7 @@ _RELEASED = MethodSpec(
 # MoE-KD (docs/method.md, "MoE-KD baseline"): the released code's KD stage on its own LoRA-MoE student.
 _MOE_KD = MethodSpec(
     name="moe-kd",
-    token_loss="skew_reverse_kl",
-    token_loss_kwargs={"alpha": 0.1},
+    terms=(token("skew_reverse_kl", alpha=0.1),),  # no LM term (--lm_loss_ratio 0)
     student_init="lora-moe",
     source="Xu et al. 2024, Sparse Mixture of Experts Language Models Excel in Knowledge Distillation "
     "(MoE-KD, NLPCC); released code github.com/sprog-xhy/MoE-KD-release (src/mixture_of_experts.py, "
@@ -181,31 +251,26 @@ _MOE_KD = MethodSpec(
 _METHODS: tuple[MethodSpec, ...] = (
     MethodSpec(
         name="sft",
-        token_loss=None,
-        uses_sft=True,
+        terms=(SFT,),
         source="Supervised fine-tuning on the dataset responses (B-Distill Eq. 2)",
         deviation="none",
     ),
     MethodSpec(
         name="kd",
-        token_loss="forward_kl",
-        uses_sft=True,
+        terms=(SFT, token("forward_kl")),
         source="Hinton et al. 2015, Distilling the Knowledge in a Neural Network (forward KL, word-level KD)",
         deviation=f"{_SPARSE_CACHE_NOTE}; temperature 1 (teacher cached at T = 1); {_SFT_NOTE}",
     ),
     MethodSpec(
         name="seqkd",
-        token_loss=None,
-        uses_sft=True,
+        terms=(SFT,),
         uses_teacher_responses=True,
         source="Kim & Rush 2016, Sequence-Level Knowledge Distillation",
         deviation="SFT on one teacher response per prompt, generated once by the teacher cache stage",
     ),
     MethodSpec(
         name="distillm",
-        token_loss="skew_forward_kl",
-        token_loss_kwargs={"alpha": 0.1},
-        uses_sft=True,
+        terms=(SFT, token("skew_forward_kl", alpha=0.1)),
         source="Ko et al. 2024, DistiLLM: Towards Streamlined Distillation for LLMs (skew KL, alpha = 0.1)",
         deviation=(
             "off-policy only: no adaptive student-generated outputs (they need the teacher service to score "
@@ -215,9 +280,7 @@ _METHODS: tuple[MethodSpec, ...] = (
     ),
     MethodSpec(
         name="gkd",
-        token_loss="generalized_jsd",
-        token_loss_kwargs={"beta": 0.5},
-        uses_sft=True,
+        terms=(SFT, token("generalized_jsd", beta=0.5)),
         source="Agarwal et al. 2024, On-Policy Distillation of Language Models (GKD, generalised JSD, "
         "beta = 0.5)",
         deviation=(
@@ -228,18 +291,16 @@ _METHODS: tuple[MethodSpec, ...] = (
     ),
     MethodSpec(
         name="abkd",
-        token_loss="ab_divergence",
-        token_loss_kwargs={"alpha": DEFAULT_AB_ALPHA, "beta": DEFAULT_AB_BETA},
-        uses_sft=True,
+        terms=(SFT, token("ab_divergence", alpha=DEFAULT_AB_ALPHA, beta=DEFAULT_AB_BETA)),
         source="Wang et al. 2025, ABKD: ... Knowledge Distillation via alpha-beta Divergence (ICML)",
         deviation=(
             f"(alpha, beta) = ({DEFAULT_AB_ALPHA}, {DEFAULT_AB_BETA}) fixed rather than tuned per task; "
             f"{_SPARSE_CACHE_NOTE}; {_SFT_NOTE}"
         ),
     ),
-    _b_distill("b-distill", uses_mc=True, uses_erd=True, ablation=""),
-    _b_distill("b-distill-no-mc", uses_mc=False, uses_erd=True, ablation=" (ablation 'w/o MC', Table 3)"),
-    _b_distill("b-distill-no-erd", uses_mc=True, uses_erd=False, ablation=" (ablation 'w/o ERD', Table 3)"),
+    _b_distill("b-distill", (MC, ERD), ablation=""),
+    _b_distill("b-distill-no-mc", (ERD,), ablation=" (ablation 'w/o MC', Table 3)"),
+    _b_distill("b-distill-no-erd", (MC,), ablation=" (ablation 'w/o ERD', Table 3)"),
     _RELEASED,
     _b_distill_variant(
         "b-distill-relative",
@@ -288,7 +349,11 @@ class OnPolicyMethodSpec:
     service. `base`: the offline preset whose cached fields (and fixed settings) the dataset batches use;
     `missing`: why the distill stage cannot run it yet (empty: it can); `sgo`: DistiLLM's adaptive schedule
     (AdaptiveSGOSchedule's max_prob / step, the replay share and buffer size in batches, and how many
-    validations a run makes). `get_method` (the offline registry) refuses these; the distill stage runs them
+    validations a run makes). How OnPolicyTask runs a step: `step` (sampled: train on a batch of dataset
+    rows and student samples; contrastive: both sides of every prompt; router_step: SAR), `rows` (which rows
+    of a sampled batch are the student's: ONPOLICY_ROWS) and `loss_inputs` (targets: the loss takes the
+    targets and logits at a temperature; samples: also the sampled tokens and lengths, a policy gradient).
+    `get_method` (the offline registry) refuses these; the distill stage runs them
     (pipeline.distill.onpolicy_task.OnPolicyTask)."""
 
     name: str
@@ -300,12 +365,27 @@ class OnPolicyMethodSpec:
     base: str = "gkd"
     missing: str = ""
     sgo: dict[str, float] = field(default_factory=dict)
+    step: Literal["sampled", "contrastive", "router_step"] = "sampled"
+    rows: str = "student"
+    loss_inputs: Literal["targets", "samples"] = "targets"
 
     def __post_init__(self) -> None:
         if not callable(getattr(onpolicy, self.loss, None)):
             raise ConfigError(f"on-policy method {self.name!r} names unknown loss {self.loss!r}")
+        if self.rows not in ONPOLICY_ROWS:
+            raise ConfigError(f"on-policy method {self.name!r}: rows {self.rows!r} not in {ONPOLICY_ROWS}")
+        if (self.rows == "adaptive") != bool(self.sgo):
+            raise ConfigError(f"on-policy method {self.name!r}: adaptive rows go with an sgo schedule")
+
+    @property
+    def service_calls(self) -> tuple[str, ...]:
+        """The teacher-service calls a step makes (pipeline.teacher_service's client)."""
+        return ("router_step", "score") if self.step == "router_step" else ("score",)
 
 
+# Which rows of a sampled batch are the student's own samples: GKD draws once per batch (probability lambda),
+# ImitKD per sequence (dataset share decaying over the run), MiniLLM always; DistiLLM's adaptive schedule.
+ONPOLICY_ROWS = ("per_batch", "per_sequence", "student", "adaptive")
 _COARSE_NOTE = "losses on the served sparse teacher (k kept entries + one tail bin), as the cache stores it"
 SAR_ROUTER_LR = 1e-3  # Adam learning rate of SAR's router steps on the teacher (our choice, not the paper's)
 ON_POLICY_METHODS: dict[str, OnPolicyMethodSpec] = {
@@ -313,6 +393,7 @@ ON_POLICY_METHODS: dict[str, OnPolicyMethodSpec] = {
     for m in (
         OnPolicyMethodSpec(
             name="imitkd",
+            rows="per_sequence",
             loss="imitkd_loss",
             loss_kwargs={},
             data="dataset sequences with probability beta_i (linear 1 -> 0 over training), else the "
@@ -324,6 +405,7 @@ ON_POLICY_METHODS: dict[str, OnPolicyMethodSpec] = {
         ),
         OnPolicyMethodSpec(
             name="gkd-on-policy",
+            rows="per_batch",
             loss="gkd_loss",
             loss_kwargs={"beta": 0.5},
             data="the student's own samples with probability lambda = 1 per batch (else dataset responses)",
@@ -333,6 +415,7 @@ ON_POLICY_METHODS: dict[str, OnPolicyMethodSpec] = {
         ),
         OnPolicyMethodSpec(
             name="minillm",
+            loss_inputs="samples",
             loss="minillm_loss",
             loss_kwargs={"mix_alpha": 0.0, "whiten": True},
             data="the student's own samples",
@@ -347,6 +430,7 @@ ON_POLICY_METHODS: dict[str, OnPolicyMethodSpec] = {
         ),
         OnPolicyMethodSpec(
             name="distillm-sgo",
+            rows="adaptive",
             loss="distillm_loss",
             loss_kwargs={"divergence": "skl", "alpha": 0.1},
             data="student-generated outputs with an adaptive probability (raised when the validation loss "
@@ -364,6 +448,7 @@ ON_POLICY_METHODS: dict[str, OnPolicyMethodSpec] = {
         ),
         OnPolicyMethodSpec(
             name="distillm-2",
+            step="contrastive",
             loss="distillm2_loss",
             loss_kwargs={"alpha": 0.1},
             data="teacher responses (skew KL; cached by cache.teacher_responses, their targets served) and "
@@ -375,6 +460,7 @@ ON_POLICY_METHODS: dict[str, OnPolicyMethodSpec] = {
         ),
         OnPolicyMethodSpec(
             name="sar",
+            step="router_step",
             # the router step's objective: called as reverse_kl(student's sparse rows, teacher logits), i.e.
             # KL(teacher || student) on the student's k + 1 bins (pipeline.teacher_service.sar); the student
             # itself trains on its base preset's terms (SFT + forward KL) against the served targets
@@ -418,7 +504,8 @@ def get_method(name: str) -> MethodSpec:
             f"unknown distillation method {name!r}; valid methods: {', '.join(runnable)}. "
             "Set the method in the config to one of them."
         )
-    return replace(spec, token_loss_kwargs=dict(spec.token_loss_kwargs), settings=dict(spec.settings))
+    terms = tuple(replace(t, kwargs=dict(t.kwargs)) for t in spec.terms)
+    return replace(spec, terms=terms, settings=dict(spec.settings))
 
 
 def on_policy_method(distill: DistillConfig) -> OnPolicyMethodSpec | None:
@@ -434,21 +521,63 @@ def on_policy_method(distill: DistillConfig) -> OnPolicyMethodSpec | None:
     return online
 
 
+@dataclass(frozen=True)
+class ResolvedMethod:
+    """`distill.method` resolved once per run: what the distill stage, the tasks and the objective read.
+
+    `name`: the method as configured (the run name, the export's record, the result); `spec`: the preset
+    whose terms the student trains on (an on-policy method's: its base preset's, whose cached fields its
+    dataset batches read), with distill.token_loss_kwargs applied; `distill`: the config's distill settings
+    with the preset's fixed ones filled in (resolved_distill); `online`: the on-policy preset (None: offline),
+    which needs the teacher service."""
+
+    name: str
+    spec: MethodSpec
+    distill: DistillConfig
+    online: OnPolicyMethodSpec | None = None
+
+    @property
+    def cache_fields(self) -> frozenset[str]:
+        return self.spec.cache_fields
+
+    @property
+    def reads_student_routers(self) -> bool:
+        """Whether it reads the student's routed MoE layers or drives the teacher service (so not a
+        logits-only student such as MoE-KD's LoRA-MoE)."""
+        return bool(self.spec.outputs) or self.online is not None
+
+
+def resolve_method(distill: DistillConfig, student_init: str | None = None) -> ResolvedMethod:
+    """The run's method, made once: ConfigError for an unknown method, an on-policy one not wired yet, a
+    config that contradicts its preset's fixed settings, or (given `student_init`) a student it cannot
+    train."""
+    online = on_policy_method(distill)
+    spec = method_for(offline_base(distill))
+    method = ResolvedMethod(distill.method, spec, _with_settings(distill, spec), online)
+    if student_init is not None:
+        _check_student(method, student_init)
+    return method
+
+
 def check_method_student(distill: DistillConfig, student_init: str) -> None:
-    """ConfigError when the method and the student's init do not go together: a preset that trains its own
-    student (moe-kd: the LoRA-MoE) given another, or the LoRA-MoE student (no routed layers the pipeline
-    reads: logits only) given a method that needs its routers, expert states or the teacher service."""
-    method = get_method(offline_base(distill).method)
-    if method.student_init is not None and student_init != method.student_init:
+    """ConfigError when the method and the student's init do not go together (see _check_student)."""
+    _check_student(resolve_method(distill), student_init)
+
+
+def _check_student(method: ResolvedMethod, student_init: str) -> None:
+    """A preset that trains its own student (moe-kd: the LoRA-MoE) given another, or the LoRA-MoE student (no
+    routed layers the pipeline reads: logits only) given a method that needs its routers, expert states or
+    the teacher service."""
+    spec = method.spec
+    if spec.student_init is not None and student_init != spec.student_init:
         raise ConfigError(
-            f"method {method.name!r} trains the student of student.init: {method.student_init}, but this "
-            f"student is student.init: {student_init}. Fix: --set student.init={method.student_init}."
+            f"method {spec.name!r} trains the student of student.init: {spec.student_init}, but this "
+            f"student is student.init: {student_init}. Fix: --set student.init={spec.student_init}."
         )
-    needs_routers = method.uses_mc or method.uses_erd or distill.method in ON_POLICY_METHODS
-    if student_init == "lora-moe" and needs_routers:
+    if student_init == "lora-moe" and method.reads_student_routers:
         raise ConfigError(
             f"the LoRA-MoE student (student.init: lora-moe) trains on logits only, but method "
-            f"{distill.method!r} needs the student's routed MoE layers or the teacher service. Fix: pick an "
+            f"{method.name!r} needs the student's routed MoE layers or the teacher service. Fix: pick an "
             "offline logits-only method (moe-kd, kd, distillm, gkd, abkd, sft, seqkd), or another "
             "student.init."
         )
@@ -464,9 +593,7 @@ def offline_base(distill: DistillConfig) -> DistillConfig:
 def method_for(distill: DistillConfig) -> MethodSpec:
     """The preset `distill.method`, with `distill.token_loss_kwargs` (when given) replacing its own."""
     method = get_method(distill.method)
-    if distill.token_loss_kwargs:
-        method = replace(method, token_loss_kwargs=dict(distill.token_loss_kwargs))
-    return method
+    return method.with_token_kwargs(distill.token_loss_kwargs) if distill.token_loss_kwargs else method
 
 
 def resolved_distill(distill: DistillConfig) -> DistillConfig:
@@ -476,7 +603,10 @@ def resolved_distill(distill: DistillConfig) -> DistillConfig:
     refused (ConfigError naming both), so a run never silently trains something other than its name says.
     An on-policy method takes its base preset's fixed settings and keeps its own name.
     """
-    method = get_method(offline_base(distill).method)
+    return _with_settings(distill, get_method(offline_base(distill).method))
+
+
+def _with_settings(distill: DistillConfig, method: MethodSpec) -> DistillConfig:
     defaults = DistillConfig()
     for key, value in method.settings.items():
         current = getattr(distill, key)
