@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -35,7 +34,7 @@ from pipeline.cache.teacher import to_storage
 from pipeline.config import Config
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.distill import onpolicy
-from pipeline.distill.methods import SAR_ROUTER_LR, offline_base, on_policy_method
+from pipeline.distill.methods import SAR_ROUTER_LR, ResolvedMethod, resolve_method
 from pipeline.distill.onpolicy import SparseTargets, generated_examples
 from pipeline.distill.task import DistillTask
 from pipeline.errors import ConfigError
@@ -58,10 +57,12 @@ class OnPolicyTask(DistillTask):
         student_fraction: float = 1.0,
         max_new_tokens: int = 32,
         validation_examples: Sequence[dict[str, Any]] | None = None,
+        method: ResolvedMethod | None = None,
     ) -> None:
         """`validation_examples`: tokenised validation records, for a method that validates during training
-        (distillm-sgo)."""
-        online = on_policy_method(config.distill)
+        (distillm-sgo); `method`: the run's resolved method (None: resolved here)."""
+        method = method or resolve_method(config.distill)
+        online = method.online
         if online is None:
             raise ConfigError(
                 f"distill.method={config.distill.method!r} is an offline method: it trains with DistillTask. "
@@ -69,13 +70,13 @@ class OnPolicyTask(DistillTask):
                 "sar)."
             )
         super().__init__(
-            replace(config, distill=offline_base(config.distill)),
+            config,
             tokenizer_path=tokenizer_path,
             pairs=pairs,
             teacher_hidden_size=teacher_hidden_size,
+            method=method,  # dataset batches: its base preset's terms (sar trains on them)
         )
         self.online = online
-        self.method = replace(self.method, name=online.name)  # what the export records
         self.client = client  # a TeacherClient: picklable, travels inside the task factory
         self.total_steps = int(total_steps)
         self.student_fraction = student_fraction
@@ -83,19 +84,26 @@ class OnPolicyTask(DistillTask):
         self.validation_examples = list(validation_examples or [])
         self.sgo_schedule: onpolicy.AdaptiveSGOSchedule | None = None
         self.validation_every = 0  # the training loop's validation cadence (0: none)
-        if online.loss == "distillm_loss":
+        if online.sgo:
             self._init_sgo()
 
     def compute_loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
         seed = self.mc_generator(torch.device("cpu"), step).initial_seed()
-        if self.online.loss == "distillm2_loss":
-            return self._contrastive_step(model, batch, seed)
-        if self.online.name == "sar":
-            return self._sar_step(model, batch, step)
+        steps = {
+            "sampled": self._sampled_step,
+            "contrastive": self._contrastive_step,
+            "router_step": self._sar_step,
+        }  # the preset's `step` (OnPolicyMethodSpec)
+        return steps[self.online.step](model, batch, step, seed)
+
+    def _sampled_step(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int, seed: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """One loss on a batch of dataset rows (cached targets) and the student's own samples (served)."""
         extra: dict[str, float] = {}
-        if self.online.loss == "distillm_loss":
+        if self.online.rows == "adaptive":  # DistiLLM: the whole batch from one source, its schedule's draw
             examples, targets, from_data, extra = self._sgo_batch(model, batch, random.Random(seed), seed)
         else:
             from_data = self._dataset_rows(int(batch["input_ids"].shape[0]), step, random.Random(seed))
@@ -191,7 +199,7 @@ class OnPolicyTask(DistillTask):
         self.replay.rng.setstate((version, tuple(words), gauss))
 
     def _contrastive_step(
-        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], seed: int
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int, seed: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """DistiLLM-2: skew KL on the teacher's responses + skew reverse KL on the student's, one forward."""
         ids, mask = batch["input_ids"].cpu(), batch["response_mask"].cpu()
@@ -219,7 +227,7 @@ class OnPolicyTask(DistillTask):
         return loss, parts
 
     def _sar_step(
-        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int, seed: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """SAR on the batch's dataset sequences: rank 0 steps the teacher's routers toward the student's
         sparse distribution there (every replica takes the same step); then each worker trains on its base
@@ -251,22 +259,23 @@ class OnPolicyTask(DistillTask):
         return loss, {**metrics, **parts}
 
     def _dataset_rows(self, n: int, step: int, rng: random.Random) -> list[bool]:
-        """Per row: True = the dataset sequence with its cached targets, False = the student's own sample."""
-        loss = self.online.loss
-        if loss == "gkd_loss":
+        """Per row: True = the dataset sequence with its cached targets, False = the student's own sample
+        (the preset's `rows`, pipeline.distill.methods.ONPOLICY_ROWS)."""
+        rows = self.online.rows
+        if rows == "per_batch":
             return [not onpolicy.gkd_use_student_data(self.student_fraction, rng)] * n
-        if loss == "imitkd_loss":
+        if rows == "per_sequence":
             share = onpolicy.imitkd_dataset_prob(step, max(1, self.total_steps))
             return onpolicy.choose_dataset_rows(n, share, rng)
-        if loss == "minillm_loss":
+        if rows == "student":
             return [False] * n
-        raise ConfigError(f"on-policy method {self.online.name!r}: OnPolicyTask has no data rule for {loss}")
+        raise ConfigError(f"on-policy method {self.online.name!r}: OnPolicyTask has no data rule {rows!r}")
 
     def _loss(
         self, targets: SparseTargets, logits: torch.Tensor, input_ids: torch.Tensor, token_mask: torch.Tensor
     ) -> torch.Tensor:
         fn, kwargs = getattr(onpolicy, self.online.loss), dict(self.online.loss_kwargs)
-        if self.online.loss == "minillm_loss":
+        if self.online.loss_inputs == "samples":  # a policy gradient (minillm)
             # the sampled token at each distillation position is the next input token
             next_tokens = input_ids[:, 1:][token_mask[:, :-1]]
             lengths = [int(n) for n in token_mask.sum(dim=1).tolist() if n > 0]

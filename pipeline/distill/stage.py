@@ -1,6 +1,6 @@
 """Stage 2: distil a student from the teacher cache with Ray Train. For an offline method the teacher
 checkpoint is never opened: everything teacher-side comes from the cache's manifest and arrays. An on-policy
-method (pipeline.distill.methods.ON_POLICY_METHODS) also starts the teacher service on the teacher's
+method (one whose resolved method has `online` set) also starts the teacher service on the teacher's
 resources (cache.resources / num_gpus_per_actor) for the run, to score the student's own samples."""
 
 from __future__ import annotations
@@ -16,14 +16,7 @@ from pipeline.cache.stage import cache_spec_from_config, locate_cache, teacher_c
 from pipeline.config import Config, ModelConfig, model_settings, train_settings
 from pipeline.data.stage import PreparedData, load_tokenizer, prepare_data
 from pipeline.data.tokenize import tokenize_records
-from pipeline.distill.methods import (
-    MethodSpec,
-    check_method_student,
-    method_for,
-    offline_base,
-    on_policy_method,
-    resolved_distill,
-)
+from pipeline.distill.methods import MethodSpec, ResolvedMethod, resolve_method
 from pipeline.distill.onpolicy_task import OnPolicyTask
 from pipeline.distill.task import DistillTask
 from pipeline.errors import ConfigError, ModelError
@@ -46,24 +39,17 @@ from pipeline.workspace import paths_for
 
 
 def cache_fields_for(method: MethodSpec) -> set[str]:
-    """Column projection: a run reads only what its loss needs (SFT reads no teacher arrays at all)."""
-    fields: set[str] = set()
-    if method.token_loss is not None:
-        fields.add("logits")
-    if method.uses_erd or method.uses_mc:
-        fields.add("gates")
-    if method.needs_expert_states:
-        fields.add("expert_states")
-    if method.uses_teacher_responses:
-        fields.add("teacher_responses")
-    return fields
+    """Column projection: a run reads only what its loss terms need (SFT reads no teacher arrays at all)."""
+    return set(method.cache_fields)
 
 
-def run_settings(config: Config, cache_key: str) -> dict[str, Any]:
+def run_settings(config: Config, cache_key: str, method: ResolvedMethod | None = None) -> dict[str, Any]:
     """Everything that decides the trained student: its model, the distillation settings (with the method
-    preset's fixed ones filled in) and the cache. `diagnostics` only adds metrics, so it is left out."""
-    resolved = resolved_distill(config.distill)
-    distill = {k: v for k, v in asdict(resolved).items() if k not in ("run_name", "train", "diagnostics")}
+    preset's fixed ones filled in) and the cache. `diagnostics` only adds metrics, so it is left out.
+    `method`: config.distill resolved (None: resolved here)."""
+    method = method or resolve_method(config.distill)
+    left_out = ("run_name", "train", "diagnostics")
+    distill = {k: v for k, v in asdict(method.distill).items() if k not in left_out}
     settings = {
         "cache_key": cache_key,
         "student": model_settings(config.student),
@@ -71,19 +57,20 @@ def run_settings(config: Config, cache_key: str) -> dict[str, Any]:
     }
     if config.student.init != "random":  # the pretrained starting point decides the student too
         settings["student_pretrain"] = train_settings(config.student_pretrain)
-    online = on_policy_method(config.distill)
+    online = method.online
     if online is not None:  # a preset's loss settings decide the student: a changed preset never reuses runs
         settings["on_policy"] = {"loss": online.loss, "loss_kwargs": online.loss_kwargs, "sgo": online.sgo}
     return settings
 
 
-def default_run_name(config: Config, cache_key: str) -> str:
+def default_run_name(config: Config, cache_key: str, method: ResolvedMethod | None = None) -> str:
     """Readable settings, then a fingerprint of them all: runs that differ anywhere never share a folder."""
-    d = resolved_distill(config.distill)
+    method = method or resolve_method(config.distill)
+    d = method.distill
     if d.run_name:
         return d.run_name
     experts = config.student.build.num_experts if config.student.build else config.student.num_experts
-    fingerprint = settings_fingerprint(run_settings(config, cache_key))
+    fingerprint = settings_fingerprint(run_settings(config, cache_key, method))
     return f"{d.method}-k{d.k}-a{d.alpha:g}-b{d.beta:g}-e{experts}-s{d.train.seed}-{fingerprint}"
 
 
@@ -101,9 +88,9 @@ class DistillResult:
 
 
 def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
-    online = on_policy_method(config.distill)  # None: offline; refuses an on-policy preset not wired yet
-    method = method_for(offline_base(config.distill))  # an on-policy run's dataset batches: its base preset
-    check_method_student(config.distill, config.student.init)
+    # The one resolution of distill.method for this run: everything below reads `method` (never its name).
+    method = resolve_method(config.distill, config.student.init)
+    online = method.online  # None: offline
     paths = paths_for(config)
     prepared = prepare_data(config)
     tokenizer = load_tokenizer(prepared.tokenizer_path)
@@ -119,26 +106,26 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
             f"the student ({config.student.path}) is a dense {student.model_type!r} model. Fix: give an MoE "
             "checkpoint as student.path, or upcycle a dense one with student.upcycle_from."
         )
-    distill = resolved_distill(config.distill)
-    if method.uses_mc and distill.alpha == 0 and distill.k > num_experts:
+    distill = method.distill
+    if method.spec.uses_mc and distill.alpha == 0 and distill.k > num_experts:
         raise ConfigError(
             f"distill.alpha = 0 draws K = {distill.k} distinct experts per token, but the student has "
             f"{num_experts}. Fix: set distill.k <= {num_experts}, or distill.alpha > 0."
         )
     pairs = layer_pairs(int(cache.manifest["teacher"]["num_layers"]), student.num_layers)
-    fields = cache_fields_for(method)
+    fields = cache_fields_for(method.spec)
     cache.check_student(
         vocab_size=student.vocab_size,  # logits width (a checkpoint's config), not len(tokenizer)
         teacher_layers_needed=[t for _, t in pairs] if fields & {"gates", "expert_states"} else [],
         num_student_experts=num_experts,
         fields=fields,
     )
-    states_space = _states_space(method, distill.mc_state_space, cache)
-    run_name = default_run_name(config, cache.key)
+    states_space = _states_space(method.spec, distill.mc_state_space, cache)
+    run_name = default_run_name(config, cache.key, method)
     run_dir = paths.students / run_name
     claim_run_dir(
         run_dir,
-        run_settings(config, cache.key),
+        run_settings(config, cache.key, method),
         what=f"student run {run_name!r}",
         fix="choose another distill.run_name (or leave it unset: default names carry a settings "
         "fingerprint), or delete that folder to retrain under this name.",
@@ -194,6 +181,7 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
                         pairs=student_pairs,
                         teacher_hidden_size=teacher_hidden_size,
                         cache_path=cache_path,
+                        method=method,
                     )
                 return OnPolicyTask(  # student samples scored through `client` (token ids only)
                     task_config,
@@ -203,6 +191,7 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
                     client=client,
                     total_steps=total_steps,
                     validation_examples=val_examples,
+                    method=method,
                 )
 
             try:
@@ -234,7 +223,7 @@ def run_distill(config: Config, cache_path: str | None = None) -> DistillResult:
             val_loss, num_parameters = run_placed_like(config.distill.train, _measure_student, *args)
         result = DistillResult(
             run_name=run_name,
-            method=online.name if online else method.name,
+            method=method.name,
             export_dir=str(export_dir),
             skipped=skipped,
             wall_s=wall,

@@ -17,7 +17,7 @@ from pipeline.config import Config
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.data.stage import load_tokenizer
 from pipeline.distill.diagnostics import term_gradient_metrics
-from pipeline.distill.methods import method_for, resolved_distill
+from pipeline.distill.methods import ResolvedMethod, resolve_method
 from pipeline.distill.objective import combine_terms, objective_terms
 from pipeline.distill.student import DistillStudent
 from pipeline.errors import CacheError, ConfigError
@@ -49,12 +49,15 @@ class DistillTask:
         pairs: Sequence[tuple[int, int]],
         teacher_hidden_size: int,
         cache_path: str | None = None,
+        method: ResolvedMethod | None = None,
     ) -> None:
         """`pairs`: (student layer, teacher layer) pairs; `teacher_hidden_size`: the cached states' width;
-        `cache_path`: the cache whose state basis the MC term reads (distill.mc_state_space: subspace)."""
+        `cache_path`: the cache whose state basis the MC term reads (distill.mc_state_space: subspace);
+        `method`: the run's resolved method (run_distill resolves it once; None: resolved here)."""
         self.config = config
-        self.method = method_for(config.distill)
-        self.distill = resolved_distill(config.distill)  # with the preset's fixed settings filled in
+        self.resolved = method or resolve_method(config.distill)
+        self.method = self.resolved.spec  # the terms the student trains on
+        self.distill = self.resolved.distill  # with the preset's fixed settings filled in
         self.tokenizer_path = tokenizer_path
         self.pairs = [(int(s), int(t)) for s, t in pairs]
         self.teacher_hidden_size = int(teacher_hidden_size)
@@ -169,7 +172,7 @@ class DistillTask:
     def export(self, model: torch.nn.Module, export_dir: str) -> None:
         # Only the HF student is exported; the projections P are training-only (docs/method.md).
         export_hf_checkpoint(
-            model.student, self.tokenizer, export_dir, info={"stage": "distill", "method": self.method.name}
+            model.student, self.tokenizer, export_dir, info={"stage": "distill", "method": self.resolved.name}
         )
 
 
