@@ -91,7 +91,7 @@ def test_mass_one_is_the_exact_states_bit_for_bit(sharp: dict[str, Any]) -> None
         [aggregate_expert_states(fwd.router_probs[i], fwd.expert_outputs[i].float(), 4) for i in (0, 1)], 1
     )
     assert torch.equal(got["expert_states"], want)
-    # the truncated kernel at m = 1 computes every expert with p > 0: the same states up to fp32 rounding
+    # the truncated kernel at m = 1 computes every expert that adds to its group's fp32 mass: the same states
     fwd = adapter.forward_with_experts(
         batch["input_ids"], batch["attention_mask"], (0,), distill_positions(batch["response_mask"]),
         compute_experts=False,
