@@ -5,6 +5,7 @@ basis is seeded and deterministic, so the repair refits it byte-identically and 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -69,3 +70,24 @@ def test_cache_on_a_complete_cache_says_what_it_checked(
     assert main(["cache", "--config", config_path]) == 0
     out = capsys.readouterr().out
     assert "already complete" in out and "not checksums" in out and "moedistill cache verify PATH" in out, out
+
+
+def test_a_refit_that_differs_writes_nothing_and_leaves_the_manifest_as_it_was(
+    low_rank_cache: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # issue 24, probe 9: the failed repair rewrote manifest.json (complete -> false, fidelity dropped)
+    config_path, built = low_rank_cache
+    cache = tmp_path / built.name
+    shutil.copytree(built, cache)
+    manifest_path = cache / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    # The recorded basis is not what this teacher and data refit to (as after another floating-point build).
+    manifest["state_basis"]["files"]["state_basis/u.npy"]["sha256"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    (cache / "state_basis" / "u.npy").unlink()
+    before = manifest_path.read_bytes()
+    capsys.readouterr()
+    assert main(["cache", "repair", str(cache), "--config", config_path]) == 2
+    err = capsys.readouterr().err
+    assert "refitted state basis" in err and "differs" in err, err
+    assert manifest_path.read_bytes() == before  # complete and the fidelity entry kept, nothing rewritten
+    assert not (cache / "state_basis" / "u.npy").exists()  # nothing written
