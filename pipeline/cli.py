@@ -187,41 +187,39 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> list[Path]:
     """Each report writes a markdown file and a PNG and prints its text; returns the written files."""
-    if args.kind == "storage":
-        return _done(_report_storage(args))
-    if args.kind == "states-fidelity" and args.target:
-        from pipeline.reports.fidelity import format_fidelity, states_fidelity, write_fidelity
+    report = REPORTS[args.kind]
+    if report.needs_target and not args.target:
+        raise ConfigError(f"`moedistill report {args.kind}` needs a TARGET: {report.target}")
+    return _done(report.run(args))
 
-        fidelity = states_fidelity(args.target, args.sequences, args.teacher, args.source)
-        print(format_fidelity(fidelity))
-        key = fidelity.path.rstrip("/").rsplit("/", 1)[-1]
-        return _done([write_fidelity(fidelity, args.out or Path("reports") / "states-fidelity" / key)])
-    if not args.target:
-        what = (
-            "a student run directory"
-            if args.kind in ("gates", "terms")
-            else "a teacher cache directory"
-            if args.kind == "states-fidelity"
-            else "a sweep YAML file whose sweep has finished"
-            if args.kind == "sample-divergence"
-            else "a results CSV, an eval or sweep results directory, or a sweep YAML file"
-        )
-        raise ConfigError(f"`moedistill report {args.kind}` needs a TARGET: {what}")
-    if args.kind == "sample-divergence":
-        return _done(_report_sample_divergence(args))
-    if args.kind == "terms":
-        from pipeline.reports.terms import write_terms_report
 
-        md, png = write_terms_report(args.target, args.out)
-        print(md.read_text())
-        return _done([md, png])
-    if args.kind == "gates":
-        from pipeline.reports.gates import format_gate_table, write_gate_report
+def _report_states_fidelity(args: argparse.Namespace) -> list[Path]:
+    from pipeline.reports.fidelity import format_fidelity, states_fidelity, write_fidelity
 
-        loads, md, png = write_gate_report(args.target, args.out)
-        for g in loads:
-            print(format_gate_table(g))
-        return _done([md, png])
+    fidelity = states_fidelity(args.target, args.sequences, args.teacher, args.source)
+    print(format_fidelity(fidelity))
+    key = fidelity.path.rstrip("/").rsplit("/", 1)[-1]
+    return [write_fidelity(fidelity, args.out or Path("reports") / "states-fidelity" / key)]
+
+
+def _report_terms(args: argparse.Namespace) -> list[Path]:
+    from pipeline.reports.terms import write_terms_report
+
+    md, png = write_terms_report(args.target, args.out)
+    print(md.read_text())
+    return [md, png]
+
+
+def _report_gates(args: argparse.Namespace) -> list[Path]:
+    from pipeline.reports.gates import format_gate_table, write_gate_report
+
+    loads, md, png = write_gate_report(args.target, args.out)
+    for g in loads:
+        print(format_gate_table(g))
+    return [md, png]
+
+
+def _report_results(args: argparse.Namespace) -> list[Path]:
     from pipeline.evaluate.results import collect_results, format_results_markdown, write_results_table
 
     target = Path(args.target)
@@ -230,7 +228,7 @@ def cmd_report(args: argparse.Namespace) -> list[Path]:
     rows = collect_results(target)
     out = Path(args.out) if args.out else (target.parent if target.is_file() else target)
     print(format_results_markdown(rows))
-    return _done(list(write_results_table(rows, out)))
+    return list(write_results_table(rows, out))
 
 
 def _sweep_results(sweep_file: Path) -> Path:
@@ -298,6 +296,27 @@ def _report_storage(args: argparse.Namespace) -> list[Path]:
     return list(write_storage_report(report, out, stem=stem))
 
 
+@dataclass(frozen=True)
+class Report:
+    """One `moedistill report KIND`: what it runs and what its TARGET names (for the error without one)."""
+
+    run: Callable[[argparse.Namespace], list[Path]]
+    target: str
+    needs_target: bool = True  # storage also projects from --config alone
+
+
+REPORTS: dict[str, Report] = {
+    "storage": Report(_report_storage, "a cache PATH or --config CONFIG", needs_target=False),
+    "gates": Report(_report_gates, "a student run directory"),
+    "terms": Report(_report_terms, "a student run directory"),
+    "results": Report(
+        _report_results, "a results CSV, an eval or sweep results directory, or a sweep YAML file"
+    ),
+    "states-fidelity": Report(_report_states_fidelity, "a teacher cache directory"),
+    "sample-divergence": Report(_report_sample_divergence, "a sweep YAML file whose sweep has finished"),
+}
+
+
 def _done(paths: list[Path]) -> list[Path]:
     print("wrote " + ", ".join(str(p) for p in paths))
     return paths
@@ -338,7 +357,7 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
 
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "kind", choices=["storage", "gates", "terms", "results", "states-fidelity", "sample-divergence"]
+        "kind", choices=list(REPORTS)
     )
     p.add_argument(
         "target", nargs="?", help="cache path (storage), run dir (gates, terms), sweep file/dir (results)"
