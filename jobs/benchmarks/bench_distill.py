@@ -77,6 +77,8 @@ def main() -> None:
                 "data.num_demo_records": args.records,
                 "data.val_fraction": 0.05,
                 "data.test_fraction": 0.05,
+                # step timings need no teacher-knows-more regime, which needs > 1000 records in demo.yaml
+                "data.student_train_records": None,
             },
         )
         prepared = prepare_data(config)
