@@ -192,3 +192,15 @@ def test_config_hash_is_unchanged_at_one_and_m_is_validated() -> None:
     assert teacher_cache_fields(with_overrides(config, {"cache.states_mass": 0.99}))["cache"]["states_mass"]
     with pytest.raises(ConfigError, match=r"states_mass=1.5 must be in \(0, 1\].*Fix: correct"):
         CacheSpec("t", "tok", (0,), None, "topk", 4, "float16", 8, "chat", states_mass=1.5)
+
+
+def test_the_storage_projection_names_m_and_keeps_the_bytes() -> None:
+    from support.paths import CONFIGS
+
+    from pipeline.reports.storage import project_from_config
+
+    preset = CONFIGS / "qwen3-4b-moe-to-0.6b-moe.yaml"
+    exact = project_from_config(load_config(preset))
+    truncated = project_from_config(load_config(preset, {"cache.states_mass": 0.99}))
+    assert truncated.dims["states"] == exact.dims["states"] + ", top 0.99 of group mass"
+    assert truncated.logical_per_token == exact.logical_per_token  # m changes values, never sizes
