@@ -12,7 +12,7 @@ from pipeline.distill.stage import default_run_name
 from pipeline.finetune.student_init import dense_student_dir
 
 PINS = {
-    # The first demo regime: demo.yaml up to commit a9b9085, its identities unchanged under the new name.
+    # The first demo regime: demo.yaml up to commit f643b37, its identities unchanged under the new name.
     "demo-same-data.yaml": {
         "cache": "3927b43cefc377c5",
         "sft": "sft-k3-a0.2-b0.1-e4-s0-bbef3c",

@@ -68,6 +68,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory):
             "evaluate.resources": {"student_node": 1},
             "evaluate.num_seeds": 1,
             "evaluate.max_examples": 4,
+            "evaluate.heldout_examples": 0,  # the test split alone: this test is about placement
             "evaluate.max_new_tokens": 4,
         },
     )

@@ -339,7 +339,15 @@ def tiny_job_config(tmp_path: Path) -> Path:
     cfg = yaml.safe_load(DEMO.read_text())
     cfg["name"] = "jobs-submit"
     cfg["output_dir"] = str(tmp_path / "run")
-    cfg["data"].update(num_demo_records=160, max_length=96, val_fraction=0.1, test_fraction=0.1)
+    # One training split for teacher and students: the demo's 1,000-record student share needs 12,000 records.
+    cfg["data"].update(
+        num_demo_records=160,
+        max_length=96,
+        val_fraction=0.1,
+        test_fraction=0.1,
+        student_train_records=None,
+        teacher_train="all",
+    )
     cfg["tokenizer"] = {"vocab_size": 384}
     tiny = yaml.safe_load(TINY.read_text())  # the integration tests' model shapes
     cfg["teacher"]["build"] = tiny["teacher"]["build"]
