@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.families import FAMILY_TYPES, family_config, family_model
-from support.tiny import tiny_config, write_config
+from support.tiny import padded_batch, tiny_config, write_config
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, Qwen3MoeConfig
 
 from pipeline.cache.build import teacher_dims
@@ -24,15 +24,8 @@ from pipeline.models.families import SUPPORTED_MODEL_TYPES
 VOCAB = 96
 
 
-def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(3, VOCAB, (2, 9), generator=g)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 6:] = 0  # right padding
-    input_ids[1, 6:] = 0
-    token_mask = attention_mask.bool().clone()
-    token_mask[0, :2] = False  # a strict subset of positions
-    return input_ids, attention_mask, token_mask
+def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return padded_batch(VOCAB, seed)
 
 
 def _block_io(adapter: MoEAdapter, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[dict, dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.tiny import tiny_arch, tiny_moe
+from support.tiny import padded_batch, tiny_arch, tiny_moe
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -69,14 +69,7 @@ def _olmoe() -> PreTrainedModel:  # norm_topk_prob=False: the un-normalised top-
 
 
 def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, VOCAB, (2, 9), generator=g)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 6:] = 0  # right padding
-    input_ids[1, 6:] = 0
-    token_mask = attention_mask.bool().clone()
-    token_mask[0, :2] = False  # a strict subset of positions
-    return input_ids, attention_mask, token_mask
+    return padded_batch(VOCAB, seed)
 
 
 def _hooks_left(adapter: MoEAdapter) -> int:

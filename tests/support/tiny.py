@@ -169,3 +169,18 @@ def write_config(config: Config, path: Path) -> str:
     """`config` as a YAML file the CLI reads."""
     path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     return str(path)
+
+
+def padded_batch(vocab_size: int, seed: int = 0) -> tuple[Any, Any, Any]:
+    """(input_ids, attention_mask, token_mask) [2, 9]: row 1 right-padded after 6 tokens, and a token mask
+    that is a strict subset of the real positions -- what the adapter tests feed a tiny MoE."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab_size, (2, 9), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 6:] = 0  # right padding
+    input_ids[1, 6:] = 0
+    token_mask = attention_mask.bool().clone()
+    token_mask[0, :2] = False  # a strict subset of positions
+    return input_ids, attention_mask, token_mask
