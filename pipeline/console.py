@@ -54,11 +54,6 @@ def use_run_log(output_dir: str | Path) -> Path | None:
     return _state["path"]
 
 
-def run_log_path() -> Path | None:
-    """The run log chosen by `use_run_log`, or None (Ray's default console output)."""
-    return _state["path"]
-
-
 def log_traceback(text: str) -> Path | None:
     """Append a (redacted) traceback to the run log; its path, or None when there is no run log."""
     log = run_log()
