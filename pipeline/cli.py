@@ -196,10 +196,20 @@ def cmd_report(args: argparse.Namespace) -> list[Path]:
 def _report_states_fidelity(args: argparse.Namespace) -> list[Path]:
     from pipeline.reports.fidelity import format_fidelity, states_fidelity, write_fidelity
 
-    fidelity = states_fidelity(args.target, args.sequences, args.teacher, args.source)
+    fidelity = states_fidelity(args.target, args.sequences or 16, args.teacher, args.source)
     print(format_fidelity(fidelity))
     key = fidelity.path.rstrip("/").rsplit("/", 1)[-1]
     return [write_fidelity(fidelity, args.out or Path("reports") / "states-fidelity" / key)]
+
+
+def _report_teacher_labels(args: argparse.Namespace) -> list[Path]:
+    from pipeline.reports.teacher_labels import format_teacher_labels, teacher_labels, write_teacher_labels
+
+    report = teacher_labels(args.target, args.sequences)
+    print(format_teacher_labels(report))
+    key = report.cache.rstrip("/").rsplit("/", 1)[-1]
+    out = Path(args.out) if args.out else Path("reports") / "teacher-labels" / key
+    return [write_teacher_labels(report, out)]
 
 
 def _report_terms(args: argparse.Namespace) -> list[Path]:
@@ -313,6 +323,7 @@ REPORTS: dict[str, Report] = {
         _report_results, "a results CSV, an eval or sweep results directory, or a sweep YAML file"
     ),
     "states-fidelity": Report(_report_states_fidelity, "a teacher cache directory"),
+    "teacher-labels": Report(_report_teacher_labels, "a teacher cache directory"),
     "sample-divergence": Report(_report_sample_divergence, "a sweep YAML file whose sweep has finished"),
 }
 
@@ -373,7 +384,8 @@ def _report_args(p: argparse.ArgumentParser) -> None:
         "cached sequences, or over the stored sample; auto = stored if the cache keeps one, else teacher",
     )
     p.add_argument(
-        "--sequences", type=int, default=16, help="cached sequences compared (states-fidelity, teacher)"
+        "--sequences", type=int, help="cached sequences read: states-fidelity (teacher; default 16), "
+        "teacher-labels (default all)"
     )
     p.add_argument("--teacher", help="teacher checkpoint, default: the cache's (states-fidelity)")
     p.add_argument(
