@@ -359,3 +359,21 @@ def test_upcycled_student_init_is_pretrained_once_and_reused(cached_config: Conf
     longer = with_overrides(config, {"student_pretrain.max_steps": 3})
     assert default_run_name(longer, "k") != default_run_name(config, "k")
     assert dense_student_dir(longer) != dense_student_dir(config)
+
+
+def test_mse_mc_from_a_token_subsampled_cache_warns_and_names_the_fix(cached_config: Config, capsys) -> None:
+    """docs/method.md, "Token subsampling": the MSE MC distance trains worse from a subsampled cache (not a
+    bug: fewer MC tokens per step). The run says so once and names the fix; the cosine distance is quiet."""
+    from pipeline.cache.stage import run_cache
+
+    config = with_overrides(
+        cached_config,
+        {"cache.states_token_fraction": 0.5, "distill.train.max_steps": 1, "distill.method": "b-distill"}
+        | IN_PROCESS,
+    )
+    run_cache(config)
+    run_distill(config)
+    warned = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warned) == 1 and "50%" in warned[0] and "distill.mc_state_loss=cosine" in warned[0], warned
+    run_distill(with_overrides(config, {"distill.method": "b-distill-stable"}))
+    assert "warning" not in capsys.readouterr().out
