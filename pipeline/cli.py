@@ -20,7 +20,7 @@ import yaml
 from pipeline.config import Config, load_config
 from pipeline.console import configure as configure_console
 from pipeline.console import log_traceback
-from pipeline.errors import ConfigError, DataError, MoeDistillError
+from pipeline.errors import ConfigError, DataError, MoeDistillError, root_cause
 from pipeline.network import hub_load_kwargs
 from pipeline.placement import config_output_paths, warn_if_job_local, warn_job_local_paths
 from pipeline.ray_session import connect
@@ -504,7 +504,6 @@ def _from_ray(exc: BaseException) -> bool:
 def _print_ray_failure(exc: BaseException) -> int:
     """One screen for an exception that escaped a Ray task: the user's own error when one is inside, else
     the remote root cause."""
-    from pipeline.cache.build import root_cause
     from pipeline.storage import redact
     from pipeline.training.runner import find_user_error
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -32,7 +31,7 @@ from pipeline.cache.sink import ProgressActor, ProgressBar, TeacherCacheDatasink
 from pipeline.cache.spec import CacheInfo, CacheRuntime, CacheSpec
 from pipeline.cache.teacher import TeacherShardStage, compute_shard, tokenize_shard
 from pipeline.data.stage import load_tokenizer
-from pipeline.errors import CacheError, ConfigError
+from pipeline.errors import CacheError, ConfigError, root_cause
 from pipeline.locks import DirectoryLock
 from pipeline.models.adapter import SUPPORTED_MODEL_TYPES, check_adapter_reads
 from pipeline.models.dims import read_dims
@@ -272,27 +271,6 @@ def stored_runtime(layout: dict[str, Any], runtime: CacheRuntime, key: str) -> C
             ", ".join(changed),
         )
     return dataclasses.replace(runtime, **forced)
-
-
-def root_cause(e: BaseException) -> str:
-    """One line for the user: the remote exception behind Ray's wrappers ("RuntimeError: ...").
-
-    A RayTaskError carries the remote exception as `.cause`; its text is a traceback followed by Ray Data's
-    retry hints, so the last line is not the error (ray 2.60)."""
-    seen: set[int] = set()
-    while type(e).__module__.startswith("ray.") and id(e) not in seen:
-        seen.add(id(e))
-        inner = getattr(e, "cause", None) or e.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        e = inner
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    if type(e).__module__.startswith("ray."):  # no remote exception object: find its line in the text
-        errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*: ", ln)]
-        text = errors[-1] if errors else (lines[-1] if lines else "")
-    else:
-        text = f"{type(e).__name__}: {' '.join(lines)}"
-    return text[:500].rstrip(".")
 
 
 def _check_same_key(manifest: dict[str, Any], key: str, url: str) -> None:
