@@ -17,6 +17,7 @@ from pipeline.cache.fidelity import FIDELITY_FIX, fidelity_problems
 from pipeline.cache.manifest import read_manifest
 from pipeline.cache.shard import committed_shards, open_arrays, read_commit, read_index
 from pipeline.errors import CacheError
+from pipeline.storage import human_bytes
 
 _REBUILD = (
     "Fix: delete that shard directory and rerun `moedistill cache --config ...` (it rebuilds only missing "
@@ -240,7 +241,7 @@ def format_verify_report(report: VerifyReport) -> str:
         f"{head}: teacher cache {cfs.redact(report.path)}",
         f"  key {report.key}  schema v{report.schema_version}  complete={report.complete}",
         f"  shards ok {report.num_shards_ok}/{report.num_shards}  files checked {report.num_files}  bytes "
-        f"{_human(report.num_bytes)}",
+        f"{human_bytes(report.num_bytes)}",
     ]
     lines += [f"  - {p}" for p in report.problems]
     return "\n".join(lines)
@@ -328,7 +329,7 @@ def format_cache_list(summaries: list[CacheSummary]) -> str:
         if ki["stored_fields"]["teacher_responses"]["mode"] != "none":
             content += f" responses={ki['stored_fields']['teacher_responses']['mode']}"
         lines.append(
-            f"{s.key:<21}{status:<16}{s.num_sequences:>8}{s.num_tokens:>11}{_human(s.num_bytes):>10}  "
+            f"{s.key:<21}{status:<16}{s.num_sequences:>8}{s.num_tokens:>11}{human_bytes(s.num_bytes):>10}  "
             f"{content}"
         )
     return "\n".join(lines)
@@ -362,11 +363,3 @@ def bytes_per_token_by_field(path: str) -> dict[str, float]:
     out["logits"] = sum(by.get(n, 0) for n in schema.arrays_for_field("logits")) / tokens
     out["total"] = sum(by.values()) / tokens
     return out
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"

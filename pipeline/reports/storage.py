@@ -31,6 +31,7 @@ from pipeline.cache.codecs import StatesCodec
 from pipeline.errors import CacheError, ConfigError
 from pipeline.models.dims import ModelDims, model_dims, read_dims
 from pipeline.plotting import pyplot
+from pipeline.storage import human_bytes
 
 GIB = 2**30
 DEFAULT_PROJECTED_TOKENS = 1e9
@@ -431,14 +432,6 @@ def _tokenizer_vocab(config: Any) -> int:
 
 
 # --- rendering ----------------------------------------------------------------------------------------------
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1000 or unit == "PB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"
-
-
 def format_storage_report(report: StorageReport) -> str:
     d = report.dims
     kind = "measured store" if report.measured else "projection"
