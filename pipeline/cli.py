@@ -22,8 +22,8 @@ from pipeline.console import configure as configure_console
 from pipeline.console import log_traceback
 from pipeline.errors import ConfigError, DataError, MoeDistillError, root_cause
 from pipeline.network import hub_load_kwargs
-from pipeline.placement import config_output_paths, warn_if_job_local, warn_job_local_paths
 from pipeline.ray_session import connect
+from pipeline.workspace import config_output_paths, warn_if_job_local, warn_job_local_paths
 
 if TYPE_CHECKING:  # the evaluation stage imports Ray Data and torch
     from pipeline.evaluate.stage import EvalResults

@@ -27,13 +27,12 @@ from pipeline.evaluate.results import rows_of_runs, write_results_csv, write_res
 from pipeline.evaluate.stage import EvalResults, run_evaluate
 from pipeline.evaluate.stats import seed_table_markdown, values_by_seed
 from pipeline.finetune.stage import FinetuneResult, format_finetune_result, run_finetune
-from pipeline.placement import warn_if_job_local
 from pipeline.ray_session import connect
 from pipeline.reports.cost_quality import write_cost_quality
 from pipeline.reports.gates import write_gate_report
 from pipeline.reports.storage import format_storage_report, measure_store, write_storage_report
 from pipeline.sweep import load_sweep, plan_runs, sweep_results_dir, sweep_rows
-from pipeline.workspace import paths_for
+from pipeline.workspace import paths_for, warn_if_job_local
 
 DEMO_METHODS = ("sft", "kd", "b-distill", "b-distill-stable")
 STAGES = ("finetune", "cache", "distill", "evaluate", "report")
