@@ -124,7 +124,12 @@ def cmd_cache(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"`moedistill cache {args.action}` needs {what}. Fix: `moedistill cache {args.action} PATH`."
         )
-    from pipeline.cache.verify import format_cache_list, format_verify_report, list_caches, verify_cache
+    from pipeline.cache.integrity.verify import (
+        format_cache_list,
+        format_verify_report,
+        list_caches,
+        verify_cache,
+    )
 
     if args.action == "verify":
         report = verify_cache(args.target)

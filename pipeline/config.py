@@ -121,8 +121,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class KnowledgeAugmentationConfig:
-    """KA (pipeline/cache/augment.py): `repeats` stochastic-routing teacher forwards per sequence, each token
-    routed by sampling with probability `sampling_prob`; the cache stores their averaged distribution."""
+    """KA (pipeline/cache/build/augment.py): `repeats` stochastic-routing teacher forwards per sequence,
+    each token routed by sampling with probability `sampling_prob`; the cache stores their averaged
+    distribution."""
 
     repeats: int = 1
     sampling_prob: float = 0.0

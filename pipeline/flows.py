@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache.spec import CacheInfo
+from pipeline.cache.format.spec import CacheInfo
 from pipeline.cache.stage import format_cache_info, run_cache
 from pipeline.config import Config, teacher_cache_hash, with_overrides
 from pipeline.data.stage import prepare_data

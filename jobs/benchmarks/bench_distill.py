@@ -37,8 +37,8 @@ import torch
 from measure import Trials, interleaved
 
 from pipeline.cache import CacheRuntime, build_teacher_cache, open_cache
-from pipeline.cache.integrity import files_for_fields, forget_verified
-from pipeline.cache.sparsify import topk_sparsify
+from pipeline.cache.build.sparsify import topk_sparsify
+from pipeline.cache.integrity.checks import files_for_fields, forget_verified
 from pipeline.cache.stage import cache_spec_from_config
 from pipeline.config import DistillConfig, load_config, with_overrides
 from pipeline.data.collate import distill_positions, pad_batch

@@ -31,10 +31,10 @@ import torch
 from measure import interleaved
 from transformers import AutoModelForCausalLM, OlmoeConfig, PretrainedConfig, Qwen3MoeConfig
 
-from pipeline.cache.codecs import StatesCodec
-from pipeline.cache.shard import ShardMeta, write_shard_files
-from pipeline.cache.teacher import KEPT_MASS, TeacherOutputSpec, compute_shard, teacher_targets
-from pipeline.cache.verify import bytes_by_field
+from pipeline.cache.build.teacher import KEPT_MASS, TeacherOutputSpec, compute_shard, teacher_targets
+from pipeline.cache.format.codecs import StatesCodec
+from pipeline.cache.format.shard import ShardMeta, write_shard_files
+from pipeline.cache.integrity.verify import bytes_by_field
 from pipeline.config import load_config, with_overrides
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.models.adapter import MoEAdapter

@@ -111,7 +111,7 @@ class DistillTask:
                     "distill.mc_state_space: subspace needs the cache's state basis, but this task was "
                     "built without cache_path. Fix: pass cache_path=... to DistillTask (run_distill does)."
                 )
-            from pipeline.cache.reader import open_cache  # zarr only where a subspace run needs it
+            from pipeline.cache.read.reader import open_cache  # zarr only where a subspace run needs it
 
             cache = open_cache(self.cache_path)
             self._basis = cache.group_basis(int(coeffs.shape[2]), [t for _, t in self.pairs]).v

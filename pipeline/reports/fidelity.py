@@ -1,8 +1,8 @@
 """What a cache's expert-state codec costs the MC term: `moedistill report states-fidelity CACHE`.
 
 The exact fp32 W-width states come from the held-out sample the cache stage stored beside a lossy cache
-(pipeline/cache/fidelity.py: validation sequences no student trains on, with the same tokens encoded as a
-shard stores them), so no teacher runs. A cache without one (older, or built without held-out records) falls
+(pipeline/cache/build/fidelity.py: validation sequences no student trains on, with the same tokens encoded as
+a shard stores them), so no teacher runs. A cache without one (older, or built without held-out records) falls
 back, with a note, to rerunning its teacher (manifest sources, or --teacher) over a seeded sample of its own
 cached sequences, read back through the cache's reader. Per layer pair:
 
@@ -75,7 +75,7 @@ class FidelityReport:
     pairs: list[dict[str, Any]]
 
 
-# stored: the held-out sample the cache stage kept (pipeline/cache/fidelity.py), no teacher run;
+# stored: the held-out sample the cache stage kept (pipeline/cache/build/fidelity.py), no teacher run;
 # teacher: the teacher rerun over a seeded sample of the cached (training) sequences, read from the shards;
 # teacher-on-sample: the teacher rerun over the stored sample's sequences (checks the stored exact states);
 # auto: stored when the cache keeps a sample, else teacher (with a note).
@@ -91,8 +91,8 @@ def states_fidelity(
     path: str, num_sequences: int = 16, teacher_path: str | None = None, source: str = "auto"
 ) -> FidelityReport:
     """Per-pair fidelity of the cache at `path` (see SOURCES; num_sequences: the teacher source only)."""
-    from pipeline.cache.fidelity import decode_sample, has_fidelity_sample, read_fidelity_sample
-    from pipeline.cache.reader import open_cache
+    from pipeline.cache.build.fidelity import decode_sample, has_fidelity_sample, read_fidelity_sample
+    from pipeline.cache.read.reader import open_cache
     from pipeline.errors import CacheError, ConfigError
     from pipeline.reports.storage import describe_states
 
@@ -165,7 +165,7 @@ def rerun_teacher(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact fp32 W-width (states [N, P, W, D], gates [N, P, W]) of `examples` (input_ids, response_mask,
     num_tokens: their first num_tokens distillation positions), one sequence per teacher forward."""
-    from pipeline.cache.teacher import TeacherOutputSpec, input_device, load_teacher, teacher_targets
+    from pipeline.cache.build.teacher import TeacherOutputSpec, input_device, load_teacher, teacher_targets
     from pipeline.data.collate import pad_batch
     from pipeline.errors import CacheError
     from pipeline.models.adapter import MoEAdapter

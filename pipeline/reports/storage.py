@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import storage as cfs
-from pipeline.cache.codecs import StatesCodec
+from pipeline.cache.format.codecs import StatesCodec
 from pipeline.errors import CacheError, ConfigError
 from pipeline.models.dims import ModelDims, model_dims, read_dims
 from pipeline.plotting import pyplot
@@ -35,8 +35,8 @@ from pipeline.storage import human_bytes
 
 GIB = 2**30
 DEFAULT_PROJECTED_TOKENS = 1e9
-# fidelity: the held-out sample of `report states-fidelity` (pipeline/cache/fidelity.py): once per cache,
-# never read by training
+# fidelity: the held-out sample of `report states-fidelity` (pipeline/cache/build/fidelity.py): once per
+# cache, never read by training
 FIELDS = ("logits", "gates", "expert_states", "index", "metadata", "fidelity", "other")
 _ARRAY_FIELD = {
     "logit_indices": "logits",
@@ -117,9 +117,9 @@ def measure_store(
 ) -> StorageReport:
     """Bytes on disk by field (walking every file under `path`) and logical bytes from the cache's dims."""
     # The store's readers pull pyarrow and torch, which a projection from a config never needs.
-    from pipeline.cache.manifest import read_manifest
-    from pipeline.cache.shard import committed_shards, read_index
-    from pipeline.cache.verify import bytes_by_field
+    from pipeline.cache.format.manifest import read_manifest
+    from pipeline.cache.format.shard import committed_shards, read_index
+    from pipeline.cache.integrity.verify import bytes_by_field
 
     manifest = read_manifest(path)
     if manifest is None:

@@ -23,9 +23,9 @@ from pipeline.cache import (
     read_cache_dataset,
     verify_cache,
 )
-from pipeline.cache.codecs import keep_rows
-from pipeline.cache.key import key_inputs
-from pipeline.cache.teacher import TeacherShardStage, input_device, teacher_targets, tokenize_shard
+from pipeline.cache.build.teacher import TeacherShardStage, input_device, teacher_targets, tokenize_shard
+from pipeline.cache.format.codecs import keep_rows
+from pipeline.cache.format.key import key_inputs
 from pipeline.data.collate import pad_batch
 from pipeline.data.demo_dataset import generate_demo_records
 from pipeline.errors import CacheError

@@ -14,10 +14,7 @@ from support.families import family_model
 from support.tiny import teacher_assets, teacher_cache_spec, tiny_arch
 
 from pipeline.cache import CacheRuntime, build_teacher_cache
-from pipeline.cache.key import cache_key, key_inputs
-from pipeline.cache.manifest import read_manifest
-from pipeline.cache.spec import CacheSpec
-from pipeline.cache.teacher import (
+from pipeline.cache.build.teacher import (
     KEPT_MASS,
     TeacherOutputSpec,
     TeacherShardStage,
@@ -25,6 +22,9 @@ from pipeline.cache.teacher import (
     teacher_targets,
     tokenize_shard,
 )
+from pipeline.cache.format.key import cache_key, key_inputs
+from pipeline.cache.format.manifest import read_manifest
+from pipeline.cache.format.spec import CacheSpec
 from pipeline.config import load_config, teacher_cache_fields, with_overrides
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.errors import ConfigError

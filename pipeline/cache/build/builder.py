@@ -21,15 +21,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline import storage as cfs
-from pipeline.cache.basis import ensure_state_basis
-from pipeline.cache.fidelity import ensure_fidelity_sample
-from pipeline.cache.integrity import reopen_if_damaged
-from pipeline.cache.key import cache_key, key_inputs
-from pipeline.cache.manifest import finalize_manifest, new_manifest, read_manifest, write_manifest
-from pipeline.cache.shard import ShardMeta, committed_shards, remove_staging
-from pipeline.cache.sink import ProgressActor, ProgressBar, TeacherCacheDatasink
-from pipeline.cache.spec import CacheInfo, CacheRuntime, CacheSpec
-from pipeline.cache.teacher import TeacherShardStage, compute_shard, tokenize_shard
+from pipeline.cache.build.basis import ensure_state_basis
+from pipeline.cache.build.fidelity import ensure_fidelity_sample
+from pipeline.cache.build.sink import ProgressActor, ProgressBar, TeacherCacheDatasink
+from pipeline.cache.build.teacher import TeacherShardStage, compute_shard, tokenize_shard
+from pipeline.cache.format.key import cache_key, key_inputs
+from pipeline.cache.format.manifest import finalize_manifest, new_manifest, read_manifest, write_manifest
+from pipeline.cache.format.shard import ShardMeta, committed_shards, remove_staging
+from pipeline.cache.format.spec import CacheInfo, CacheRuntime, CacheSpec
+from pipeline.cache.integrity.checks import reopen_if_damaged
 from pipeline.data.stage import load_tokenizer
 from pipeline.errors import CacheError, ConfigError, root_cause
 from pipeline.locks import DirectoryLock
@@ -452,7 +452,7 @@ def _local_shards(
 ) -> dict[str, float]:
     from tqdm.auto import tqdm
 
-    from pipeline.cache.shard import commit_shard
+    from pipeline.cache.format.shard import commit_shard
 
     rows_per_shard = runtime.rows_per_shard
     t0, tokens, commits = time.perf_counter(), 0, []

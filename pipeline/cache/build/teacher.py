@@ -23,11 +23,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.cache.augment import KnowledgeAugmentation, augmented_targets
-from pipeline.cache.codecs import ShardStateRows, StateBasis, StatesCodec, decode_rows, encode_rows
-from pipeline.cache.shard import ShardData, rows_to_table, shard_to_row
-from pipeline.cache.sparsify import sparsify_logits
-from pipeline.cache.spec import CacheSpec
+from pipeline.cache.build.augment import KnowledgeAugmentation, augmented_targets
+from pipeline.cache.build.sparsify import sparsify_logits
+from pipeline.cache.format.codecs import ShardStateRows, StateBasis, StatesCodec, decode_rows, encode_rows
+from pipeline.cache.format.shard import ShardData, rows_to_table, shard_to_row
+from pipeline.cache.format.spec import CacheSpec
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.data.tokenize import tokenize_records
 from pipeline.errors import CacheError
@@ -146,7 +146,7 @@ def score_sequences(
     logit_tail_logmass (rows = distillation positions in (sequence, position) order), gates and, when the
     spec keeps them, expert_states. The one scoring path of both the cache stage (`compute_shard`) and the
     teacher service; `seeds` (one per sequence, its seq_id) seed sampled-mode draws. With knowledge
-    augmentation the forward is the KA average (pipeline.cache.augment). Sparse arrays may still
+    augmentation the forward is the KA average (pipeline.cache.build.augment). Sparse arrays may still
     be on the teacher's output device (`to_storage` moves them)."""
     if out.augmentation.is_plain:
         targets = teacher_targets(adapter, batch, out)
@@ -353,8 +353,8 @@ class TeacherShardStage:
         self.out = TeacherOutputSpec.from_spec(spec, width)
         self.basis = None
         if spec.store_expert_states and spec.states.rank is not None and cache_url is not None:
-            from pipeline.cache.basis import read_basis
-            from pipeline.cache.manifest import read_manifest
+            from pipeline.cache.build.basis import read_basis
+            from pipeline.cache.format.manifest import read_manifest
 
             manifest = read_manifest(cache_url)
             assert manifest is not None, "the build writes the manifest before any teacher actor starts"

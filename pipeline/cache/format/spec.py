@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipeline.cache.augment import KnowledgeAugmentation
-from pipeline.cache.codecs import StatesCodec
+from pipeline.cache.build.augment import KnowledgeAugmentation
+from pipeline.cache.format.codecs import StatesCodec
 from pipeline.errors import ConfigError
 from pipeline.models.truncation import check_states_mass
 
@@ -37,16 +37,17 @@ class CacheSpec:
     max_new_tokens: int = 64
     # dtype the teacher runs in: changes the cached numbers, so it is part of the key.
     compute_dtype: ComputeDtype = "float32"
-    # KA: R stochastic-routing teacher forwards averaged (pipeline/cache/augment.py); plain by default
+    # KA: R stochastic-routing teacher forwards averaged (pipeline/cache/build/augment.py); plain by default
     knowledge_augmentation: KnowledgeAugmentation = field(default_factory=KnowledgeAugmentation)
-    # Expert-state codec (pipeline/cache/codecs.py). states_codec None = states_dtype (the schema-1 setting);
-    # when set it replaces states_dtype. Rank, basis sample and token fraction need schema 2.
+    # Expert-state codec (pipeline/cache/format/codecs.py). states_codec None = states_dtype (the schema-1
+    # setting); when set it replaces states_dtype. Rank, basis sample and token fraction need schema 2.
     states_codec: str | None = None
     states_rank: int | None = None
     states_basis_tokens: int = 65536
     states_token_fraction: float = 1.0
-    # Held-out fidelity sample (pipeline/cache/fidelity.py): exact fp32 states of this many validation-split
-    # tokens, stored beside a lossy-codec cache (schema 2) for `moedistill report states-fidelity`; 0: none.
+    # Held-out fidelity sample (pipeline/cache/build/fidelity.py): exact fp32 states of this many
+    # validation-split tokens, stored beside a lossy-codec cache (schema 2) for `moedistill report
+    # states-fidelity`; 0: none.
     states_fidelity_tokens: int = 256
     # Mass-truncated states (pipeline/models/truncation.py): per token and cached group, only the experts
     # carrying the top states_mass of its router mass run; 1.0 = exact (and the key of an exact cache).

@@ -1,5 +1,5 @@
-"""Reading schema-2 expert states (pipeline/cache/codecs.py): decode the stored rows, re-aggregate W -> E_S
-in coefficient space when low rank, and put subsampled rows back at their tokens.
+"""Reading schema-2 expert states (pipeline/cache/format/codecs.py): decode the stored rows, re-aggregate
+W -> E_S in coefficient space when low rank, and put subsampled rows back at their tokens.
 
 Per-token output (rows [lo, hi) of a shard, aligned with the other per-token arrays):
   states_space "full":      expert_states        float32 [n, P', E_S, D]
@@ -17,8 +17,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline.cache.codecs import GroupBasis, StateBasis, StatesCodec, aggregate_coefficients, expand_group
-from pipeline.cache.codecs import group_basis as _group_basis
+from pipeline.cache.format.codecs import (
+    GroupBasis,
+    StateBasis,
+    StatesCodec,
+    aggregate_coefficients,
+    expand_group,
+)
+from pipeline.cache.format.codecs import group_basis as _group_basis
 from pipeline.errors import CacheError
 
 StatesSpace = Literal["full", "subspace"]
@@ -30,7 +36,7 @@ _LOCK = threading.Lock()
 
 def cache_basis(path: str, manifest: dict[str, Any]) -> StateBasis:
     """The cache's basis, read and checked once per process."""
-    from pipeline.cache.basis import BASIS_FILES, read_basis
+    from pipeline.cache.build.basis import BASIS_FILES, read_basis
 
     record = manifest.get("state_basis") or {}
     token = (path, str(record.get("files", {}).get(BASIS_FILES["u"], {}).get("sha256")))

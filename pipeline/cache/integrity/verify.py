@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 
 from pipeline import storage as cfs
-from pipeline.cache import schema
-from pipeline.cache.basis import basis_problems
-from pipeline.cache.codecs import StatesCodec, keep_rows
-from pipeline.cache.fidelity import FIDELITY_FIX, fidelity_problems
-from pipeline.cache.manifest import read_manifest
-from pipeline.cache.shard import committed_shards, open_arrays, read_commit, read_index
+from pipeline.cache.build.basis import basis_problems
+from pipeline.cache.build.fidelity import FIDELITY_FIX, fidelity_problems
+from pipeline.cache.format import schema
+from pipeline.cache.format.codecs import StatesCodec, keep_rows
+from pipeline.cache.format.manifest import read_manifest
+from pipeline.cache.format.shard import committed_shards, open_arrays, read_commit, read_index
 from pipeline.errors import CacheError
 from pipeline.storage import human_bytes
 
@@ -210,7 +210,7 @@ def _check_codec_attributes(
     attrs: dict[str, Any], states: StatesCodec, index: Any, entry: dict[str, Any], group: Any
 ) -> None:
     """A schema-2 shard's codec attributes match the key, and its kept rows are the ones the hash selects
-    (pipeline.cache.codecs.keep_rows: what a resumed build and every reader recompute)."""
+    (pipeline.cache.format.codecs.keep_rows: what a resumed build and every reader recompute)."""
     want = {"states_codec": states.codec, "states_rank": states.rank, "states_seed": states.seed}
     want["states_token_fraction"] = float(states.token_fraction)
     for k, v in want.items():

@@ -1,7 +1,7 @@
 """The low-rank expert-state basis of a schema-2 cache (cache.states_rank): fitted once, before any shard, on
 a fixed seeded sample of the cache's own distillation tokens; written to ROOT/<key>/state_basis/ and recorded
 in manifest.state_basis (sizes + sha256); a resumed build and every reader reuse it, checked against that
-record. The maths (BasisAccumulator, projection) is pipeline/cache/codecs.py.
+record. The maths (BasisAccumulator, projection) is pipeline/cache/format/codecs.py.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from pipeline import storage as cfs
-from pipeline.cache.codecs import BasisAccumulator, StateBasis
-from pipeline.cache.spec import CacheRuntime, CacheSpec
+from pipeline.cache.format.codecs import BasisAccumulator, StateBasis
+from pipeline.cache.format.spec import CacheRuntime, CacheSpec
 from pipeline.errors import CacheError
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def sampled_targets(
 ) -> Iterator[tuple[list[dict[str, Any]], dict[str, torch.Tensor]]]:
     """The teacher's targets over `records` in the seeded sample order (sample_order), batch_size sequences
     per forward: (tokenised examples, seq_id = the record's index in `records`; their teacher_targets)."""
-    from pipeline.cache.teacher import input_device, teacher_targets, tokenize_shard
+    from pipeline.cache.build.teacher import input_device, teacher_targets, tokenize_shard
     from pipeline.data.collate import pad_batch
     from pipeline.data.stage import load_tokenizer
 
@@ -206,7 +206,7 @@ def actor_threads(runtime: CacheRuntime) -> Iterator[None]:
 
 
 def _fit(spec: CacheSpec, records: list[Any], width: int, runtime: CacheRuntime) -> tuple[StateBasis, int]:
-    from pipeline.cache.teacher import TeacherShardStage
+    from pipeline.cache.build.teacher import TeacherShardStage
 
     states = spec.states
     assert states.rank is not None
@@ -230,7 +230,7 @@ def ensure_state_basis(
 ) -> dict[str, Any]:
     """The manifest with its state_basis: fitted and written now (first build, or a build killed before it
     was written), or the stored one, checked (a resume). Called before any shard is computed."""
-    from pipeline.cache.manifest import write_manifest
+    from pipeline.cache.format.manifest import write_manifest
 
     if not spec.store_expert_states or spec.states.rank is None:
         return manifest

@@ -29,16 +29,16 @@ import numpy as np
 import torch
 
 from pipeline import storage as cfs
-from pipeline.cache.basis import (
+from pipeline.cache.build.basis import (
     actor_threads,
     file_problems,
     read_npy,
     sampled_targets,
     write_npy_files,
 )
-from pipeline.cache.codecs import ShardStateRows, StatesCodec
-from pipeline.cache.key import stores_fidelity_sample
-from pipeline.cache.spec import CacheRuntime, CacheSpec
+from pipeline.cache.format.codecs import ShardStateRows, StatesCodec
+from pipeline.cache.format.key import stores_fidelity_sample
+from pipeline.cache.format.spec import CacheRuntime, CacheSpec
 from pipeline.errors import CacheError
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def compute_fidelity_sample(
 def _sample(
     spec: CacheSpec, heldout: list[Any], width: int, runtime: CacheRuntime, cache_url: str
 ) -> dict[str, np.ndarray]:
-    from pipeline.cache.teacher import TeacherShardStage
+    from pipeline.cache.build.teacher import TeacherShardStage
 
     want = spec.states_fidelity_tokens
     seqs: list[tuple[dict[str, Any], int]] = []
@@ -177,7 +177,7 @@ def decode_sample(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What the cache's reader makes of the sample's encoded rows at the cached width: (states float32
     [n, P, W, D], zeros where token subsampling dropped them; keep bool [n])."""
-    from pipeline.cache.states import group_basis_for, read_states
+    from pipeline.cache.read.states import group_basis_for, read_states
 
     inputs = manifest["key_inputs"]
     states = StatesCodec.from_key_inputs(inputs.get("states_codec"), inputs["dtypes"]["expert_states"])
@@ -209,7 +209,7 @@ def ensure_fidelity_sample(
 ) -> dict[str, Any]:
     """The manifest with its states_fidelity record: the stored sample when intact (a resume), else computed
     and written now. Called before any shard, after the state basis."""
-    from pipeline.cache.manifest import write_manifest
+    from pipeline.cache.format.manifest import write_manifest
 
     if not stores_fidelity_sample(spec, heldout):
         return manifest
