@@ -124,12 +124,8 @@ def cmd_cache(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"`moedistill cache {args.action}` needs {what}. Fix: `moedistill cache {args.action} PATH`."
         )
-    from pipeline.cache.integrity.verify import (
-        format_cache_list,
-        format_verify_report,
-        list_caches,
-        verify_cache,
-    )
+    from pipeline.cache.integrity.verify import format_verify_report, verify_cache
+    from pipeline.cache.read.listing import format_cache_list, list_caches
 
     if args.action == "verify":
         report = verify_cache(args.target)

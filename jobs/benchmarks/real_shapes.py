@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, OlmoeConfig, PretrainedConfig, Qw
 from pipeline.cache.build.teacher import KEPT_MASS, TeacherOutputSpec, compute_shard, teacher_targets
 from pipeline.cache.format.codecs import StatesCodec
 from pipeline.cache.format.shard import ShardMeta, write_shard_files
-from pipeline.cache.integrity.verify import bytes_by_field
+from pipeline.cache.read.listing import bytes_by_field
 from pipeline.config import load_config, with_overrides
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.models.adapter import MoEAdapter

@@ -22,13 +22,13 @@ _EXPORTS = {
     "CacheInfo": "format.spec",
     "CacheRuntime": "format.spec",
     "CacheSpec": "format.spec",
-    "CacheSummary": "integrity.verify",
+    "CacheSummary": "read.listing",
     "VerifyReport": "integrity.verify",
-    "bytes_by_field": "integrity.verify",
-    "bytes_per_token_by_field": "integrity.verify",
-    "format_cache_list": "integrity.verify",
+    "bytes_by_field": "read.listing",
+    "bytes_per_token_by_field": "read.listing",
+    "format_cache_list": "read.listing",
     "format_verify_report": "integrity.verify",
-    "list_caches": "integrity.verify",
+    "list_caches": "read.listing",
     "verify_cache": "integrity.verify",
 }
 __all__ = sorted(_EXPORTS)

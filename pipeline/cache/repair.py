@@ -23,7 +23,6 @@ from pipeline.cache.build.builder import (
     layout_settings,
     manifest_sources,
 )
-from pipeline.cache.build.fidelity import fidelity_problems
 from pipeline.cache.format.manifest import (
     infer_rows_per_shard,
     new_manifest,
@@ -32,6 +31,7 @@ from pipeline.cache.format.manifest import (
     write_manifest,
 )
 from pipeline.cache.format.shard import committed_shards
+from pipeline.cache.format.side_files import fidelity_problems
 from pipeline.cache.format.spec import CacheInfo
 from pipeline.cache.integrity.checks import uncommit_shards, uncommitted_shard_dirs
 from pipeline.cache.integrity.verify import VerifyReport, format_verify_report, verify_cache

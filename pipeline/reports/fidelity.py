@@ -91,8 +91,9 @@ def states_fidelity(
     path: str, num_sequences: int = 16, teacher_path: str | None = None, source: str = "auto"
 ) -> FidelityReport:
     """Per-pair fidelity of the cache at `path` (see SOURCES; num_sequences: the teacher source only)."""
-    from pipeline.cache.build.fidelity import decode_sample, has_fidelity_sample, read_fidelity_sample
+    from pipeline.cache.format.side_files import has_fidelity_sample, read_fidelity_sample
     from pipeline.cache.read.reader import open_cache
+    from pipeline.cache.read.states import decode_sample
     from pipeline.errors import CacheError, ConfigError
     from pipeline.reports.storage import describe_states
 

@@ -119,7 +119,7 @@ def measure_store(
     # The store's readers pull pyarrow and torch, which a projection from a config never needs.
     from pipeline.cache.format.manifest import read_manifest
     from pipeline.cache.format.shard import committed_shards, read_index
-    from pipeline.cache.integrity.verify import bytes_by_field
+    from pipeline.cache.read.listing import bytes_by_field
 
     manifest = read_manifest(path)
     if manifest is None:

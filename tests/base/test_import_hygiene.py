@@ -61,7 +61,8 @@ for name in modules:
 
 import torch
 from pipeline.cache.format.shard import shard_to_row
-from pipeline.cache.build.teacher import TeacherOutputSpec, compute_shard, decode_states
+from pipeline.cache.build.teacher import TeacherOutputSpec, compute_shard
+from pipeline.cache.format.codecs import decode_states
 from pipeline.config import DistillConfig
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.distill.losses import mc_exploration_loss

@@ -38,7 +38,8 @@ from pipeline.cache import (
     verify_cache,
 )
 from pipeline.cache.build.builder import stored_runtime
-from pipeline.cache.build.teacher import TeacherShardStage, decode_states, encode_states, input_device
+from pipeline.cache.build.teacher import TeacherShardStage, input_device
+from pipeline.cache.format.codecs import decode_states, encode_states
 from pipeline.cache.format.shard import committed_shards
 from pipeline.errors import CacheError, ConfigError
 from pipeline.placement import check_no_offload, teacher_placement

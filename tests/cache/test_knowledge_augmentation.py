@@ -14,14 +14,10 @@ from support.paths import TINY
 from support.tiny import teacher_assets, teacher_cache_spec, tiny_arch
 
 from pipeline.cache import CacheRuntime, build_teacher_cache
-from pipeline.cache.build.augment import (
-    KnowledgeAugmentation,
-    augmented_targets,
-    routing_seed,
-    stochastic_routing,
-)
+from pipeline.cache.build.augment import augmented_targets, routing_seed, stochastic_routing
 from pipeline.cache.build.teacher import TeacherOutputSpec, compute_shard, teacher_targets
 from pipeline.cache.format.key import key_inputs
+from pipeline.cache.format.spec import KnowledgeAugmentation
 from pipeline.data.collate import pad_batch
 from pipeline.data.tokenize import tokenize_records
 from pipeline.errors import ConfigError

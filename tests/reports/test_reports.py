@@ -120,7 +120,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_storage_report_equals_bytes_on_disk(store: str, tmp_path: Path) -> None:
-    from pipeline.cache.integrity.verify import bytes_per_token_by_field
+    from pipeline.cache.read.listing import bytes_per_token_by_field
 
     junk = Path(store) / "shards" / ".tmp-shard-00007-dead" / "partial.bin"  # a killed write's leftover
     junk.parent.mkdir(parents=True)

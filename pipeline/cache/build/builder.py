@@ -20,16 +20,22 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+from tqdm.auto import tqdm
+
 from pipeline import storage as cfs
-from pipeline.cache.build.basis import ensure_state_basis
+from pipeline.cache.build.basis import actor_threads, ensure_state_basis
 from pipeline.cache.build.fidelity import ensure_fidelity_sample
 from pipeline.cache.build.sink import ProgressActor, ProgressBar, TeacherCacheDatasink
 from pipeline.cache.build.teacher import TeacherShardStage, compute_shard, tokenize_shard
 from pipeline.cache.format.key import cache_key, key_inputs
 from pipeline.cache.format.manifest import finalize_manifest, new_manifest, read_manifest, write_manifest
-from pipeline.cache.format.shard import ShardMeta, committed_shards, remove_staging
+from pipeline.cache.format.shard import ShardMeta, commit_shard, committed_shards, remove_staging
 from pipeline.cache.format.spec import CacheInfo, CacheRuntime, CacheSpec
 from pipeline.cache.integrity.checks import reopen_if_damaged
+from pipeline.data.records import Record
 from pipeline.data.stage import load_tokenizer
 from pipeline.errors import CacheError, ConfigError, root_cause
 from pipeline.locks import DirectoryLock
@@ -291,10 +297,6 @@ def _info(
 
 def _tokenize_batch(batch: Any, tokenizer_path: str, max_length: int) -> Any:
     """CPU task: rows {shard_id, first_seq_id, records_json} -> tokenised shard rows (Arrow, no pickling)."""
-    import pyarrow as pa
-
-    from pipeline.data.records import Record
-
     tokenizer = load_tokenizer(tokenizer_path)
     cols: dict[str, list[Any]] = {
         k: [] for k in ("shard_id", "num_records", "seq_id", "input_ids", "response_mask")
@@ -331,9 +333,6 @@ def _run_pipeline(
     width: int,
     pending: list[int],
 ) -> dict[str, float]:
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
-
     rows_per_shard = runtime.rows_per_shard
     items = [
         {
@@ -426,18 +425,12 @@ def _run_local(
     pending: list[int],
 ) -> dict[str, float]:
     """The same per-shard steps as the Ray pipeline, sequentially in this process."""
-    import torch
-
     tokenizer = load_tokenizer(spec.tokenizer_path)
     stage = TeacherShardStage(spec, width, runtime.batch_size, runtime.num_gpus_per_actor, cache_url=url)
     # Behave like one Ray actor, which runs with OMP_NUM_THREADS = its CPUs: CPU float results depend on the
     # thread count, and matching it keeps local and Ray shards byte-identical.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(runtime.threads)
-    try:
+    with actor_threads(runtime):
         return _local_shards(spec, records, url, runtime, meta, pending, tokenizer, stage)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _local_shards(
@@ -450,10 +443,6 @@ def _local_shards(
     tokenizer: Any,
     stage: TeacherShardStage,
 ) -> dict[str, float]:
-    from tqdm.auto import tqdm
-
-    from pipeline.cache.format.shard import commit_shard
-
     rows_per_shard = runtime.rows_per_shard
     t0, tokens, commits = time.perf_counter(), 0, []
     for n, shard_id in enumerate(

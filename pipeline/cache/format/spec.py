@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from pipeline.cache.build.augment import KnowledgeAugmentation
 from pipeline.cache.format.codecs import StatesCodec
 from pipeline.errors import ConfigError
 from pipeline.models.truncation import check_states_mass
@@ -16,6 +15,30 @@ ResponsesMode = Literal["none", "greedy", "sample"]
 ComputeDtype = Literal["float32", "bfloat16", "float16"]
 
 FIELDS = ("logits", "gates", "expert_states", "teacher_responses")
+
+
+@dataclass(frozen=True)
+class KnowledgeAugmentation:
+    """Knowledge augmentation (KA, Every Expert Matters: pipeline/cache/build/augment.py): R teacher forwards
+    with stochastic routing, averaged; hashed into the key unless plain (R = 1, p = 0)."""
+
+    repeats: int = 1  # R teacher forwards per sequence
+    sampling_prob: float = 0.0  # p: per token and layer, the chance of sampled instead of top-k routing
+
+    @property
+    def is_plain(self) -> bool:
+        return self.repeats == 1 and self.sampling_prob == 0.0
+
+    def problems(self) -> list[str]:
+        out = []
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
+            out.append(f"knowledge_augmentation.repeats={self.repeats!r} must be an integer >= 1")
+        if not 0.0 <= float(self.sampling_prob) <= 1.0:
+            out.append(f"knowledge_augmentation.sampling_prob={self.sampling_prob} must be in [0, 1]")
+        return out
+
+    def key_inputs(self) -> dict[str, Any]:
+        return {"repeats": int(self.repeats), "sampling_prob": float(self.sampling_prob)}
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,8 @@ import numpy as np
 import torch
 
 from pipeline import storage as cfs
-from pipeline.cache.build.teacher import decode_states
 from pipeline.cache.format import schema
-from pipeline.cache.format.codecs import GroupBasis, StatesCodec
+from pipeline.cache.format.codecs import GroupBasis, StatesCodec, decode_states
 from pipeline.cache.format.key import tokenizer_digest
 from pipeline.cache.format.manifest import read_manifest
 from pipeline.cache.format.shard import committed_shards, open_arrays, read_index
