@@ -266,12 +266,9 @@ def _report_sample_divergence(args: argparse.Namespace) -> list[Path]:
 
 
 def _report_storage(args: argparse.Namespace) -> list[Path]:
-    from pipeline.reports.storage import (
-        format_storage_report,
-        measure_store,
-        project_from_config,
-        write_storage_report,
-    )
+    from pipeline.reports.storage import format_storage_report, write_storage_report
+    from pipeline.reports.storage_measure import measure_store
+    from pipeline.reports.storage_projection import project_from_config
 
     if args.config and args.target:
         raise ConfigError("`report storage` takes a cache PATH or --config CONFIG, not both")

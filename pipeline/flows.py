@@ -30,7 +30,8 @@ from pipeline.finetune.stage import FinetuneResult, format_finetune_result, run_
 from pipeline.ray_session import connect
 from pipeline.reports.cost_quality import write_cost_quality
 from pipeline.reports.gates import write_gate_report
-from pipeline.reports.storage import format_storage_report, measure_store, write_storage_report
+from pipeline.reports.storage import format_storage_report, write_storage_report
+from pipeline.reports.storage_measure import measure_store
 from pipeline.sweep import load_sweep, plan_runs, sweep_results_dir, sweep_rows
 from pipeline.workspace import paths_for, warn_if_job_local
 

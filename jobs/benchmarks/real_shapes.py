@@ -40,7 +40,7 @@ from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.models.adapter import MoEAdapter
 from pipeline.models.truncation import mass_selection
 from pipeline.reports.fidelity import pair_fidelity
-from pipeline.reports.storage import project_from_config
+from pipeline.reports.storage_projection import project_from_config
 
 REPO = Path(__file__).resolve().parents[2]
 WIDTH = 4  # the student's experts: cache.width

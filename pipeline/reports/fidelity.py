@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.cache.format.side_files import has_fidelity_sample, read_fidelity_sample
+from pipeline.cache.read.reader import TeacherCache, open_cache
+from pipeline.cache.read.states import decode_sample
+from pipeline.data.collate import pad_batch
 from pipeline.distill.losses import mc_exploration_loss
+from pipeline.errors import CacheError, ConfigError
+from pipeline.placement import teacher_placement
+from pipeline.reports.storage import describe_states
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +98,6 @@ def states_fidelity(
     path: str, num_sequences: int = 16, teacher_path: str | None = None, source: str = "auto"
 ) -> FidelityReport:
     """Per-pair fidelity of the cache at `path` (see SOURCES; num_sequences: the teacher source only)."""
-    from pipeline.cache.format.side_files import has_fidelity_sample, read_fidelity_sample
-    from pipeline.cache.read.reader import open_cache
-    from pipeline.cache.read.states import decode_sample
-    from pipeline.errors import CacheError, ConfigError
-    from pipeline.reports.storage import describe_states
-
     if source not in SOURCES:
         raise ConfigError(f"states-fidelity source {source!r} is unknown. Fix: use one of {list(SOURCES)}.")
     cache = open_cache(path)
@@ -150,7 +151,7 @@ def fidelity_pairs(
     ]
 
 
-def _cached_examples(cache: Any, num_sequences: int) -> list[dict[str, Any]]:
+def _cached_examples(cache: TeacherCache, num_sequences: int) -> list[dict[str, Any]]:
     """A seeded choice of `num_sequences` cached sequences with what the reader returns for them."""
     shards = [s for s in cache.shards if s["num_rows"] > 0]
     examples: list[dict[str, Any]] = []
@@ -162,15 +163,13 @@ def _cached_examples(cache: Any, num_sequences: int) -> list[dict[str, Any]]:
 
 
 def rerun_teacher(
-    cache: Any, examples: list[dict[str, Any]], teacher_path: str | None = None
+    cache: TeacherCache, examples: list[dict[str, Any]], teacher_path: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact fp32 W-width (states [N, P, W, D], gates [N, P, W]) of `examples` (input_ids, response_mask,
     num_tokens: their first num_tokens distillation positions), one sequence per teacher forward."""
+    # why: the teacher code imports transformers, which the stored source (no teacher run) never needs
     from pipeline.cache.build.teacher import TeacherOutputSpec, input_device, load_teacher, teacher_targets
-    from pipeline.data.collate import pad_batch
-    from pipeline.errors import CacheError
     from pipeline.models.adapter import MoEAdapter
-    from pipeline.placement import teacher_placement
 
     teacher_path = teacher_path or cache.manifest.get("sources", {}).get("teacher_path")
     if not teacher_path:

@@ -175,7 +175,8 @@ def test_kept_mass_recorded_per_shard_matches_a_recount(built: dict[str, Any]) -
 
 def test_reports_name_the_truncation_and_its_error(built: dict[str, Any]) -> None:
     from pipeline.reports.fidelity import states_fidelity
-    from pipeline.reports.storage import format_storage_report, measure_store
+    from pipeline.reports.storage import format_storage_report
+    from pipeline.reports.storage_measure import measure_store
 
     text = format_storage_report(measure_store(built["path"]))
     assert "top 0.9 of group mass" in text and "router mass kept" in text
@@ -197,7 +198,7 @@ def test_config_hash_is_unchanged_at_one_and_m_is_validated() -> None:
 def test_the_storage_projection_names_m_and_keeps_the_bytes() -> None:
     from support.paths import CONFIGS
 
-    from pipeline.reports.storage import project_from_config
+    from pipeline.reports.storage_projection import project_from_config
 
     preset = CONFIGS / "qwen3-4b-moe-to-0.6b-moe.yaml"
     exact = project_from_config(load_config(preset))

@@ -22,15 +22,11 @@ from pipeline.evaluate.results import (
     write_results_csv,
     write_results_table,
 )
+from pipeline.models.dims import normalize_model_name
 from pipeline.reports.gates import format_gate_table, load_gate_metrics, write_gate_report
-from pipeline.reports.storage import (
-    GIB,
-    format_storage_report,
-    measure_store,
-    normalize_model_name,
-    project_from_config,
-    write_storage_report,
-)
+from pipeline.reports.storage import GIB, format_storage_report, write_storage_report
+from pipeline.reports.storage_measure import measure_store
+from pipeline.reports.storage_projection import project_from_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TEACHER = {"model_type": "qwen3_moe", "num_layers": 4, "num_experts": 8, "hidden_size": 16, "vocab_size": 300}

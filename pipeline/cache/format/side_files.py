@@ -189,5 +189,3 @@ def read_fidelity_sample(cache_url: str, manifest: dict[str, Any]) -> FidelitySa
         raise CacheError(f"teacher cache {cfs.redact(cache_url)}: {'; '.join(problems)}. {FIDELITY_FIX}")
     arrays = {rel.rsplit("/", 1)[-1][: -len(".npy")]: read_npy(cache_url, rel) for rel in record["files"]}
     return FidelitySample(arrays)
-
-
