@@ -60,6 +60,7 @@ from pipeline.cache.build.teacher import (
     load_teacher,
     tokenize_shard,
 )
+from pipeline.cache.format.shard import open_arrays
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.data.demo_dataset import generate_demo_records
 from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
@@ -173,8 +174,6 @@ def timed_build(
 def raw_bytes_per_token(path: str) -> dict[str, float]:
     """Uncompressed bytes per token of each stored array (dtype size x trailing shape)."""
     cache = open_cache(path)
-    from pipeline.cache.format.shard import open_arrays
-
     group = open_arrays(cache.shard_url(0))
     return {
         name: float(np.dtype(str(arr.dtype)).itemsize * np.prod(arr.shape[1:], dtype=np.int64))

@@ -45,6 +45,7 @@ from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.data.stage import load_tokenizer, prepare_data
 from pipeline.distill.methods import get_method
 from pipeline.distill.objective import distill_objective
+from pipeline.distill.stage import run_distill
 from pipeline.distill.student import DistillStudent
 from pipeline.models.adapter import MoEAdapter
 from pipeline.models.alignment import aggregate_expert_states, aggregate_gates, layer_pairs
@@ -253,8 +254,6 @@ class DataWait:
 
 
 def _ray_train_data_wait(config, cache_path: str, args) -> DataWait:
-    from pipeline.distill.stage import run_distill
-
     window = 5
     run = with_overrides(
         config,

@@ -455,7 +455,7 @@ def student_section(profile: Profile, device: torch.device) -> dict[str, Any]:
 
 # --- 4. the expert-state codecs -----------------------------------------------------------------------------
 def codecs_section(profile: Profile, device: torch.device) -> dict[str, Any]:
-    try:
+    try:  # why: a checkout without the cache code skips this section, not the whole run
         from pipeline.cache.format import codecs
     except ImportError as e:
         return {"skipped": f"pipeline.cache.format.codecs is not importable ({e})"}
