@@ -25,7 +25,7 @@ r = D: the basis is then complete).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +33,6 @@ from torch import Tensor
 
 from pipeline.models.alignment import aggregate_expert_states, check_reaggregation, expert_mapping
 
-RowCodec = Literal["float16", "bfloat16", "fp8", "int8"]
 ROW_CODECS: tuple[str, ...] = ("float16", "bfloat16", "fp8", "int8")
 SCALED_CODECS: tuple[str, ...] = ("fp8", "int8")
 SCALE_DTYPE = np.float16

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +30,6 @@ from pipeline.cache.format.side_files import BASIS_FILES, FidelitySample, read_b
 from pipeline.errors import CacheError
 from pipeline.models.alignment import aggregate_expert_states
 
-StatesSpace = Literal["full", "subspace"]
 STATES_SPACES = ("full", "subspace")
 
 _BASES: dict[tuple[str, str], StateBasis] = {}  # (cache path, u sha256) -> basis: once per process
