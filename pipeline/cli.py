@@ -20,10 +20,10 @@ import yaml
 from pipeline.config import Config, load_config
 from pipeline.console import configure as configure_console
 from pipeline.console import log_traceback
-from pipeline.errors import ConfigError, DataError, MoeDistillError
+from pipeline.errors import ConfigError, DataError, MoeDistillError, root_cause
 from pipeline.network import hub_load_kwargs
-from pipeline.placement import config_output_paths, warn_if_job_local, warn_job_local_paths
 from pipeline.ray_session import connect
+from pipeline.workspace import config_output_paths, warn_if_job_local, warn_job_local_paths
 
 if TYPE_CHECKING:  # the evaluation stage imports Ray Data and torch
     from pipeline.evaluate.stage import EvalResults
@@ -67,7 +67,7 @@ def check_data(config: Config) -> None:
         hub_load_kwargs(config.tokenizer.path, "tokenizer.path")
     prepared = prepare_data(config)
     from pipeline.data.stage import load_tokenizer  # why here: as above
-    from pipeline.data.tokenize import check_some_record_fits
+    from pipeline.data.tokenize import check_some_record_fits  # why here: as above
 
     tokenizer = load_tokenizer(prepared.tokenizer_path)
     check_some_record_fits(tokenizer, prepared.splits.train, config.data.max_length, "training split")
@@ -84,6 +84,7 @@ def _parse_override(text: str) -> tuple[str, object]:
 def cmd_finetune_teacher(args: argparse.Namespace) -> None:
     config = load_cli_config(args)
     check_data(config)  # before the stage's torch import: a bad input fails in seconds
+    # why: each command imports only its own stage, after the input checks (`--help` stays fast)
     from pipeline.finetune.stage import format_finetune_result, run_finetune
 
     connect(output_dir=config.out)
@@ -99,6 +100,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
             )
         config = load_cli_config(args)
         check_data(config)  # before the stage's torch import: a bad input fails in seconds
+        # why: each command imports only its own stage, after the input checks (`--help` stays fast)
         from pipeline.cache.stage import format_cache_info, run_cache, teacher_checkpoint, teacher_dims
 
         # no fine-tuned teacher, or one the adapter cannot read: the error before Ray starts
@@ -107,6 +109,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
         print(format_cache_info(run_cache(config)))
         return
     if args.action == "repair":
+        # why: repair builds (torch, Ray); verify and ls below need neither
         from pipeline.cache.repair import format_repair_result, repair_cache
 
         if not args.config:
@@ -124,7 +127,9 @@ def cmd_cache(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"`moedistill cache {args.action}` needs {what}. Fix: `moedistill cache {args.action} PATH`."
         )
-    from pipeline.cache.verify import format_cache_list, format_verify_report, list_caches, verify_cache
+    # why: only `cache verify|ls` load the cache format (torch, pyarrow)
+    from pipeline.cache.integrity.verify import format_verify_report, verify_cache
+    from pipeline.cache.read.listing import format_cache_list, list_caches
 
     if args.action == "verify":
         report = verify_cache(args.target)
@@ -136,11 +141,13 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
+    # why: only the commands that check a method or read sweep files import pipeline.sweep
     from pipeline.sweep import check_method
 
     config = load_cli_config(args)
     check_method(config, where="distill.method")  # before Ray starts
     check_data(config)  # before the stage's torch import: a bad input fails in seconds
+    # why: each command imports only its own stage, after the input checks (`--help` stays fast)
     from pipeline.distill.stage import format_distill_result, run_distill
     from pipeline.models.stage import check_student_readable
 
@@ -155,6 +162,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def evaluate_models(config: Config, model_specs: list[str] | None) -> EvalResults:
     """`moedistill evaluate`: `--model NAME=PATH` specs (default: the teacher and every finished student)."""
+    # why: each command imports only its own stage, after the input checks (`--help` stays fast)
     from pipeline.evaluate.stage import check_models, default_models, parse_model_args, run_evaluate
 
     models = parse_model_args(model_specs) if model_specs else default_models(config)
@@ -169,12 +177,14 @@ def evaluate_models(config: Config, model_specs: list[str] | None) -> EvalResult
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
+    # why: the flows import every stage; only `ablate` and `demo` run them
     from pipeline.flows import run_ablate
 
     run_ablate(args.config)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    # why: as in cmd_ablate
     from pipeline.flows import STAGES, run_demo
 
     config = load_cli_config(args)
@@ -194,6 +204,7 @@ def cmd_report(args: argparse.Namespace) -> list[Path]:
 
 
 def _report_states_fidelity(args: argparse.Namespace) -> list[Path]:
+    # why: each report loads only for its own `report KIND`
     from pipeline.reports.fidelity import format_fidelity, states_fidelity, write_fidelity
 
     fidelity = states_fidelity(args.target, args.sequences or 16, args.teacher, args.source)
@@ -213,6 +224,7 @@ def _report_teacher_labels(args: argparse.Namespace) -> list[Path]:
 
 
 def _report_terms(args: argparse.Namespace) -> list[Path]:
+    # why: each report loads only for its own `report KIND`
     from pipeline.reports.terms import write_terms_report
 
     md, png = write_terms_report(args.target, args.out)
@@ -221,6 +233,7 @@ def _report_terms(args: argparse.Namespace) -> list[Path]:
 
 
 def _report_gates(args: argparse.Namespace) -> list[Path]:
+    # why: each report loads only for its own `report KIND`
     from pipeline.reports.gates import format_gate_table, write_gate_report
 
     loads, md, png = write_gate_report(args.target, args.out)
@@ -230,6 +243,7 @@ def _report_gates(args: argparse.Namespace) -> list[Path]:
 
 
 def _report_results(args: argparse.Namespace) -> list[Path]:
+    # why: each report loads only for its own `report KIND`
     from pipeline.evaluate.results import collect_results, format_results_markdown, write_results_table
 
     target = Path(args.target)
@@ -243,6 +257,7 @@ def _report_results(args: argparse.Namespace) -> list[Path]:
 
 def _sweep_results(sweep_file: Path) -> Path:
     """A sweep YAML -> the results.csv `moedistill ablate` wrote for it (<output_dir>/sweeps/<name>/)."""
+    # why: as in cmd_distill
     from pipeline.sweep import load_sweep, sweep_results_dir
 
     sweep = load_sweep(sweep_file)
@@ -257,6 +272,7 @@ def _sweep_results(sweep_file: Path) -> Path:
 
 def _report_sample_divergence(args: argparse.Namespace) -> list[Path]:
     """The sweep's base config gives the validation data; its results.csv the models (teacher included)."""
+    # why: as in _sweep_results
     from pipeline.sweep import load_sweep
 
     target = Path(args.target)
@@ -268,6 +284,7 @@ def _report_sample_divergence(args: argparse.Namespace) -> list[Path]:
     sweep = load_sweep(target)
     results_csv = _sweep_results(target)
     config = load_config(sweep.base, sweep.overrides)
+    # why: each report loads only for its own `report KIND`
     from pipeline.reports.sample_divergence import run_sample_divergence
 
     out = Path(args.out) if args.out else None
@@ -275,12 +292,10 @@ def _report_sample_divergence(args: argparse.Namespace) -> list[Path]:
 
 
 def _report_storage(args: argparse.Namespace) -> list[Path]:
-    from pipeline.reports.storage import (
-        format_storage_report,
-        measure_store,
-        project_from_config,
-        write_storage_report,
-    )
+    # why: each report loads only for its own `report KIND`
+    from pipeline.reports.storage import format_storage_report, write_storage_report
+    from pipeline.reports.storage_measure import measure_store
+    from pipeline.reports.storage_projection import project_from_config
 
     if args.config and args.target:
         raise ConfigError("`report storage` takes a cache PATH or --config CONFIG, not both")
@@ -451,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_console(args.command, verbose=args.verbose)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    # why: fsspec (behind pipeline.storage) doubles the import time of `moedistill --help`
     from pipeline.storage import RedactingFilter, redact, register_secrets
 
     register_secrets(*(argv if argv is not None else sys.argv[1:]))  # URL credentials on the command line
@@ -482,7 +498,7 @@ def _print_unexpected(exc: BaseException, debug: bool) -> int:
     anything else keeps its traceback, redacted, so a bug stays reportable."""
     import traceback
 
-    from pipeline.storage import redact
+    from pipeline.storage import redact  # why: as in main()
 
     storage = _storage_error(exc)
     if storage is not None and not debug:
@@ -516,9 +532,8 @@ def _from_ray(exc: BaseException) -> bool:
 def _print_ray_failure(exc: BaseException) -> int:
     """One screen for an exception that escaped a Ray task: the user's own error when one is inside, else
     the remote root cause."""
-    from pipeline.cache.build import root_cause
-    from pipeline.storage import redact
-    from pipeline.training.runner import find_user_error
+    from pipeline.storage import redact  # why: as in main()
+    from pipeline.training.runner import find_user_error  # why: Ray Train, only after a Ray task failed
 
     user_error = find_user_error(exc)
     where = _where_traceback(exc)
@@ -537,7 +552,7 @@ def _where_traceback(exc: BaseException) -> str:
     """Where the user finds the traceback: written (redacted) to the run log when there is one."""
     import traceback
 
-    from pipeline.storage import redact
+    from pipeline.storage import redact  # why: as in main()
 
     path = log_traceback(redact("".join(traceback.format_exception(exc))))
     shown = "`moedistill --debug ...` shows it here"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache.spec import CacheInfo
+from pipeline.cache.format.spec import CacheInfo
 from pipeline.cache.stage import format_cache_info, run_cache
 from pipeline.config import Config, teacher_cache_hash, with_overrides
 from pipeline.data.stage import prepare_data
@@ -27,13 +27,13 @@ from pipeline.evaluate.results import rows_of_runs, write_results_csv, write_res
 from pipeline.evaluate.stage import EvalResults, run_evaluate
 from pipeline.evaluate.stats import seed_table_markdown, values_by_seed
 from pipeline.finetune.stage import FinetuneResult, format_finetune_result, run_finetune
-from pipeline.placement import warn_if_job_local
 from pipeline.ray_session import connect
 from pipeline.reports.cost_quality import write_cost_quality
 from pipeline.reports.gates import write_gate_report
-from pipeline.reports.storage import format_storage_report, measure_store, write_storage_report
+from pipeline.reports.storage import format_storage_report, write_storage_report
+from pipeline.reports.storage_measure import measure_store
 from pipeline.sweep import load_sweep, plan_runs, sweep_results_dir, sweep_rows
-from pipeline.workspace import paths_for
+from pipeline.workspace import paths_for, warn_if_job_local
 
 DEMO_METHODS = ("sft", "kd", "b-distill", "b-distill-stable")
 STAGES = ("finetune", "cache", "distill", "evaluate", "report")

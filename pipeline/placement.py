@@ -13,8 +13,6 @@ the one-off tasks placed like them, and checks them before anything is scheduled
   resource that a running node offers, or one the cluster's autoscaler can start a node for (cluster.yaml's
   GPU groups scale to zero, so their resources are absent until a stage asks for them); anything else is a
   clear error instead of a job that waits forever for a node that never comes.
-* Under `ray job submit` a relative `output_dir` / `cache.root` resolves inside the job's temporary working
-  directory, where outputs are lost: `warn_if_job_local` says so, naming the fix.
 """
 
 from __future__ import annotations
@@ -39,9 +37,6 @@ AUTOSCALED_RESOURCES_ENV = "MOEDISTILL_AUTOSCALED_RESOURCES"
 # `ray up` writes the cluster config here on the head, where job drivers run, and starts Ray with
 # `--autoscaling-config=~/ray_bootstrap_config.yaml` (ray/autoscaler/_private/commands.py).
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
-# Set by Ray's job supervisor for every `ray job submit` entrypoint (ray/dashboard/modules/job/
-# job_supervisor.py); RAY_JOB_ID is stripped from the entrypoint's environment since ray 2.40.
-RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 # --- custom resources ---------------------------------------------------------------------------------------
@@ -189,81 +184,6 @@ def check_placement(
             flush=True,
         )
     return check
-
-
-# --- outputs under `ray job submit` -------------------------------------------------------------------------
-def ray_job_working_dir(
-    environ: Mapping[str, str] | None = None, cwd: str | Path | None = None
-) -> Path | None:
-    """The working directory of the `ray job submit` entrypoint this process is, or None outside a job.
-
-    With `--working-dir`, Ray unpacks the upload into a per-job temporary directory
-    (<session>/runtime_resources/working_dir_files/_ray_pkg_<hash>) and starts the entrypoint there.
-    """
-    env = os.environ if environ is None else environ
-    if not env.get(RAY_JOB_ENV):
-        return None
-    return Path(cwd if cwd is not None else os.getcwd()).resolve()
-
-
-def job_local_paths(
-    paths: Mapping[str, str | None], environ: Mapping[str, str] | None = None, cwd: str | Path | None = None
-) -> dict[str, Path]:
-    """The output paths ({label: path}) that resolve inside the Ray job's working directory."""
-    workdir = ray_job_working_dir(environ, cwd)
-    if workdir is None:
-        return {}
-    local: dict[str, Path] = {}
-    for label, value in paths.items():
-        if not value or "://" in value:
-            continue
-        path = Path(value).expanduser()
-        resolved = (path if path.is_absolute() else workdir / path).resolve()
-        if resolved == workdir or workdir in resolved.parents:
-            local[label] = resolved
-    return local
-
-
-def format_job_local_warning(label: str, path: Path, workdir: Path | None) -> str:
-    shared = "an absolute path on storage every node shares"
-    fix = {
-        "output_dir": f"{shared} (output_dir: /mnt/shared/runs/<name>, the EFS mount of cluster.yaml), e.g. "
-        "with --set output_dir=...",
-        "cache.root": f"an s3:// URL or {shared} (cache.root: s3://<bucket>/caches), e.g. with --set "
-        "cache.root=...",
-    }.get(label, f"{shared} (e.g. --out /mnt/shared/reports)")
-    return (
-        f"moedistill: warning: {label} resolves to {path}, inside this Ray job's working directory "
-        f"{workdir}: Ray unpacks --working-dir into a temporary per-job directory, so what is written "
-        f"there is not on other nodes and is lost when Ray cleans it up. Fix: set {label} to {fix} "
-        "(docs/cluster.md)."
-    )
-
-
-def warn_job_local_paths(
-    paths: Mapping[str, str | None], environ: Mapping[str, str] | None = None, cwd: str | Path | None = None
-) -> list[str]:
-    """Print (stderr) and return one warning per output path inside the Ray job's working directory."""
-    import sys
-
-    workdir = ray_job_working_dir(environ, cwd)
-    warnings = [
-        format_job_local_warning(label, path, workdir)
-        for label, path in job_local_paths(paths, environ, cwd).items()
-    ]
-    for line in warnings:
-        print(line, file=sys.stderr, flush=True)
-    return warnings
-
-
-def config_output_paths(config: Any) -> dict[str, str]:
-    """What a stage of `config` writes (pipeline.config.Config): output_dir and cache.root."""
-    return {"output_dir": str(config.out), "cache.root": config.cache.root}
-
-
-def warn_if_job_local(config: Any) -> list[str]:
-    """What every stage calls once it has its config: a no-op outside `ray job submit`."""
-    return warn_job_local_paths(config_output_paths(config))
 
 
 # --- training workers and tasks placed like them ----------------------------------------------------------

@@ -1,5 +1,6 @@
 """Filesystem access for every stage's outputs (cache stores, run directories, locks): local paths and any
-fsspec URL (s3://, gs://, memory://, ...), and the redaction of URL credentials in everything printed."""
+fsspec URL (s3://, gs://, memory://, ...), the redaction of URL credentials in everything printed, and byte
+counts as people read them (`human_bytes`)."""
 
 from __future__ import annotations
 
@@ -156,3 +157,12 @@ def list_files(local_dir: str) -> list[str]:
         for name in files:
             out.append(os.path.relpath(os.path.join(root, name), local_dir).replace(os.sep, "/"))
     return sorted(out)
+
+
+def human_bytes(n: float) -> str:
+    """'512 B', '1.5 MB', '2.0 PB': decimal units, as `cache ls|verify` and the storage report print sizes."""
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"

@@ -23,8 +23,8 @@ tokenizer; cached layers = the pairs of a 2-layer student) in a temp dir, then m
   3. peak memory (RSS of the driver and all its Ray processes, and of the largest one) at N and 4N records:
      a streaming stage should stay flat.
 
---num-gpus G places every teacher as the cache stage does (pipeline.cache.teacher.teacher_placement): 0 = CPU,
-<= 1 = one GPU, > 1 = one teacher split over G GPUs with device_map="auto".
+--num-gpus G places every teacher as the cache stage does (pipeline.cache.build.teacher, teacher_placement):
+0 = CPU, <= 1 = one GPU, > 1 = one teacher split over G GPUs with device_map="auto".
 
 Absolute numbers are only meaningful on the target hardware; the ratios are the result.
 """
@@ -53,13 +53,14 @@ from pipeline.cache import (
     bytes_per_token_by_field,
     open_cache,
 )
-from pipeline.cache.teacher import (
+from pipeline.cache.build.teacher import (
     TeacherOutputSpec,
     compute_shard,
     input_device,
     load_teacher,
     tokenize_shard,
 )
+from pipeline.cache.format.shard import open_arrays
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.data.demo_dataset import generate_demo_records
 from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer
@@ -173,8 +174,6 @@ def timed_build(
 def raw_bytes_per_token(path: str) -> dict[str, float]:
     """Uncompressed bytes per token of each stored array (dtype size x trailing shape)."""
     cache = open_cache(path)
-    from pipeline.cache.shard import open_arrays
-
     group = open_arrays(cache.shard_url(0))
     return {
         name: float(np.dtype(str(arr.dtype)).itemsize * np.prod(arr.shape[1:], dtype=np.int64))

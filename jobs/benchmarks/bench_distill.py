@@ -37,14 +37,15 @@ import torch
 from measure import Trials, interleaved
 
 from pipeline.cache import CacheRuntime, build_teacher_cache, open_cache
-from pipeline.cache.integrity import files_for_fields, forget_verified
-from pipeline.cache.sparsify import topk_sparsify
+from pipeline.cache.build.sparsify import topk_sparsify
+from pipeline.cache.integrity.checks import files_for_fields, forget_verified
 from pipeline.cache.stage import cache_spec_from_config
 from pipeline.config import DistillConfig, load_config, with_overrides
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.data.stage import load_tokenizer, prepare_data
 from pipeline.distill.methods import get_method
 from pipeline.distill.objective import distill_objective
+from pipeline.distill.stage import run_distill
 from pipeline.distill.student import DistillStudent
 from pipeline.models.adapter import MoEAdapter
 from pipeline.models.alignment import aggregate_expert_states, aggregate_gates, layer_pairs
@@ -253,8 +254,6 @@ class DataWait:
 
 
 def _ray_train_data_wait(config, cache_path: str, args) -> DataWait:
-    from pipeline.distill.stage import run_distill
-
     window = 5
     run = with_overrides(
         config,

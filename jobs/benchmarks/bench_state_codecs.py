@@ -19,10 +19,11 @@ every figure below is measured on the held-out half. Per codec x rank x token fr
   shard x      compute_shard time (teacher forward + everything the cache stage does but the write; best of
                3) relative to the float16 build: the steady state, basis fitting excluded
 
-Then the basis fit of the timed low-rank codec (what pipeline/cache/basis.py does before the first shard: a
-teacher pass over the basis sample, the streaming Gram matrix, eigh), timed on the basis half, and the whole
-cache stage's time relative to the float16 build with that fit included, for builds of several sizes with
-the default 65,536-token sample (fewer when the build has fewer tokens: then the sample is the whole build).
+Then the basis fit of the timed low-rank codec (what pipeline/cache/build/basis.py does before the first
+shard: a teacher pass over the basis sample, the streaming Gram matrix, eigh), timed on the basis half, and
+the whole cache stage's time relative to the float16 build with that fit included, for builds of several sizes
+with the default 65,536-token sample (fewer when the build has fewer tokens: then the sample is the whole
+build).
 """
 
 from __future__ import annotations
@@ -40,7 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from bench_cache import DEMO_TEACHER, MICRO_BATCH, ROWS_PER_SHARD, make_assets, shard_batches
 
-from pipeline.cache.codecs import (
+from pipeline.cache.build.teacher import (
+    TeacherOutputSpec,
+    TeacherShardStage,
+    compute_shard,
+    input_device,
+    teacher_targets,
+)
+from pipeline.cache.format.codecs import (
     ROW_CODECS,
     BasisAccumulator,
     StatesCodec,
@@ -49,13 +57,6 @@ from pipeline.cache.codecs import (
     fit_basis,
     group_basis,
     keep_rows,
-)
-from pipeline.cache.teacher import (
-    TeacherOutputSpec,
-    TeacherShardStage,
-    compute_shard,
-    input_device,
-    teacher_targets,
 )
 from pipeline.data.collate import pad_batch
 from pipeline.reports.fidelity import fixed_student, mc_loss_and_grad

@@ -15,7 +15,7 @@ Writes `summary.json` (everything) and `summary.md` (the tables) into --out:
 3. student: a Qwen3-0.6B-MoE-shaped student (hidden 1024, 28 layers, 4 experts top-2) doing one training step
    as a GPU worker does (fp32 weights, bf16 autocast, AdamW, clipping) on synthetic cached targets shaped like
    the cache's (28 pairs with a 36-layer teacher, W = 4, D = 2560, top-64): SFT vs KD vs B-Distill.
-4. codecs: encode / decode throughput of pipeline.cache.codecs' row codecs on cache-sized expert states
+4. codecs: encode / decode throughput of pipeline.cache.format.codecs' row codecs on cache-sized expert states
    (skipped when that module is absent).
 
 Needs torch, transformers, numpy and pytest only (no Ray, zarr or datasets). A section that fails is recorded
@@ -48,7 +48,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from pipeline.cache.teacher import TeacherOutputSpec, compute_shard
+from pipeline.cache.build.teacher import TeacherOutputSpec, compute_shard
 from pipeline.config import DistillConfig, TrainConfig
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.distill.methods import get_method
@@ -455,10 +455,10 @@ def student_section(profile: Profile, device: torch.device) -> dict[str, Any]:
 
 # --- 4. the expert-state codecs -----------------------------------------------------------------------------
 def codecs_section(profile: Profile, device: torch.device) -> dict[str, Any]:
-    try:
-        from pipeline.cache import codecs
+    try:  # why: a checkout without the cache code skips this section, not the whole run
+        from pipeline.cache.format import codecs
     except ImportError as e:
-        return {"skipped": f"pipeline.cache.codecs is not importable ({e})"}
+        return {"skipped": f"pipeline.cache.format.codecs is not importable ({e})"}
     pairs = len(layer_pairs(profile.teacher.num_layers, profile.student.num_layers))
     shape = (profile.codec_tokens, pairs, profile.student.num_experts, profile.teacher.hidden_size)
     states = 0.1 * torch.randn(shape, device=device, generator=torch.Generator(device=device).manual_seed(0))
@@ -581,7 +581,7 @@ def markdown(s: dict[str, Any]) -> str:
             )
         lines.append("")
     c = s["codecs"]
-    lines += ["## Expert-state codecs (pipeline.cache.codecs)", ""]
+    lines += ["## Expert-state codecs (pipeline.cache.format.codecs)", ""]
     if "error" in c or "skipped" in c:
         lines += [c.get("error") or c["skipped"], ""]
     else:

@@ -31,16 +31,16 @@ import torch
 from measure import interleaved
 from transformers import AutoModelForCausalLM, OlmoeConfig, PretrainedConfig, Qwen3MoeConfig
 
-from pipeline.cache.codecs import StatesCodec
-from pipeline.cache.shard import ShardMeta, write_shard_files
-from pipeline.cache.teacher import KEPT_MASS, TeacherOutputSpec, compute_shard, teacher_targets
-from pipeline.cache.verify import bytes_by_field
+from pipeline.cache.build.teacher import KEPT_MASS, TeacherOutputSpec, compute_shard, teacher_targets
+from pipeline.cache.format.codecs import StatesCodec
+from pipeline.cache.format.shard import ShardMeta, write_shard_files
+from pipeline.cache.read.listing import bytes_by_field
 from pipeline.config import load_config, with_overrides
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.models.adapter import MoEAdapter
 from pipeline.models.truncation import mass_selection
 from pipeline.reports.fidelity import pair_fidelity
-from pipeline.reports.storage import project_from_config
+from pipeline.reports.storage_projection import project_from_config
 
 REPO = Path(__file__).resolve().parents[2]
 WIDTH = 4  # the student's experts: cache.width

@@ -1,8 +1,11 @@
 """The teacher cache: a Ray Data stage runs the teacher once and stores what distillation needs.
 
-Modules: spec (CacheSpec/CacheRuntime), key (content-addressed key), schema (the on-disk contract in
-storage_schemas/), shard (shard files), teacher (tokenise + teacher forward per shard), sink (Ray Datasink),
-build (the pipeline), manifest, reader (TeacherCache, Ray Dataset), verify (verify / ls / storage accounting).
+Sub-rooms, lowest first (each imports only those below it; `lint-imports` holds them to it):
+  format/     the on-disk contract: spec and key, schema (storage_schemas/), manifest, shards, codecs
+  integrity/  is a store what its manifest says: the checks every read and build runs, and `cache verify`
+  build/ | read/  building a cache (the teacher forward, the Ray Data pipeline and sink) | reading one
+              (TeacherCache, the Ray Dataset); neither imports the other
+  stage.py    stage 1 from a config (run_cache, the by-config pointers); repair.py: `moedistill cache repair`
 """
 
 from typing import Any
@@ -10,23 +13,23 @@ from typing import Any
 # Lazy exports: Ray tasks unpickle functions from pipeline.cache.* submodules; an eager package import would
 # pull torch + transformers (seconds per worker process) into write tasks that never need them.
 _EXPORTS = {
-    "build_teacher_cache": "build",
-    "cache_path_for": "build",
-    "TeacherCache": "reader",
-    "open_cache": "reader",
-    "read_cache_dataset": "reader",
-    "FIELDS": "spec",
-    "CacheInfo": "spec",
-    "CacheRuntime": "spec",
-    "CacheSpec": "spec",
-    "CacheSummary": "verify",
-    "VerifyReport": "verify",
-    "bytes_by_field": "verify",
-    "bytes_per_token_by_field": "verify",
-    "format_cache_list": "verify",
-    "format_verify_report": "verify",
-    "list_caches": "verify",
-    "verify_cache": "verify",
+    "build_teacher_cache": "build.builder",
+    "cache_path_for": "build.builder",
+    "TeacherCache": "read.reader",
+    "open_cache": "read.reader",
+    "read_cache_dataset": "read.reader",
+    "FIELDS": "format.spec",
+    "CacheInfo": "format.spec",
+    "CacheRuntime": "format.spec",
+    "CacheSpec": "format.spec",
+    "CacheSummary": "read.listing",
+    "VerifyReport": "integrity.verify",
+    "bytes_by_field": "read.listing",
+    "bytes_per_token_by_field": "read.listing",
+    "format_cache_list": "read.listing",
+    "format_verify_report": "integrity.verify",
+    "list_caches": "read.listing",
+    "verify_cache": "integrity.verify",
 }
 __all__ = sorted(_EXPORTS)
 

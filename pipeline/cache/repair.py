@@ -16,31 +16,31 @@ import logging
 from dataclasses import dataclass, field
 
 from pipeline import storage as cfs
-from pipeline.cache.basis import restore_state_basis
-from pipeline.cache.build import (
+from pipeline.cache.build.basis import restore_state_basis
+from pipeline.cache.build.builder import (
     build_teacher_cache,
     cache_path_for,
     layout_settings,
     manifest_sources,
 )
-from pipeline.cache.fidelity import fidelity_problems
-from pipeline.cache.integrity import uncommit_shards, uncommitted_shard_dirs
-from pipeline.cache.manifest import (
+from pipeline.cache.format.manifest import (
     infer_rows_per_shard,
     new_manifest,
     read_manifest,
     reopen_manifest,
     write_manifest,
 )
-from pipeline.cache.shard import committed_shards
-from pipeline.cache.spec import CacheInfo
+from pipeline.cache.format.shard import committed_shards
+from pipeline.cache.format.side_files import fidelity_problems
+from pipeline.cache.format.spec import CacheInfo
+from pipeline.cache.integrity.checks import uncommit_shards, uncommitted_shard_dirs
+from pipeline.cache.integrity.verify import VerifyReport, format_verify_report, verify_cache
 from pipeline.cache.stage import (
     cache_runtime_from_config,
     cache_spec_from_config,
     remember_cache,
     teacher_checkpoint,
 )
-from pipeline.cache.verify import VerifyReport, format_verify_report, verify_cache
 from pipeline.config import Config
 from pipeline.data.stage import prepare_data
 from pipeline.errors import CacheError

@@ -11,9 +11,8 @@ import json
 import logging
 
 from pipeline import storage as cfs
-from pipeline.cache.augment import KnowledgeAugmentation
-from pipeline.cache.build import build_teacher_cache, teacher_dims
-from pipeline.cache.spec import CacheInfo, CacheRuntime, CacheSpec
+from pipeline.cache.build.builder import build_teacher_cache, teacher_dims
+from pipeline.cache.format.spec import CacheInfo, CacheRuntime, CacheSpec, KnowledgeAugmentation
 from pipeline.config import Config, ModelConfig, teacher_cache_hash, teacher_fields
 from pipeline.data.stage import load_tokenizer, prepare_data
 from pipeline.data.template import TEMPLATE_SPEC

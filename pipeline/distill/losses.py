@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.cache.codecs import subspace_sq_distance
+from pipeline.cache.format.codecs import subspace_sq_distance
 from pipeline.distill.token_losses import (
     TOKEN_LOSSES,
     ab_divergence,

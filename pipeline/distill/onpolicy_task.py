@@ -29,8 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.cache.sparsify import topk_sparsify
-from pipeline.cache.teacher import to_storage
+from pipeline.cache.build.sparsify import topk_sparsify
+from pipeline.cache.build.teacher import to_storage
 from pipeline.config import Config
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.distill import onpolicy

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache.reader import TeacherCache, open_cache, read_cache_dataset
+from pipeline.cache.read.reader import TeacherCache, open_cache, read_cache_dataset
 from pipeline.cache.stage import cache_spec_from_config, locate_cache, teacher_checkpoint
 from pipeline.config import Config, ModelConfig, model_settings, train_settings
 from pipeline.data.stage import PreparedData, load_tokenizer, prepare_data

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.cache.read.reader import open_cache
 from pipeline.config import Config
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.data.stage import load_tokenizer
@@ -111,8 +112,6 @@ class DistillTask:
                     "distill.mc_state_space: subspace needs the cache's state basis, but this task was "
                     "built without cache_path. Fix: pass cache_path=... to DistillTask (run_distill does)."
                 )
-            from pipeline.cache.reader import open_cache  # zarr only where a subspace run needs it
-
             cache = open_cache(self.cache_path)
             self._basis = cache.group_basis(int(coeffs.shape[2]), [t for _, t in self.pairs]).v
         if self._basis.device != coeffs.device:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 # The sparsifiers produce the targets these losses read; they live with the cache that stores them and are
 # re-exported here because outside code imports them from this module.
-from pipeline.cache.sparsify import NEG_INF, sample_sparsify, topk_sparsify
+from pipeline.cache.build.sparsify import NEG_INF, sample_sparsify, topk_sparsify
 
 #: Floor for teacher log-probs in losses that divide by the teacher (reverse KL, AB with alpha = 0): a
 #: teacher bin of exactly zero mass (sampled mode's tail, fp16 underflow) would make them infinite. exp(-23)

@@ -1,6 +1,9 @@
-"""Stage 3: generate responses for every (test example x sampling seed) with a Ray Data actor pool per model
-and score them with Rouge-L; the same actors score every item of the multiple-choice sets
-(`evaluate.multiple_choice`: each option's log-likelihood, pipeline.evaluate.multiple_choice) for accuracy.
+"""Stage 3: generate responses for every (model x test example x sampling seed) with one Ray Data actor pool
+for all models, the actors scoring them with Rouge-L (pipeline/evaluate/actor.py); the same actors score
+every item of the multiple-choice sets (`evaluate.multiple_choice`: each option's log-likelihood,
+pipeline.evaluate.multiple_choice) for accuracy. The test sets a config evaluates on come from
+pipeline/evaluate/test_sets.py; which run a row describes, and when an earlier evaluation is reused, from
+pipeline/evaluate/provenance.py.
 
     rows = (model, generation unit: up to batch_size test examples of one seed, or one multiple-choice item)
         --ray.data.from_items-->  map_batches(GeneratorActor, ActorPoolStrategy(size=num_actors), num_gpus,
@@ -19,45 +22,45 @@ Outputs under runs/<name>/eval/:
   <model>/predictions.jsonl  one line per (test set, example, seed): prompt, references, prediction, rouge_l,
                              and with an answer key: task, answer (as read from the prediction), correct
   <model>/multiple_choice.jsonl  one line per (multiple-choice set, item): options' log-likelihoods, picks
-  <model>/results.csv|md     that model's rows; <model>/protocol.json (written last) makes a rerun with the
-                             same checkpoint, protocol and test sets reuse them instead of regenerating
+  <model>/results.csv|md     that model's rows; <model>/protocol.json (written last, provenance.py) makes a
+                             rerun with the same checkpoint, protocol and test sets reuse them instead of
+                             regenerating
   results.csv|md|png         the models of this call, plus earlier evaluated models under eval/ whose results
                              used the same protocol and test sets (CSV schema: pipeline/evaluate/results.py)
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, stable_hash
-from pipeline.data.demo_eval_sets import demo_answer_keys
-from pipeline.data.stage import PreparedData, prepare_data
-from pipeline.errors import ConfigError, DataError, ModelError
+from pipeline.data.stage import prepare_data
+from pipeline.errors import ConfigError, ModelError
+from pipeline.evaluate.actor import GeneratorActor
 from pipeline.evaluate.correctness import Scored, correctness_columns, score_response
-from pipeline.evaluate.multiple_choice import (
-    DEMO_SET,
-    ItemScore,
-    MCItem,
-    PromptStyle,
-    accuracy,
-    load_mc_items,
+from pipeline.evaluate.multiple_choice import ItemScore, accuracy
+from pipeline.evaluate.provenance import (
+    PROTOCOL_FILE,
+    checkpoint_identity,
+    describe_checkpoint,
+    earlier_results,
+    evaluation_protocol,
+    reusable_results,
+    write_protocol,
 )
 from pipeline.evaluate.results import format_results_markdown, write_results_csv, write_results_table
-from pipeline.evaluate.test_sets import EvalSet, demo_test_sets, examples_from_records, load_test_set
+from pipeline.evaluate.test_sets import EvalSet, MCSet, load_multiple_choice_sets, load_test_sets
 from pipeline.locks import run_lock
-from pipeline.models.dims import read_dims
 from pipeline.models.export import EXPORT_MARKER
 from pipeline.models.weights_files import check_weight_files
 from pipeline.placement import check_placement, evaluation_actor_options
-from pipeline.run_identity import SETTINGS_FILE
 from pipeline.workspace import paths_for
 
 log = logging.getLogger(__name__)
@@ -66,7 +69,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalResults:
     out_dir: Path
-    # pipeline.reports.results schema, one per (model, test set): this call's models, then earlier ones
+    # pipeline.evaluate.results schema, one per (model, test set): this call's models, then earlier ones
     # evaluated under the same protocol and test sets
     rows: list[dict[str, Any]]
     seed_scores: dict[tuple[str, str], list[float]]  # this call's (model, test set) -> per-seed means (%)
@@ -152,74 +155,6 @@ def check_models(config: Config, models: dict[str, str]) -> dict[str, str]:
     return models
 
 
-# --- test sets ---------------------------------------------------------------------------------------------
-def held_out_name(config: Config) -> str:
-    src = config.data.source
-    stem = (
-        "demo"
-        if src == "demo"
-        else (Path(src).stem if Path(src).suffix else src.rstrip("/").rsplit("/", 1)[-1])
-    )
-    return f"{stem}-test"
-
-
-def load_test_sets(config: Config, prepared: PreparedData | None = None) -> list[EvalSet]:
-    ev = config.evaluate
-    test = (prepared or prepare_data(config)).splits.test
-    if ev.max_examples is not None:
-        test = test[: ev.max_examples]
-    demo = config.data.source == "demo"
-    # the demo generator's answer keys travel beside the records (never in the JSONL); user data has none
-    keys = demo_answer_keys(test, config.data.num_demo_records, config.data.seed) if demo else None
-    sets = [EvalSet(held_out_name(config), "config test split", examples_from_records(test, keys))]
-    if ev.heldout_examples < 0:
-        raise ConfigError(
-            f"evaluate.heldout_examples={ev.heldout_examples} must be >= 0. Fix: --set "
-            "evaluate.heldout_examples=100 (0: the test split alone)."
-        )
-    heldout = min(ev.heldout_examples, ev.max_examples or ev.heldout_examples)
-    if demo and heldout > 0:
-        sets += demo_test_sets(heldout, config.data.seed)
-    sets += [load_test_set(spec, ev.max_examples) for spec in ev.test_sets]
-    names = [s.name for s in sets]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(
-            f"test set name(s) {dupes} appear twice; name them with NAME=SOURCE in evaluate.test_sets"
-        )
-    empty = [s.name for s in sets if not s.examples]
-    if empty:
-        raise DataError(
-            f"test set(s) {empty} have no examples. Fix: raise data.test_fraction or check "
-            "evaluate.test_sets."
-        )
-    return sets
-
-
-@dataclass(frozen=True)
-class MCSet:
-    name: str
-    source: str
-    style: PromptStyle
-    items: list[MCItem]
-
-
-def load_multiple_choice_sets(config: Config, test_sets: list[EvalSet]) -> list[MCSet]:
-    """`evaluate.multiple_choice` (validated by pipeline.config); names must differ from the test sets'."""
-    sets = []
-    for spec in config.evaluate.multiple_choice:
-        source = spec.path or (str(DEMO_SET) if spec.dataset == "demo" else str(spec.dataset))
-        items = load_mc_items(source, spec.split, spec.limit)
-        sets.append(MCSet(spec.name, source, spec.prompt_style, items))
-    clash = sorted({s.name for s in sets} & {ts.name for ts in test_sets})
-    if clash:
-        raise ConfigError(
-            f"multiple-choice set name(s) {clash} are also test-set names. Fix: rename them in "
-            "evaluate.multiple_choice (name:)."
-        )
-    return sets
-
-
 def sampling_seeds(config: Config) -> list[int]:
     ev = config.evaluate
     if ev.greedy:
@@ -280,14 +215,14 @@ def run_evaluate(config: Config, models: dict[str, str] | None = None, progress:
     eval_dir = paths_for(config).eval
     # One evaluation writes an output_dir's eval/ at a time: a second waits, then reuses what the first wrote.
     with run_lock(eval_dir, "evaluation outputs"):
-        protocol = _protocol(config, test_sets, seeds, mc_sets)
+        protocol = evaluation_protocol(config, test_sets, seeds, mc_sets)
         protocol_hash = stable_hash(protocol)
         finished: dict[str, tuple[list[dict[str, Any]], dict[str, list[float]]]] = {}
         pending: dict[str, tuple[str, str, str]] = {}  # name -> (checkpoint, tokenizer, fingerprint)
         model_dirs = {name: eval_dir / _safe(name) for name in models}
         for name, checkpoint in models.items():
-            fingerprint = stable_hash({**protocol, "checkpoint": _checkpoint_identity(checkpoint)})
-            previous = _reusable(model_dirs[name], fingerprint)
+            fingerprint = stable_hash({**protocol, "checkpoint": checkpoint_identity(checkpoint)})
+            previous = reusable_results(model_dirs[name], fingerprint)
             if previous is not None:
                 same = "same checkpoint, protocol and test sets"
                 print(f"[evaluate] {name}: reusing {model_dirs[name]} ({same})")
@@ -301,9 +236,9 @@ def run_evaluate(config: Config, models: dict[str, str] | None = None, progress:
                 finished[name] = _score_and_write(
                     name, checkpoint, test_sets, seeds, items, outputs[name], model_dirs[name], mc_sets
                 )
-                _write_protocol(model_dirs[name], fingerprint, protocol_hash, finished[name][1])
+                write_protocol(model_dirs[name], fingerprint, protocol_hash, finished[name][1])
         rows = [row for name in models for row in finished[name][0]]
-        rows += _earlier_results(eval_dir, protocol_hash, exclude={model_dirs[n].name for n in models})
+        rows += earlier_results(eval_dir, protocol_hash, exclude={model_dirs[n].name for n in models})
         seed_scores = {(name, ts): s for name in models for ts, s in finished[name][1].items()}
         reused = [name for name in models if name not in pending]
         eval_dir.mkdir(parents=True, exist_ok=True)
@@ -356,8 +291,6 @@ def _generate(
     import ray
     from ray.data import ActorPoolStrategy, DataContext
     from tqdm import tqdm
-
-    from pipeline.evaluate.actor import GeneratorActor
 
     ev = config.evaluate
     check_placement(dict(ev.resources), what="evaluation actors (evaluate.resources)")
@@ -432,7 +365,7 @@ def _score_and_write(
     mc_sets: Sequence[MCSet] = (),
 ) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
     model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "protocol.json").unlink(missing_ok=True)  # invalid until everything below is written
+    (model_dir / PROTOCOL_FILE).unlink(missing_ok=True)  # invalid until everything below is written
     per_seed: dict[tuple[int, int], list[float]] = {}
     scored: dict[int, dict[int, list[Scored]]] = {i: {} for i in range(len(test_sets))}
     empty: dict[int, int] = {}
@@ -532,133 +465,6 @@ def _score_choices(
             }
         )
     return rows
-
-
-def _write_protocol(
-    model_dir: Path, fingerprint: str, protocol_hash: str, seed_scores: dict[str, list[float]]
-) -> None:
-    """Written last: its presence marks the model's results as complete and reusable."""
-    payload = {"fingerprint": fingerprint, "protocol": protocol_hash, "seed_scores": seed_scores}
-    (model_dir / "protocol.json").write_text(json.dumps(payload, indent=2))
-
-
-def describe_checkpoint(name: str, checkpoint: str) -> dict[str, Any]:
-    """Schema columns known from the checkpoint's run, never from its name (a label only): method, K, alpha,
-    beta and seed from the run's settings.json, the validation loss from its summary.json, and the student's
-    expert count from the exported model's config."""
-    ckpt = Path(checkpoint)
-    info: dict[str, Any] = {"model": name, "checkpoint": str(checkpoint)}
-    marker = _read_json(ckpt / EXPORT_MARKER) or {}
-    if marker.get("stage") == "finetune-teacher" or name == "teacher":
-        info["method"] = "teacher"
-        finetune = _read_json(ckpt.parent / "finetune_summary.json") or {}  # runs/<name>/teacher/
-        info["val_loss"] = (finetune.get("after") or {}).get("val_loss")
-        return info
-    run_dir = ckpt.parent  # runs/<name>/students/<run>/final
-    summary = _read_json(run_dir / "summary.json") or {}
-    distill = (_read_json(run_dir / SETTINGS_FILE) or {}).get("distill") or {}
-    info["method"] = summary.get("method") or marker.get("method") or distill.get("method")
-    if (ckpt / "config.json").is_file():
-        info["student_experts"] = read_dims(str(ckpt), role="evaluated model").num_experts
-    if distill:
-        seed = (distill.get("train") or {}).get("seed")
-        info.update({key: distill.get(key) for key in ("k", "alpha", "beta")}, seed=seed)
-        info["setting"] = _setting(info)
-    info["val_loss"] = summary.get("val_loss")
-    return info
-
-
-def _setting(info: dict[str, Any]) -> str:
-    """The hyper-parameters that matter for the method (K/alpha only with MC, beta only with ERD)."""
-    # distill.methods imports the token losses (torch); evaluation's driver is otherwise torch-free.
-    from pipeline.distill.methods import get_method
-
-    try:
-        method = get_method(str(info["method"]))
-        uses_mc, uses_erd = method.uses_mc, method.uses_erd
-    except ConfigError:  # a method this version does not know: show everything
-        uses_mc = uses_erd = True
-    parts = []
-    if uses_mc:
-        parts += [f"K={info['k']}", f"α={info['alpha']:g}"]
-    if uses_erd:
-        parts.append(f"β={info['beta']:g}")
-    if info.get("student_experts") is not None:
-        parts.append(f"E={info['student_experts']}")
-    return ", ".join(parts)
-
-
-# --- reuse -------------------------------------------------------------------------------------------------
-def _protocol(
-    config: Config, test_sets: list[EvalSet], seeds: list[int], mc_sets: Sequence[MCSet] = ()
-) -> dict[str, Any]:
-    ev = config.evaluate
-    # only when configured, so the results of configs without multiple-choice sets stay reusable
-    mc = {
-        s.name: stable_hash({"style": s.style, "items": [asdict(it) for it in s.items]}, length=64)
-        for s in mc_sets
-    }
-    return ({"multiple_choice": mc} if mc else {}) | {
-        # 2: generate calls are fixed chunks of the test sets (generation_units), not Ray Data batches;
-        # 3: responses are also scored against answer keys (task accuracy, answer spread)
-        "version": 3,
-        "greedy": ev.greedy,
-        "temperature": ev.temperature,
-        "top_p": ev.top_p,
-        "max_new_tokens": ev.max_new_tokens,
-        "seeds": seeds,
-        # the chunk size of generation_units: batch composition changes sampled outputs
-        "batch_size": ev.batch_size,
-        "test_sets": {
-            ts.name: hashlib.sha256(json.dumps([asdict(e) for e in ts.examples]).encode()).hexdigest()
-            for ts in test_sets
-        },
-    }
-
-
-def _checkpoint_identity(checkpoint: str) -> dict[str, Any]:
-    ckpt = Path(checkpoint).resolve()
-    marker = ckpt / EXPORT_MARKER
-    if marker.is_file():  # rewritten (with a new time) by every export
-        return {"path": str(ckpt), "export": marker.read_text()}
-    return {
-        "path": str(ckpt),
-        "files": sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in ckpt.iterdir()),
-    }
-
-
-def _reusable(
-    model_dir: Path, fingerprint: str
-) -> tuple[list[dict[str, Any]], dict[str, list[float]]] | None:
-    from pipeline.evaluate.results import read_results_csv
-
-    protocol = _read_json(model_dir / "protocol.json")
-    if not protocol or protocol.get("fingerprint") != fingerprint:
-        return None
-    if not (model_dir / "results.csv").is_file() or not (model_dir / "predictions.jsonl").is_file():
-        return None
-    return read_results_csv(model_dir / "results.csv"), protocol["seed_scores"]
-
-
-def _earlier_results(eval_dir: Path, protocol_hash: str, exclude: set[str]) -> list[dict[str, Any]]:
-    """Rows of models evaluated by earlier calls with the same protocol and test sets (comparable numbers)."""
-    from pipeline.evaluate.results import read_results_csv
-
-    rows: list[dict[str, Any]] = []
-    for protocol_file in sorted(eval_dir.glob("*/protocol.json")):
-        model_dir = protocol_file.parent
-        info = _read_json(protocol_file) or {}
-        comparable = model_dir.name not in exclude and info.get("protocol") == protocol_hash
-        if comparable and (model_dir / "results.csv").is_file():
-            rows += read_results_csv(model_dir / "results.csv")
-    return rows
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _has_tokenizer(checkpoint: str) -> bool:

@@ -14,6 +14,9 @@ A test-set spec (an entry of `evaluate.test_sets`) is one of
 With the demo data, the config's test split carries the generator's answer keys and the held-out demo sets
 (pipeline.data.demo_eval_sets) are added (`demo_test_sets`). Examples without a key (user data) are scored
 by Rouge-L alone: their test set has no accuracy columns.
+
+What one config evaluates on, assembled before any model runs: `load_test_sets` (its test split, the demo's
+held-out sets, `evaluate.test_sets`) and `load_multiple_choice_sets` (`evaluate.multiple_choice`).
 """
 
 from __future__ import annotations
@@ -24,11 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import Config
 from pipeline.data.answers import AnswerKey
 from pipeline.data.demo_dataset import DemoExample
-from pipeline.data.demo_eval_sets import HELDOUT_SETS, generate_heldout
+from pipeline.data.demo_eval_sets import HELDOUT_SETS, demo_answer_keys, generate_heldout
 from pipeline.data.records import Record, load_records
-from pipeline.errors import DataError
+from pipeline.data.stage import PreparedData, prepare_data
+from pipeline.errors import ConfigError, DataError
+from pipeline.evaluate.multiple_choice import DEMO_SET, MCItem, PromptStyle, load_mc_items
 
 
 @dataclass(frozen=True)
@@ -233,3 +239,73 @@ def _load_preset(key: str) -> list[EvalExample]:
             f"downloads during a job). {how}"
         ) from None
     return [_example_from_row(row, f"{preset.hub_id} row {i}") for i, row in enumerate(ds)]
+
+
+# --- a config's test sets ---------------------------------------------------------------------------------
+def held_out_name(config: Config) -> str:
+    src = config.data.source
+    stem = (
+        "demo"
+        if src == "demo"
+        else (Path(src).stem if Path(src).suffix else src.rstrip("/").rsplit("/", 1)[-1])
+    )
+    return f"{stem}-test"
+
+
+def load_test_sets(config: Config, prepared: PreparedData | None = None) -> list[EvalSet]:
+    """The config's test split (capped at evaluate.max_examples), the demo's held-out sets, then every
+    `evaluate.test_sets` entry; names must differ and no set may be empty."""
+    ev = config.evaluate
+    test = (prepared or prepare_data(config)).splits.test
+    if ev.max_examples is not None:
+        test = test[: ev.max_examples]
+    demo = config.data.source == "demo"
+    # the demo generator's answer keys travel beside the records (never in the JSONL); user data has none
+    keys = demo_answer_keys(test, config.data.num_demo_records, config.data.seed) if demo else None
+    sets = [EvalSet(held_out_name(config), "config test split", examples_from_records(test, keys))]
+    if ev.heldout_examples < 0:
+        raise ConfigError(
+            f"evaluate.heldout_examples={ev.heldout_examples} must be >= 0. Fix: --set "
+            "evaluate.heldout_examples=100 (0: the test split alone)."
+        )
+    heldout = min(ev.heldout_examples, ev.max_examples or ev.heldout_examples)
+    if demo and heldout > 0:
+        sets += demo_test_sets(heldout, config.data.seed)
+    sets += [load_test_set(spec, ev.max_examples) for spec in ev.test_sets]
+    names = [s.name for s in sets]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(
+            f"test set name(s) {dupes} appear twice; name them with NAME=SOURCE in evaluate.test_sets"
+        )
+    empty = [s.name for s in sets if not s.examples]
+    if empty:
+        raise DataError(
+            f"test set(s) {empty} have no examples. Fix: raise data.test_fraction or check "
+            "evaluate.test_sets."
+        )
+    return sets
+
+
+@dataclass(frozen=True)
+class MCSet:
+    name: str
+    source: str
+    style: PromptStyle
+    items: list[MCItem]
+
+
+def load_multiple_choice_sets(config: Config, test_sets: list[EvalSet]) -> list[MCSet]:
+    """`evaluate.multiple_choice` (validated by pipeline.config); names must differ from the test sets'."""
+    sets = []
+    for spec in config.evaluate.multiple_choice:
+        source = spec.path or (str(DEMO_SET) if spec.dataset == "demo" else str(spec.dataset))
+        items = load_mc_items(source, spec.split, spec.limit)
+        sets.append(MCSet(spec.name, source, spec.prompt_style, items))
+    clash = sorted({s.name for s in sets} & {ts.name for ts in test_sets})
+    if clash:
+        raise ConfigError(
+            f"multiple-choice set name(s) {clash} are also test-set names. Fix: rename them in "
+            "evaluate.multiple_choice (name:)."
+        )
+    return sets

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,3 +117,44 @@ def model_dims(
         return read(model.path)
     assert model.upcycle_from is not None  # validate_config guarantees exactly one source
     return dataclasses.replace(read(model.upcycle_from), num_experts=model.num_experts)
+
+
+# --- offline: dimensions without a download -------------------------------------------------------------
+def _dense(model_type: str, num_layers: int, hidden_size: int, vocab_size: int) -> ModelDims:
+    return ModelDims(model_type, num_layers, None, hidden_size, vocab_size)
+
+
+# Dense hub models the presets upcycle (transformers config.json values), so a projection needs no download.
+KNOWN_ARCHITECTURES: dict[str, ModelDims] = {
+    "qwen3-4b": _dense("qwen3", num_layers=36, hidden_size=2560, vocab_size=151936),
+    "qwen3-0.6b": _dense("qwen3", num_layers=28, hidden_size=1024, vocab_size=151936),
+    "llama-3.1-8b": _dense("llama", num_layers=32, hidden_size=4096, vocab_size=128256),
+    "llama-3.2-1b": _dense("llama", num_layers=16, hidden_size=2048, vocab_size=128256),
+}
+
+
+def normalize_model_name(name: str) -> str:
+    """'meta-llama/Llama-3.1-8B-Instruct' -> 'llama-3.1-8b', 'Qwen/Qwen3-4B-Base' -> 'qwen3-4b'."""
+    base = name.rstrip("/").rsplit("/", 1)[-1].lower()
+    base = re.sub(r"^meta-", "", base)
+    base = re.sub(r"^llama-?(\d)", r"llama-\1", base)
+    return re.sub(r"(-(instruct|base|hf|chat|moe))+$", "", base)
+
+
+def resolve_architecture(name: str, role: str = "teacher") -> ModelDims:
+    """Dimensions from a local config.json, the known-architecture table or the local Hugging Face cache --
+    never a download, never the weights."""
+    if (Path(name).expanduser() / "config.json").is_file():
+        return read_dims(name, role=role)
+    known = KNOWN_ARCHITECTURES.get(normalize_model_name(name))
+    if known is not None:
+        return known
+    try:
+        return read_dims(name, role=role, local_files_only=True)
+    except ConfigError:
+        raise ConfigError(
+            f"unknown {role} {name!r}: its dimensions are not in the table of known architectures "
+            f"({', '.join(sorted(KNOWN_ARCHITECTURES))}) nor in the local Hugging Face cache. Fix: give a "
+            f"local path (a directory with the model's config.json) as {role}.path / {role}.upcycle_from, "
+            "or report on a built store instead."
+        ) from None

@@ -1,6 +1,6 @@
 """What a cache setting costs against what its students lose: for a sweep whose runs read different caches
-(`cache_grid: true`, e.g. expert-state codecs), per (method, setting) the cache's bytes per distillation
-token on disk (whole cache and expert states, pipeline.reports.storage.measure_store) beside the students'
+(`cache_grid: true`, e.g. expert-state codecs), per (method, setting) the cache's bytes per distillation token
+on disk (whole cache and expert states, pipeline.reports.storage_measure.measure_store) beside the students'
 validation loss and Rouge-L, mean ± std over training seeds.
 
     cost_quality.md   the table, cheapest cache first, Pareto-optimal rows (no cheaper cache with a lower or
@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.evaluate.stats import mean_std, values_by_seed
 from pipeline.plotting import pyplot
-from pipeline.reports.storage import measure_store
+from pipeline.reports.storage_measure import measure_store
 
 
 @dataclass(frozen=True)

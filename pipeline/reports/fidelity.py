@@ -1,8 +1,8 @@
 """What a cache's expert-state codec costs the MC term: `moedistill report states-fidelity CACHE`.
 
 The exact fp32 W-width states come from the held-out sample the cache stage stored beside a lossy cache
-(pipeline/cache/fidelity.py: validation sequences no student trains on, with the same tokens encoded as a
-shard stores them), so no teacher runs. A cache without one (older, or built without held-out records) falls
+(pipeline/cache/build/fidelity.py: validation sequences no student trains on, with the same tokens encoded as
+a shard stores them), so no teacher runs. A cache without one (older, or built without held-out records) falls
 back, with a note, to rerunning its teacher (manifest sources, or --teacher) over a seeded sample of its own
 cached sequences, read back through the cache's reader. Per layer pair:
 
@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.cache.format.side_files import has_fidelity_sample, read_fidelity_sample
+from pipeline.cache.read.reader import TeacherCache, open_cache
+from pipeline.cache.read.states import decode_sample
+from pipeline.data.collate import pad_batch
 from pipeline.distill.losses import mc_exploration_loss
+from pipeline.errors import CacheError, ConfigError
+from pipeline.placement import teacher_placement
+from pipeline.reports.storage import describe_states
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +82,7 @@ class FidelityReport:
     pairs: list[dict[str, Any]]
 
 
-# stored: the held-out sample the cache stage kept (pipeline/cache/fidelity.py), no teacher run;
+# stored: the held-out sample the cache stage kept (pipeline/cache/build/fidelity.py), no teacher run;
 # teacher: the teacher rerun over a seeded sample of the cached (training) sequences, read from the shards;
 # teacher-on-sample: the teacher rerun over the stored sample's sequences (checks the stored exact states);
 # auto: stored when the cache keeps a sample, else teacher (with a note).
@@ -91,11 +98,6 @@ def states_fidelity(
     path: str, num_sequences: int = 16, teacher_path: str | None = None, source: str = "auto"
 ) -> FidelityReport:
     """Per-pair fidelity of the cache at `path` (see SOURCES; num_sequences: the teacher source only)."""
-    from pipeline.cache.fidelity import decode_sample, has_fidelity_sample, read_fidelity_sample
-    from pipeline.cache.reader import open_cache
-    from pipeline.errors import CacheError, ConfigError
-    from pipeline.reports.storage import describe_states
-
     if source not in SOURCES:
         raise ConfigError(f"states-fidelity source {source!r} is unknown. Fix: use one of {list(SOURCES)}.")
     cache = open_cache(path)
@@ -149,7 +151,7 @@ def fidelity_pairs(
     ]
 
 
-def _cached_examples(cache: Any, num_sequences: int) -> list[dict[str, Any]]:
+def _cached_examples(cache: TeacherCache, num_sequences: int) -> list[dict[str, Any]]:
     """A seeded choice of `num_sequences` cached sequences with what the reader returns for them."""
     shards = [s for s in cache.shards if s["num_rows"] > 0]
     examples: list[dict[str, Any]] = []
@@ -161,15 +163,13 @@ def _cached_examples(cache: Any, num_sequences: int) -> list[dict[str, Any]]:
 
 
 def rerun_teacher(
-    cache: Any, examples: list[dict[str, Any]], teacher_path: str | None = None
+    cache: TeacherCache, examples: list[dict[str, Any]], teacher_path: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact fp32 W-width (states [N, P, W, D], gates [N, P, W]) of `examples` (input_ids, response_mask,
     num_tokens: their first num_tokens distillation positions), one sequence per teacher forward."""
-    from pipeline.cache.teacher import TeacherOutputSpec, input_device, load_teacher, teacher_targets
-    from pipeline.data.collate import pad_batch
-    from pipeline.errors import CacheError
+    # why: the teacher code imports transformers, which the stored source (no teacher run) never needs
+    from pipeline.cache.build.teacher import TeacherOutputSpec, input_device, load_teacher, teacher_targets
     from pipeline.models.adapter import MoEAdapter
-    from pipeline.placement import teacher_placement
 
     teacher_path = teacher_path or cache.manifest.get("sources", {}).get("teacher_path")
     if not teacher_path:

@@ -1,6 +1,6 @@
 """One teacher replica of the service: scores a batch of token sequences into the cache's sparse format.
 
-The scoring is the cache stage's own (`pipeline.cache.teacher.score_sequences`, loaded and placed by
+The scoring is the cache stage's own (`pipeline.cache.build.teacher.score_sequences`, loaded and placed by
 `TeacherShardStage`), so a served target equals a cached one up to the float rounding of a different batch
 composition. Arrays come back in their storage dtypes (`to_storage`: fp16 log-probs and gates), as a shard
 holds them, which also halves what travels back to the students.
@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cache.spec import CacheSpec
-from pipeline.cache.teacher import (
+from pipeline.cache.build.teacher import (
     KEPT_MASS,
     TeacherShardStage,
     input_device,
     score_sequences,
     to_storage,
 )
+from pipeline.cache.format.spec import CacheSpec
 from pipeline.data.collate import pad_batch
 from pipeline.errors import MoeDistillError
 from pipeline.teacher_service.rows import sparse_tensors

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.cache.spec import CacheSpec
+from pipeline.cache.format.spec import CacheSpec
 from pipeline.config import CacheConfig, TrainConfig
 from pipeline.errors import ConfigError, MoeDistillError
 from pipeline.placement import check_placement, check_separate_gpus

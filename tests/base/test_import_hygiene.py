@@ -41,10 +41,10 @@ MODULES = (
     "pipeline.distill.student",
     "pipeline.distill.methods",
     "pipeline.distill.task",
-    "pipeline.cache.teacher",
-    "pipeline.cache.sparsify",
-    "pipeline.cache.shard",
-    "pipeline.cache.codecs",
+    "pipeline.cache.build.teacher",
+    "pipeline.cache.build.sparsify",
+    "pipeline.cache.format.shard",
+    "pipeline.cache.format.codecs",
     "pipeline.training.parallel",
     "pipeline.training.optim",
     "pipeline.placement",
@@ -60,8 +60,9 @@ for name in modules:
     importlib.import_module(name)
 
 import torch
-from pipeline.cache.shard import shard_to_row
-from pipeline.cache.teacher import TeacherOutputSpec, compute_shard, decode_states
+from pipeline.cache.format.shard import shard_to_row
+from pipeline.cache.build.teacher import TeacherOutputSpec, compute_shard
+from pipeline.cache.format.codecs import decode_states
 from pipeline.config import DistillConfig
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.distill.losses import mc_exploration_loss
@@ -115,7 +116,7 @@ step_loss, step_parts = task.compute_loss(student, {"input_ids": batch["input_id
                                                     "attention_mask": batch["attention_mask"],
                                                     "response_mask": batch["response_mask"], **targets}, 0)
 
-from pipeline.cache import codecs
+from pipeline.cache.format import codecs
 
 codec_ok = []
 for codec in codecs.ROW_CODECS:
@@ -151,7 +152,7 @@ def test_gpu_path_imports_and_runs_without_ray_zarr_datasets() -> None:
     proc = run_hidden(body)
     assert proc.returncode == 0, f"a GPU-path module needs a hidden package:\n{proc.stderr[-4000:]}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert "pipeline.models.adapter" in result["modules"] and "pipeline.cache.teacher" in result["modules"]
+    assert {"pipeline.models.adapter", "pipeline.cache.build.teacher"} <= set(result["modules"])
     assert result["mc"] > 0 and result["loss"] > 0
     assert {"loss_sft", "loss_forward_kl", "loss_mc", "loss_erd"} <= set(result["parts"])
     assert set(result["step_parts"]) == set(result["parts"])

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from support.tiny import with_saved_teacher, write_config
 
+from pipeline.cache.integrity.verify import verify_cache
 from pipeline.cache.stage import locate_cache
-from pipeline.cache.verify import verify_cache
 from pipeline.cli import main
 
 LOW_RANK = {"cache.states_codec": "fp8", "cache.states_rank": 8, "cache.states_basis_tokens": 200}

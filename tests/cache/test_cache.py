@@ -37,9 +37,10 @@ from pipeline.cache import (
     read_cache_dataset,
     verify_cache,
 )
-from pipeline.cache.build import stored_runtime
-from pipeline.cache.shard import committed_shards
-from pipeline.cache.teacher import TeacherShardStage, decode_states, encode_states, input_device
+from pipeline.cache.build.builder import stored_runtime
+from pipeline.cache.build.teacher import TeacherShardStage, input_device
+from pipeline.cache.format.codecs import decode_states, encode_states
+from pipeline.cache.format.shard import committed_shards
 from pipeline.errors import CacheError, ConfigError
 from pipeline.placement import check_no_offload, teacher_placement
 from pipeline.storage import get_fs
@@ -73,7 +74,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 class _Notes(logging.Handler):
-    """Collects what pipeline.cache.build logs at WARNING and above (caplog is function-scoped)."""
+    """Collects what pipeline.cache.build.builder logs at WARNING and above (caplog is function-scoped)."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -115,11 +116,11 @@ def built(
     after_failure["open_error"] = str(incomplete.value)
     runtime = CacheRuntime(batch_size=RESUME_BATCH, rows_per_shard=999, write_barrier=2, **on_ray)
     notes = _Notes()
-    logging.getLogger("pipeline.cache.build").addHandler(notes)
+    logging.getLogger("pipeline.cache.build.builder").addHandler(notes)
     try:
         info = build_teacher_cache(assets["spec"], assets["records"], str(root), runtime)
     finally:
-        logging.getLogger("pipeline.cache.build").removeHandler(notes)
+        logging.getLogger("pipeline.cache.build.builder").removeHandler(notes)
     return {
         "root": root,
         "info": info,
@@ -292,7 +293,7 @@ def test_second_run_is_a_noop(
     built: dict[str, Any], assets: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     before = (Path(built["info"].path) / "manifest.json").read_bytes()
-    caplog.set_level(logging.INFO, logger="pipeline.cache.build")
+    caplog.set_level(logging.INFO, logger="pipeline.cache.build.builder")
     info = build_teacher_cache(assets["spec"], assets["records"], str(built["root"]), built["runtime"])
     assert info.status == "exists" and info.key == built["info"].key
     assert "nothing to do" in caplog.text
@@ -517,7 +518,7 @@ def test_object_store_commit_markers_resume_and_sampled_logits(
     # The failed shard's files were uploaded, but without its marker nobody sees them.
     assert fs.exists(f"{base}/shards/shard-00001/index.parquet")
     assert not fs.exists(f"{base}/shards/shard-00001/_SHARD.json")
-    caplog.set_level(logging.WARNING, logger="pipeline.cache.build")
+    caplog.set_level(logging.WARNING, logger="pipeline.cache.build.builder")
     resume = dataclasses.replace(runtime, batch_size=2, torch_threads=2)
     info = build_teacher_cache(spec, records, root, resume)
     assert info.status == "resumed" and verify_cache(info.path).ok
@@ -539,7 +540,7 @@ def test_object_store_commit_markers_resume_and_sampled_logits(
 
 def test_stored_runtime_reads_older_manifests(caplog: pytest.LogCaptureFixture) -> None:
     """A manifest written before batch_size / torch_threads were recorded: only rows_per_shard is forced."""
-    caplog.set_level(logging.WARNING, logger="pipeline.cache.build")
+    caplog.set_level(logging.WARNING, logger="pipeline.cache.build.builder")
     asked = CacheRuntime(batch_size=5, rows_per_shard=999, num_cpus_per_actor=2)
     got = stored_runtime({"rows_per_shard": 8, "num_shards": 5}, asked, "k")
     assert (got.rows_per_shard, got.batch_size, got.threads) == (8, 5, 2)
@@ -630,11 +631,11 @@ _PASS_THROUGH = {"str(e)", 'f"shard {sid}: {e}"'}
 
 def _raised_messages() -> list[tuple[str, str, bool]]:
     """(where, message source, names a fix) for every exception raised (and every verify problem reported)
-    with a literal message in pipeline/cache/*.py."""
+    with a literal message in pipeline/cache/**/*.py."""
     import pipeline.cache
 
     found = []
-    paths = sorted(Path(pipeline.cache.__file__).parent.glob("*.py"))
+    paths = sorted(Path(pipeline.cache.__file__).parent.rglob("*.py"))
     sources = {path: path.read_text() for path in paths}
     trees = {path: ast.parse(src) for path, src in sources.items()}
     # Module-level string constants (_REBUILD, _RESUME_HINT, FIDELITY_FIX) that messages interpolate, from
@@ -677,7 +678,7 @@ def test_every_cache_error_says_how_to_fix_it() -> None:
 def test_config_errors_name_the_fix(assets: dict[str, Any], tmp_path: Path) -> None:
     from transformers import LlamaConfig
 
-    from pipeline.cache.build import teacher_dims
+    from pipeline.cache.build.builder import teacher_dims
 
     spec, records = assets["spec"], assets["records"]
     with pytest.raises(

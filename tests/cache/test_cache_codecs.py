@@ -23,9 +23,9 @@ from pipeline.cache import (
     read_cache_dataset,
     verify_cache,
 )
-from pipeline.cache.codecs import keep_rows
-from pipeline.cache.key import key_inputs
-from pipeline.cache.teacher import TeacherShardStage, input_device, teacher_targets, tokenize_shard
+from pipeline.cache.build.teacher import TeacherShardStage, input_device, teacher_targets, tokenize_shard
+from pipeline.cache.format.codecs import keep_rows
+from pipeline.cache.format.key import key_inputs
 from pipeline.data.collate import pad_batch
 from pipeline.data.demo_dataset import generate_demo_records
 from pipeline.errors import CacheError
@@ -239,7 +239,8 @@ def test_schema_1_caches_still_read(assets: dict[str, Any], tmp_path: Path) -> N
 
 
 def test_storage_report_knows_the_codecs(caches: dict[str, str]) -> None:
-    from pipeline.reports.storage import format_storage_report, measure_store
+    from pipeline.reports.storage import format_storage_report
+    from pipeline.reports.storage_measure import measure_store
 
     report = measure_store(caches["int8-r8-half"])
     states = report.field_bytes("expert_states")
@@ -275,7 +276,7 @@ def test_ray_build_fits_the_same_basis_and_writes_the_same_shards(
 
 def test_qwen_preset_projection_meets_the_storage_targets() -> None:
     from pipeline.config import load_config
-    from pipeline.reports.storage import project_from_config
+    from pipeline.reports.storage_projection import project_from_config
 
     preset = "jobs/configs/qwen3-4b-moe-to-0.6b-moe.yaml"
     plain = project_from_config(load_config(preset, {"cache.states_codec": None, "cache.states_rank": None}))

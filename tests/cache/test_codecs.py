@@ -1,4 +1,4 @@
-"""Expert-state codecs (pipeline.cache.codecs): row codec bounds, low-rank bases, re-aggregation in
+"""Expert-state codecs (pipeline.cache.format.codecs): row codec bounds, low-rank bases, re-aggregation in
 coefficient space, the subspace MC distance and deterministic token subsampling. Pure torch/numpy, fast."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import codecs as C
+from pipeline.cache.format import codecs as C
 from pipeline.models.alignment import aggregate_expert_states
 
 P, W, D = 2, 4, 24
@@ -194,7 +194,7 @@ def test_token_subsampling_is_deterministic_and_keeps_its_fraction() -> None:
 
 def test_token_hash_is_the_same_in_another_process() -> None:
     code = (
-        "import numpy as np; from pipeline.cache.codecs import keep_tokens; "
+        "import numpy as np; from pipeline.cache.format.codecs import keep_tokens; "
         "print(''.join('1' if k else '0' for k in keep_tokens(np.arange(64), np.arange(64) % 5, 3, 0.5)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -207,7 +207,7 @@ def test_codecs_import_without_zarr_ray_or_datasets() -> None:
         "import sys\n"
         "for m in ('zarr', 'ray', 'datasets'):\n"
         "    sys.modules[m] = None\n"
-        "import pipeline.cache.codecs as c\n"
+        "import pipeline.cache.format.codecs as c\n"
         "import torch\n"
         "c.decode_rows(*c.encode_rows(torch.ones(2, 3), 'int8'), 'int8')\n"
         "c.group_basis(c.fit_basis(torch.randn(8, 1, 2, 4), 2), 1)\n"

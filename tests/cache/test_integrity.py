@@ -20,7 +20,13 @@ from support.tiny import teacher_assets, teacher_cache_spec, tiny_arch
 
 from pipeline import storage as cfs
 from pipeline.cache import CacheRuntime, build_teacher_cache, open_cache, verify_cache
-from pipeline.cache.integrity import check_before_read, quick_check, verify_shards
+from pipeline.cache.integrity.checks import (
+    check_before_read,
+    ensure_verified,
+    forget_verified,
+    quick_check,
+    verify_shards,
+)
 from pipeline.errors import CacheError, MoeDistillError
 from pipeline.locks import LOCK_FILE, DirectoryLock
 from pipeline.training import loop
@@ -111,15 +117,13 @@ def test_checksum_cost_is_small_next_to_reading(
     """Measures sha256 of a shard's files against decoding the same shard (printed; the bound is loose)."""
     import time
 
-    from pipeline.cache import integrity
-
     cache = open_cache(assets["info"].path)
     fields = {"logits", "gates", "expert_states"}
     t0 = time.perf_counter()
     for _ in range(5):
-        integrity._VERIFIED.clear()
+        forget_verified()
         for s in cache.shards:
-            integrity.ensure_verified(cache.path, s, fields)
+            ensure_verified(cache.path, s, fields)
     hashing = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(5):

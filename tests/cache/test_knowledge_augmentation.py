@@ -1,5 +1,6 @@
-"""Knowledge Augmentation in the cache (pipeline.cache.augment): R = 1, p = 0 is the plain cache; otherwise
-the stored distribution is the seeded average of stochastic-routing teacher forwards, and in the key."""
+"""Knowledge Augmentation in the cache (pipeline.cache.build.augment): R = 1, p = 0 is the plain cache;
+otherwise the stored distribution is the seeded average of stochastic-routing teacher forwards, and in
+the key."""
 
 from __future__ import annotations
 
@@ -13,14 +14,10 @@ from support.paths import TINY
 from support.tiny import teacher_assets, teacher_cache_spec, tiny_arch
 
 from pipeline.cache import CacheRuntime, build_teacher_cache
-from pipeline.cache.augment import (
-    KnowledgeAugmentation,
-    augmented_targets,
-    routing_seed,
-    stochastic_routing,
-)
-from pipeline.cache.key import key_inputs
-from pipeline.cache.teacher import TeacherOutputSpec, compute_shard, teacher_targets
+from pipeline.cache.build.augment import augmented_targets, routing_seed, stochastic_routing
+from pipeline.cache.build.teacher import TeacherOutputSpec, compute_shard, teacher_targets
+from pipeline.cache.format.key import key_inputs
+from pipeline.cache.format.spec import KnowledgeAugmentation
 from pipeline.data.collate import pad_batch
 from pipeline.data.tokenize import tokenize_records
 from pipeline.errors import ConfigError

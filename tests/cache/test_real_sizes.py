@@ -12,7 +12,7 @@ import torch
 from support.tiny import teacher_assets, teacher_cache_spec, tiny_arch
 
 from pipeline.cache import CacheRuntime, build_teacher_cache, open_cache
-from pipeline.cache.teacher import TeacherShardStage, input_device, teacher_targets, tokenize_shard
+from pipeline.cache.build.teacher import TeacherShardStage, input_device, teacher_targets, tokenize_shard
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.distill.token_losses import forward_kl
 from pipeline.models.build import build_tiny_moe

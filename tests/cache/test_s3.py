@@ -17,8 +17,8 @@ pytest.importorskip("moto.server")
 from support.tiny import with_saved_teacher
 
 from pipeline.cache import open_cache, read_cache_dataset, verify_cache
+from pipeline.cache.format.shard import committed_shards
 from pipeline.cache.repair import repair_cache
-from pipeline.cache.shard import committed_shards
 from pipeline.cache.stage import cache_runtime_from_config, locate_cache, run_cache
 from pipeline.errors import CacheError
 

@@ -14,10 +14,7 @@ from support.families import family_model
 from support.tiny import teacher_assets, teacher_cache_spec, tiny_arch
 
 from pipeline.cache import CacheRuntime, build_teacher_cache
-from pipeline.cache.key import cache_key, key_inputs
-from pipeline.cache.manifest import read_manifest
-from pipeline.cache.spec import CacheSpec
-from pipeline.cache.teacher import (
+from pipeline.cache.build.teacher import (
     KEPT_MASS,
     TeacherOutputSpec,
     TeacherShardStage,
@@ -25,6 +22,9 @@ from pipeline.cache.teacher import (
     teacher_targets,
     tokenize_shard,
 )
+from pipeline.cache.format.key import cache_key, key_inputs
+from pipeline.cache.format.manifest import read_manifest
+from pipeline.cache.format.spec import CacheSpec
 from pipeline.config import load_config, teacher_cache_fields, with_overrides
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.errors import ConfigError
@@ -175,7 +175,8 @@ def test_kept_mass_recorded_per_shard_matches_a_recount(built: dict[str, Any]) -
 
 def test_reports_name_the_truncation_and_its_error(built: dict[str, Any]) -> None:
     from pipeline.reports.fidelity import states_fidelity
-    from pipeline.reports.storage import format_storage_report, measure_store
+    from pipeline.reports.storage import format_storage_report
+    from pipeline.reports.storage_measure import measure_store
 
     text = format_storage_report(measure_store(built["path"]))
     assert "top 0.9 of group mass" in text and "router mass kept" in text
@@ -197,7 +198,7 @@ def test_config_hash_is_unchanged_at_one_and_m_is_validated() -> None:
 def test_the_storage_projection_names_m_and_keeps_the_bytes() -> None:
     from support.paths import CONFIGS
 
-    from pipeline.reports.storage import project_from_config
+    from pipeline.reports.storage_projection import project_from_config
 
     preset = CONFIGS / "qwen3-4b-moe-to-0.6b-moe.yaml"
     exact = project_from_config(load_config(preset))

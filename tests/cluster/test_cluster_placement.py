@@ -84,7 +84,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory):
 
 def test_cache_stage_actors_hold_teacher_node(workspace) -> None:
     """pipeline.cache.stage.run_cache with cache.resources={"teacher_node": 1}: each teacher actor held it."""
-    from pipeline.cache.manifest import read_manifest
+    from pipeline.cache.format.manifest import read_manifest
     from pipeline.cache.stage import run_cache
 
     config, _ = workspace

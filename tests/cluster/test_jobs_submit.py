@@ -43,8 +43,8 @@ import yaml
 from support.paths import REPO
 from support.ports import free_port
 
-from pipeline.placement import RAY_JOB_ENV, job_local_paths, ray_job_working_dir, warn_if_job_local
 from pipeline.storage import resolve_under
+from pipeline.workspace import RAY_JOB_ENV, job_local_paths, ray_job_working_dir, warn_if_job_local
 
 DEMO = REPO / "jobs" / "configs" / "demo.yaml"
 TINY = REPO / "tests" / "configs" / "tiny.yaml"

@@ -2,7 +2,7 @@
 over the tokens a subsampled cache keeps states for, through DistillTask's collate and loss, in-process.
 
 Caches come from a tiny real Qwen3-MoE teacher by the local executor; batches are what the Ray Dataset's
-per-shard read task yields (pipeline.cache.reader._read_shard_batch), so no Ray cluster is started."""
+per-shard read task yields (pipeline.cache.read.reader._read_shard_batch), so no Ray cluster is started."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from support.tiny import teacher_assets, teacher_cache_spec, tiny_arch, tiny_moe
 
 from pipeline.cache import CacheRuntime, build_teacher_cache, open_cache
-from pipeline.cache.reader import _read_shard_batch
+from pipeline.cache.read.reader import _read_shard_batch
 from pipeline.config import Config, DistillConfig
 from pipeline.data.collate import distill_positions
 from pipeline.distill.losses import STATE_LOSSES, mc_exploration_loss

@@ -10,7 +10,7 @@ from support.paths import CONFIGS
 from support.tiny import write_config
 from transformers import AutoModelForCausalLM
 
-from pipeline.cache.reader import open_cache
+from pipeline.cache.read.reader import open_cache
 from pipeline.cache.stage import locate_cache
 from pipeline.cli import main
 from pipeline.config import Config, with_overrides

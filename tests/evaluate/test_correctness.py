@@ -161,7 +161,7 @@ def test_a_jsonl_test_set_may_carry_answer_keys(tmp_path: Path) -> None:
 
 def test_demo_test_sets_and_their_size_setting(tmp_path: Path) -> None:
     from pipeline.data.stage import prepare_data
-    from pipeline.evaluate.stage import load_test_sets
+    from pipeline.evaluate.test_sets import load_test_sets
 
     def config(heldout: int):
         overrides = {

@@ -20,14 +20,9 @@ from pipeline.data.rouge import mean_rouge_l, rouge_l
 from pipeline.data.stage import prepare_data
 from pipeline.distill.stage import run_settings
 from pipeline.errors import ConfigError, DataError
+from pipeline.evaluate.provenance import describe_checkpoint
 from pipeline.evaluate.results import read_results_csv
-from pipeline.evaluate.stage import (
-    default_models,
-    describe_checkpoint,
-    generation_units,
-    parse_model_args,
-    run_evaluate,
-)
+from pipeline.evaluate.stage import default_models, generation_units, parse_model_args, run_evaluate
 from pipeline.evaluate.test_sets import load_test_set, read_examples_jsonl
 from pipeline.run_identity import claim_run_dir
 

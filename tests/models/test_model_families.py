@@ -14,7 +14,7 @@ from support.families import FAMILY_TYPES, family_config, family_model
 from support.tiny import padded_batch, tiny_config, write_config
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, Qwen3MoeConfig
 
-from pipeline.cache.build import teacher_dims
+from pipeline.cache.build.builder import teacher_dims
 from pipeline.cli import main
 from pipeline.errors import ConfigError
 from pipeline.models.adapter import MoEAdapter

@@ -22,15 +22,11 @@ from pipeline.evaluate.results import (
     write_results_csv,
     write_results_table,
 )
+from pipeline.models.dims import normalize_model_name
 from pipeline.reports.gates import format_gate_table, load_gate_metrics, write_gate_report
-from pipeline.reports.storage import (
-    GIB,
-    format_storage_report,
-    measure_store,
-    normalize_model_name,
-    project_from_config,
-    write_storage_report,
-)
+from pipeline.reports.storage import GIB, format_storage_report, write_storage_report
+from pipeline.reports.storage_measure import measure_store
+from pipeline.reports.storage_projection import project_from_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TEACHER = {"model_type": "qwen3_moe", "num_layers": 4, "num_experts": 8, "hidden_size": 16, "vocab_size": 300}
@@ -39,8 +35,8 @@ TEACHER = {"model_type": "qwen3_moe", "num_layers": 4, "num_experts": 8, "hidden
 # --- storage ------------------------------------------------------------------------------------------------
 def _make_store(root: Path) -> str:
     """A complete store written by the cache's own shard writer and manifest code, from synthetic arrays."""
-    from pipeline.cache.manifest import finalize_manifest, new_manifest, write_manifest
-    from pipeline.cache.shard import ShardData, ShardMeta, commit_shard
+    from pipeline.cache.format.manifest import finalize_manifest, new_manifest, write_manifest
+    from pipeline.cache.format.shard import ShardData, ShardMeta, commit_shard
 
     k, layers, width = 8, (1, 3), 4
     meta = ShardMeta(
@@ -120,7 +116,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_storage_report_equals_bytes_on_disk(store: str, tmp_path: Path) -> None:
-    from pipeline.cache.verify import bytes_per_token_by_field
+    from pipeline.cache.read.listing import bytes_per_token_by_field
 
     junk = Path(store) / "shards" / ".tmp-shard-00007-dead" / "partial.bin"  # a killed write's leftover
     junk.parent.mkdir(parents=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.cache.reader import open_cache
+from pipeline.cache.read.reader import open_cache
 from pipeline.cache.stage import cache_spec_from_config, locate_cache, teacher_checkpoint
 from pipeline.config import Config
 from pipeline.data.stage import prepare_data

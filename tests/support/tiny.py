@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.cache.spec import CacheSpec
+from pipeline.cache.format.spec import CacheSpec
 from pipeline.config import Config, config_to_dict, load_config, with_overrides
 from pipeline.data.demo_dataset import generate_demo_records
 from pipeline.data.demo_tokenizer import record_texts, train_demo_tokenizer

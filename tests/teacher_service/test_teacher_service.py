@@ -191,7 +191,7 @@ def _student_gkd_steps(
 def test_on_policy_gkd_steps_with_served_targets(service: Any, cached: dict[str, Any]) -> None:
     import ray
 
-    from pipeline.cache.teacher import TeacherOutputSpec, score_sequences, to_storage
+    from pipeline.cache.build.teacher import TeacherOutputSpec, score_sequences, to_storage
     from pipeline.data.collate import pad_batch
     from pipeline.models.adapter import MoEAdapter
     from pipeline.models.build import load_causal_lm
@@ -244,7 +244,7 @@ def test_killed_teacher_actor_is_replaced_and_requests_complete(service: Any, ca
 
 def _student_rows(cached: dict[str, Any], examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A student's own sparse distribution at the examples' positions (a perturbed teacher here)."""
-    from pipeline.cache.sparsify import topk_sparsify
+    from pipeline.cache.build.sparsify import topk_sparsify
     from pipeline.data.collate import distill_positions, pad_batch
     from pipeline.models.build import load_causal_lm
 

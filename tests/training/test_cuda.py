@@ -20,8 +20,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipeline.cache.shard import ShardData
-from pipeline.cache.teacher import TeacherOutputSpec, compute_shard, decode_states, load_teacher
+from pipeline.cache.build.teacher import TeacherOutputSpec, compute_shard, load_teacher
+from pipeline.cache.format.codecs import decode_states
+from pipeline.cache.format.shard import ShardData
 from pipeline.config import DistillConfig, TrainConfig
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.distill.losses import mc_exploration_loss

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage as cfs
-from pipeline.cache import schema
-from pipeline.cache.codecs import StatesCodec
+from pipeline.cache.format import schema
+from pipeline.cache.format.codecs import StatesCodec
 
 if TYPE_CHECKING:
     import zarr

@@ -16,23 +16,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+from tqdm.auto import tqdm
+
 from pipeline import storage as cfs
-from pipeline.cache.basis import ensure_state_basis
-from pipeline.cache.fidelity import ensure_fidelity_sample
-from pipeline.cache.integrity import reopen_if_damaged
-from pipeline.cache.key import cache_key, key_inputs
-from pipeline.cache.manifest import finalize_manifest, new_manifest, read_manifest, write_manifest
-from pipeline.cache.shard import ShardMeta, committed_shards, remove_staging
-from pipeline.cache.sink import ProgressActor, ProgressBar, TeacherCacheDatasink
-from pipeline.cache.spec import CacheInfo, CacheRuntime, CacheSpec
-from pipeline.cache.teacher import TeacherShardStage, compute_shard, tokenize_shard
+from pipeline.cache.build.basis import actor_threads, ensure_state_basis
+from pipeline.cache.build.fidelity import ensure_fidelity_sample
+from pipeline.cache.build.sink import ProgressActor, ProgressBar, TeacherCacheDatasink
+from pipeline.cache.build.teacher import TeacherShardStage, compute_shard, tokenize_shard
+from pipeline.cache.format.key import cache_key, key_inputs
+from pipeline.cache.format.manifest import finalize_manifest, new_manifest, read_manifest, write_manifest
+from pipeline.cache.format.shard import ShardMeta, commit_shard, committed_shards, remove_staging
+from pipeline.cache.format.spec import CacheInfo, CacheRuntime, CacheSpec
+from pipeline.cache.integrity.checks import reopen_if_damaged
+from pipeline.data.records import Record
 from pipeline.data.stage import load_tokenizer
-from pipeline.errors import CacheError, ConfigError
+from pipeline.errors import CacheError, ConfigError, root_cause
 from pipeline.locks import DirectoryLock
 from pipeline.models.adapter import SUPPORTED_MODEL_TYPES, check_adapter_reads
 from pipeline.models.dims import read_dims
@@ -274,27 +279,6 @@ def stored_runtime(layout: dict[str, Any], runtime: CacheRuntime, key: str) -> C
     return dataclasses.replace(runtime, **forced)
 
 
-def root_cause(e: BaseException) -> str:
-    """One line for the user: the remote exception behind Ray's wrappers ("RuntimeError: ...").
-
-    A RayTaskError carries the remote exception as `.cause`; its text is a traceback followed by Ray Data's
-    retry hints, so the last line is not the error (ray 2.60)."""
-    seen: set[int] = set()
-    while type(e).__module__.startswith("ray.") and id(e) not in seen:
-        seen.add(id(e))
-        inner = getattr(e, "cause", None) or e.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        e = inner
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    if type(e).__module__.startswith("ray."):  # no remote exception object: find its line in the text
-        errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*: ", ln)]
-        text = errors[-1] if errors else (lines[-1] if lines else "")
-    else:
-        text = f"{type(e).__name__}: {' '.join(lines)}"
-    return text[:500].rstrip(".")
-
-
 def _check_same_key(manifest: dict[str, Any], key: str, url: str) -> None:
     if manifest.get("key") != key:
         raise CacheError(
@@ -313,10 +297,6 @@ def _info(
 
 def _tokenize_batch(batch: Any, tokenizer_path: str, max_length: int) -> Any:
     """CPU task: rows {shard_id, first_seq_id, records_json} -> tokenised shard rows (Arrow, no pickling)."""
-    import pyarrow as pa
-
-    from pipeline.data.records import Record
-
     tokenizer = load_tokenizer(tokenizer_path)
     cols: dict[str, list[Any]] = {
         k: [] for k in ("shard_id", "num_records", "seq_id", "input_ids", "response_mask")
@@ -353,9 +333,6 @@ def _run_pipeline(
     width: int,
     pending: list[int],
 ) -> dict[str, float]:
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
-
     rows_per_shard = runtime.rows_per_shard
     items = [
         {
@@ -448,18 +425,12 @@ def _run_local(
     pending: list[int],
 ) -> dict[str, float]:
     """The same per-shard steps as the Ray pipeline, sequentially in this process."""
-    import torch
-
     tokenizer = load_tokenizer(spec.tokenizer_path)
     stage = TeacherShardStage(spec, width, runtime.batch_size, runtime.num_gpus_per_actor, cache_url=url)
     # Behave like one Ray actor, which runs with OMP_NUM_THREADS = its CPUs: CPU float results depend on the
     # thread count, and matching it keeps local and Ray shards byte-identical.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(runtime.threads)
-    try:
+    with actor_threads(runtime):
         return _local_shards(spec, records, url, runtime, meta, pending, tokenizer, stage)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _local_shards(
@@ -472,10 +443,6 @@ def _local_shards(
     tokenizer: Any,
     stage: TeacherShardStage,
 ) -> dict[str, float]:
-    from tqdm.auto import tqdm
-
-    from pipeline.cache.shard import commit_shard
-
     rows_per_shard = runtime.rows_per_shard
     t0, tokens, commits = time.perf_counter(), 0, []
     for n, shard_id in enumerate(

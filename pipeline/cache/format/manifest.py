@@ -8,8 +8,8 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline import storage as cfs
-from pipeline.cache import schema
-from pipeline.cache.shard import committed_shards
+from pipeline.cache.format import schema
+from pipeline.cache.format.shard import committed_shards
 from pipeline.errors import CacheError
 
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from pipeline.cache.augment import KnowledgeAugmentation
-from pipeline.cache.codecs import StatesCodec
+from pipeline.cache.format.codecs import StatesCodec
 from pipeline.errors import ConfigError
 from pipeline.models.truncation import check_states_mass
 
@@ -16,6 +15,30 @@ ResponsesMode = Literal["none", "greedy", "sample"]
 ComputeDtype = Literal["float32", "bfloat16", "float16"]
 
 FIELDS = ("logits", "gates", "expert_states", "teacher_responses")
+
+
+@dataclass(frozen=True)
+class KnowledgeAugmentation:
+    """Knowledge augmentation (KA, Every Expert Matters: pipeline/cache/build/augment.py): R teacher forwards
+    with stochastic routing, averaged; hashed into the key unless plain (R = 1, p = 0)."""
+
+    repeats: int = 1  # R teacher forwards per sequence
+    sampling_prob: float = 0.0  # p: per token and layer, the chance of sampled instead of top-k routing
+
+    @property
+    def is_plain(self) -> bool:
+        return self.repeats == 1 and self.sampling_prob == 0.0
+
+    def problems(self) -> list[str]:
+        out = []
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
+            out.append(f"knowledge_augmentation.repeats={self.repeats!r} must be an integer >= 1")
+        if not 0.0 <= float(self.sampling_prob) <= 1.0:
+            out.append(f"knowledge_augmentation.sampling_prob={self.sampling_prob} must be in [0, 1]")
+        return out
+
+    def key_inputs(self) -> dict[str, Any]:
+        return {"repeats": int(self.repeats), "sampling_prob": float(self.sampling_prob)}
 
 
 @dataclass(frozen=True)
@@ -37,16 +60,17 @@ class CacheSpec:
     max_new_tokens: int = 64
     # dtype the teacher runs in: changes the cached numbers, so it is part of the key.
     compute_dtype: ComputeDtype = "float32"
-    # KA: R stochastic-routing teacher forwards averaged (pipeline/cache/augment.py); plain by default
+    # KA: R stochastic-routing teacher forwards averaged (pipeline/cache/build/augment.py); plain by default
     knowledge_augmentation: KnowledgeAugmentation = field(default_factory=KnowledgeAugmentation)
-    # Expert-state codec (pipeline/cache/codecs.py). states_codec None = states_dtype (the schema-1 setting);
-    # when set it replaces states_dtype. Rank, basis sample and token fraction need schema 2.
+    # Expert-state codec (pipeline/cache/format/codecs.py). states_codec None = states_dtype (the schema-1
+    # setting); when set it replaces states_dtype. Rank, basis sample and token fraction need schema 2.
     states_codec: str | None = None
     states_rank: int | None = None
     states_basis_tokens: int = 65536
     states_token_fraction: float = 1.0
-    # Held-out fidelity sample (pipeline/cache/fidelity.py): exact fp32 states of this many validation-split
-    # tokens, stored beside a lossy-codec cache (schema 2) for `moedistill report states-fidelity`; 0: none.
+    # Held-out fidelity sample (pipeline/cache/build/fidelity.py): exact fp32 states of this many
+    # validation-split tokens, stored beside a lossy-codec cache (schema 2) for `moedistill report
+    # states-fidelity`; 0: none.
     states_fidelity_tokens: int = 256
     # Mass-truncated states (pipeline/models/truncation.py): per token and cached group, only the experts
     # carrying the top states_mass of its router mass run; 1.0 = exact (and the key of an exact cache).

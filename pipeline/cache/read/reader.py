@@ -11,7 +11,7 @@ Output row (numpy): seq_id int64, input_ids int32 [T], response_mask int8 [T], n
   expert_states:     expert_states float32 [n, P', E, D]
   teacher_responses: teacher_response int32 [R]
 with n = num_tokens distillation positions, P' = the requested teacher layers (in the order asked), E = E_S.
-Schema-2 caches (expert-state codecs) decode through pipeline/cache/states.py: the same expert_states, or
+Schema-2 caches (expert-state codecs) decode through pipeline/cache/read/states.py: the same expert_states, or
 expert_state_coeffs for states_space="subspace", plus expert_state_mask [n] when token-subsampled.
 """
 
@@ -24,15 +24,14 @@ import numpy as np
 import torch
 
 from pipeline import storage as cfs
-from pipeline.cache import schema
-from pipeline.cache.codecs import GroupBasis, StatesCodec
-from pipeline.cache.integrity import check_before_read, ensure_verified, verify_shards
-from pipeline.cache.key import tokenizer_digest
-from pipeline.cache.manifest import read_manifest
-from pipeline.cache.shard import committed_shards, open_arrays, read_index
-from pipeline.cache.spec import FIELDS
-from pipeline.cache.states import group_basis_for, read_states
-from pipeline.cache.teacher import decode_states
+from pipeline.cache.format import schema
+from pipeline.cache.format.codecs import GroupBasis, StatesCodec, decode_states
+from pipeline.cache.format.key import tokenizer_digest
+from pipeline.cache.format.manifest import read_manifest
+from pipeline.cache.format.shard import committed_shards, open_arrays, read_index
+from pipeline.cache.format.spec import FIELDS
+from pipeline.cache.integrity.checks import check_before_read, ensure_verified, verify_shards
+from pipeline.cache.read.states import group_basis_for, read_states
 from pipeline.errors import CacheError
 from pipeline.models.alignment import aggregate_expert_states, aggregate_gates, check_reaggregation
 
@@ -400,8 +399,8 @@ def read_cache_dataset(
 
     One read task per shard (shards are the unit of parallelism); all checks run on the driver first, so a
     mismatch fails before any task starts. verify_checksums: hash every file the read will open first (one
-    Ray task per shard, pipeline.cache.integrity); off, each read task still hashes what it opens.
-    states_space: "subspace" for coefficients of a low-rank cache (pipeline/cache/states.py);
+    Ray task per shard, pipeline.cache.integrity.checks); off, each read task still hashes what it opens.
+    states_space: "subspace" for coefficients of a low-rank cache (pipeline/cache/read/states.py);
     with_state_mask: the consumer honours expert_state_mask (required for a token-subsampled cache).
     """
     import ray

@@ -22,16 +22,21 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+from transformers import AutoModelForCausalLM
 
-from pipeline.cache.augment import KnowledgeAugmentation, augmented_targets
-from pipeline.cache.codecs import ShardStateRows, StateBasis, StatesCodec, decode_rows, encode_rows
-from pipeline.cache.shard import ShardData, rows_to_table, shard_to_row
-from pipeline.cache.sparsify import sparsify_logits
-from pipeline.cache.spec import CacheSpec
+from pipeline.cache.build.augment import augmented_targets
+from pipeline.cache.build.sparsify import sparsify_logits
+from pipeline.cache.format.codecs import ShardStateRows, StateBasis, StatesCodec, encode_states
+from pipeline.cache.format.manifest import read_manifest
+from pipeline.cache.format.shard import ShardData, rows_to_table, shard_to_row
+from pipeline.cache.format.side_files import read_basis
+from pipeline.cache.format.spec import CacheSpec, KnowledgeAugmentation
 from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.data.tokenize import tokenize_records
 from pipeline.errors import CacheError
+from pipeline.models.adapter import MoEAdapter
 from pipeline.models.alignment import aggregate_expert_states, aggregate_gates
+from pipeline.models.build import load_causal_lm
 from pipeline.models.generate import generate_token_ids
 from pipeline.models.truncation import truncated_states
 from pipeline.network import hub_load_kwargs
@@ -87,16 +92,6 @@ def tokenize_shard(
 
 
 # --- the teacher computation --------------------------------------------------------------------------------
-def encode_states(states: torch.Tensor, dtype: str) -> np.ndarray:
-    """float tensor -> numpy in the schema-1 storage dtype (bfloat16 as uint16 bits: zarr has no bfloat16)."""
-    return encode_rows(states, dtype)[0]
-
-
-def decode_states(arr: np.ndarray, logical: str) -> torch.Tensor:
-    """Inverse of encode_states, to float32."""
-    return decode_rows(arr, None, logical)
-
-
 @torch.no_grad()
 def teacher_targets(
     adapter: Any, batch: dict[str, torch.Tensor], out: TeacherOutputSpec
@@ -146,7 +141,7 @@ def score_sequences(
     logit_tail_logmass (rows = distillation positions in (sequence, position) order), gates and, when the
     spec keeps them, expert_states. The one scoring path of both the cache stage (`compute_shard`) and the
     teacher service; `seeds` (one per sequence, its seq_id) seed sampled-mode draws. With knowledge
-    augmentation the forward is the KA average (pipeline.cache.augment). Sparse arrays may still
+    augmentation the forward is the KA average (pipeline.cache.build.augment). Sparse arrays may still
     be on the teacher's output device (`to_storage` moves them)."""
     if out.augmentation.is_plain:
         targets = teacher_targets(adapter, batch, out)
@@ -300,14 +295,9 @@ def input_device(model: Any) -> torch.device:
 
 def load_teacher(teacher_path: str, compute_dtype: str, placement: TeacherPlacement) -> Any:
     """The teacher in eval mode on its placement."""
-    # why: transformers stays out of this module's import, which cache read tasks pull in (decode_states)
-    from pipeline.models.build import load_causal_lm
-
     if placement.kind != "device_map":
         model = load_causal_lm(teacher_path, torch_dtype=compute_dtype, setting="teacher.path")
         return model.to(placement.kind)
-    from transformers import AutoModelForCausalLM
-
     n = len(placement.max_memory or {})
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -343,8 +333,6 @@ class TeacherShardStage:
         cpu_threads: int | None = None,
         cache_url: str | None = None,
     ) -> None:
-        from pipeline.models.adapter import MoEAdapter  # why: as in load_teacher (no transformers on import)
-
         if cpu_threads is not None:
             torch.set_num_threads(int(cpu_threads))
         self.placement = teacher_placement(num_gpus, visible_gpu_memory())
@@ -353,9 +341,6 @@ class TeacherShardStage:
         self.out = TeacherOutputSpec.from_spec(spec, width)
         self.basis = None
         if spec.store_expert_states and spec.states.rank is not None and cache_url is not None:
-            from pipeline.cache.basis import read_basis
-            from pipeline.cache.manifest import read_manifest
-
             manifest = read_manifest(cache_url)
             assert manifest is not None, "the build writes the manifest before any teacher actor starts"
             self.basis = read_basis(cache_url, manifest)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache.spec import CacheSpec
+from pipeline.cache.format.spec import CacheSpec
 from pipeline.data.records import Record, records_fingerprint
 from pipeline.errors import CacheError
 from pipeline.storage import canonical_json
@@ -144,8 +144,8 @@ def dataset_fingerprint(records: Sequence[Any]) -> str:
 
 
 def stores_fidelity_sample(spec: CacheSpec, heldout: Sequence[Any]) -> bool:
-    """Whether the cache keeps a held-out fidelity sample (pipeline/cache/fidelity.py): its states are lossy
-    (schema 2), states_fidelity_tokens > 0 and there are held-out records to draw it from."""
+    """Whether the cache keeps a held-out fidelity sample (pipeline/cache/build/fidelity.py): its states are
+    lossy (schema 2), states_fidelity_tokens > 0 and there are held-out records to draw it from."""
     lossy = spec.store_expert_states and spec.states.schema_version >= 2
     # A mass-truncated cache keeps none: its report reruns the teacher for the exact states instead.
     return lossy and spec.states_mass == 1.0 and spec.states_fidelity_tokens > 0 and len(heldout) > 0

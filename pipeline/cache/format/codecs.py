@@ -25,13 +25,14 @@ r = D: the basis is then complete).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-RowCodec = Literal["float16", "bfloat16", "fp8", "int8"]
+from pipeline.models.alignment import aggregate_expert_states, check_reaggregation, expert_mapping
+
 ROW_CODECS: tuple[str, ...] = ("float16", "bfloat16", "fp8", "int8")
 SCALED_CODECS: tuple[str, ...] = ("fp8", "int8")
 SCALE_DTYPE = np.float16
@@ -112,6 +113,16 @@ def decode_rows(payload: np.ndarray, scales: np.ndarray | None, codec: str) -> T
         )
     q = p.view(torch.float8_e4m3fn).float() if codec == "fp8" else p.view(torch.int8).float()
     return q * torch.from_numpy(np.ascontiguousarray(scales)).float().unsqueeze(-1)
+
+
+def encode_states(states: Tensor, dtype: str) -> np.ndarray:
+    """float tensor -> numpy in the schema-1 storage dtype (bfloat16 as uint16 bits: zarr has no bfloat16)."""
+    return encode_rows(states, dtype)[0]
+
+
+def decode_states(arr: np.ndarray, logical: str) -> Tensor:
+    """Inverse of encode_states, to float32."""
+    return decode_rows(arr, None, logical)
 
 
 def error_bound(x: Tensor, codec: str, scales: np.ndarray | None = None) -> Tensor:
@@ -227,8 +238,6 @@ class GroupBasis:
 def group_basis(basis: StateBasis, num_student_experts: int) -> GroupBasis:
     """V_e = orthonormal basis (reduced QR, float64) of span{U_j, mean_j : j in group e}, computed once per
     cache and E_S; h~_e = V_e c~_e is then exact for every gate-weighted combination of the group's slots."""
-    from pipeline.models.alignment import check_reaggregation, expert_mapping
-
     p, w, d, _ = basis.u.shape
     check_reaggregation(w, num_student_experts)
     pi = expert_mapping(w, num_student_experts)
@@ -251,8 +260,6 @@ def aggregate_coefficients(gates_w: Tensor | None, c: Tensor, gb: GroupBasis) ->
     """c~_e = sum_{j in e} (p_j / p~_e) (V_e^T U_j c_j + V_e^T mean_j): gates [..., P, W], coefficients
     [..., P, W, r] -> [..., P, E_S, q], never decoding to D per token (aggregate_expert_states does the
     weighting, with its zero-mass guard). At E_S = W there is nothing to weight and the gates may be None."""
-    from pipeline.models.alignment import aggregate_expert_states
-
     in_group = torch.einsum("pwqr,...pwr->...pwq", gb.a, c.float()) + gb.b
     if gb.v.shape[1] == gb.a.shape[1]:
         return in_group

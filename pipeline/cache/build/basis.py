@@ -1,14 +1,14 @@
-"""The low-rank expert-state basis of a schema-2 cache (cache.states_rank): fitted once, before any shard, on
-a fixed seeded sample of the cache's own distillation tokens; written to ROOT/<key>/state_basis/ and recorded
-in manifest.state_basis (sizes + sha256); a resumed build and every reader reuse it, checked against that
-record. The maths (BasisAccumulator, projection) is pipeline/cache/codecs.py.
+"""Fitting the low-rank expert-state basis of a schema-2 cache (cache.states_rank): once, before any shard,
+on a fixed seeded sample of the cache's own distillation tokens. Its files (ROOT/<key>/state_basis/, recorded
+in manifest.state_basis with sizes + sha256) are written, read and checked by
+pipeline/cache/format/side_files.py: a resumed build and every reader reuse it, checked against that record.
+The maths (BasisAccumulator, projection) is pipeline/cache/format/codecs.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -17,75 +17,25 @@ import numpy as np
 import torch
 
 from pipeline import storage as cfs
-from pipeline.cache.codecs import BasisAccumulator, StateBasis
-from pipeline.cache.spec import CacheRuntime, CacheSpec
+from pipeline.cache.build.teacher import TeacherShardStage, input_device, teacher_targets, tokenize_shard
+from pipeline.cache.format.codecs import BasisAccumulator, StateBasis
+from pipeline.cache.format.manifest import write_manifest
+from pipeline.cache.format.side_files import (
+    BASIS_DIR,
+    BASIS_FIX,
+    basis_arrays,
+    basis_problems,
+    npy_files,
+    write_basis,
+    write_files,
+)
+from pipeline.cache.format.spec import CacheRuntime, CacheSpec
+from pipeline.data.collate import pad_batch
+from pipeline.data.stage import load_tokenizer
 from pipeline.errors import CacheError
+from pipeline.placement import teacher_actor_options
 
 log = logging.getLogger(__name__)
-
-BASIS_DIR = "state_basis"
-BASIS_FILES = {"u": f"{BASIS_DIR}/u.npy", "mean": f"{BASIS_DIR}/mean.npy"}
-BASIS_FIX = (
-    "Fix: delete the cache directory and rerun `moedistill cache --config ...` (its shards were encoded with "
-    "that basis, so they cannot be kept without it)."
-)
-
-
-def _npy(arr: np.ndarray, dtype: str = "<f4") -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr, dtype=dtype), allow_pickle=False)  # deterministic bytes
-    return buf.getvalue()
-
-
-def _npy_files(directory: str, arrays: dict[str, np.ndarray]) -> dict[str, bytes]:
-    """{directory/<name>.npy: its bytes} (little-endian, each array's own dtype)."""
-    return {
-        f"{directory}/{name}.npy": _npy(arr, np.dtype(arr.dtype).newbyteorder("<").str)
-        for name, arr in arrays.items()
-    }
-
-
-def write_npy_files(cache_url: str, directory: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Write each array as directory/<name>.npy (little-endian, its own dtype); return the manifest's
-    {relative path: {bytes, sha256}} record of them."""
-    return _write_files(cache_url, directory, _npy_files(directory, arrays))
-
-
-def _write_files(cache_url: str, directory: str, files: dict[str, bytes]) -> dict[str, Any]:
-    """Write {relative path: bytes} under `directory` atomically; -> their {bytes, sha256} record."""
-    fs, root = cfs.get_fs(cache_url)
-    fs.makedirs(cfs.join(root, directory), exist_ok=True)
-    for rel, data in files.items():
-        cfs.write_atomic(fs, cfs.join(root, rel), data)
-    return {rel: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for rel, d in files.items()}
-
-
-def file_problems(cache_url: str, files: dict[str, Any], what: str) -> list[str]:
-    """'<what> file REL is missing / corrupted (...)' for each recorded file whose size or sha256 differs."""
-    fs, root = cfs.get_fs(cache_url)
-    out = []
-    for rel, want in sorted(files.items()):
-        path = cfs.join(root, rel)
-        if not fs.exists(path):
-            out.append(f"{what} file {rel} is missing")
-            continue
-        data = fs.cat_file(path)
-        if len(data) != want["bytes"] or hashlib.sha256(data).hexdigest() != want["sha256"]:
-            out.append(
-                f"{what} file {rel} is corrupted ({len(data)} bytes, manifest says {want['bytes']}; sha256 "
-                f"differs)"
-            )
-    return out
-
-
-def read_npy(cache_url: str, rel: str) -> np.ndarray:
-    fs, root = cfs.get_fs(cache_url)
-    return np.load(io.BytesIO(fs.cat_file(cfs.join(root, rel))), allow_pickle=False)
-
-
-def _basis_arrays(basis: StateBasis) -> dict[str, np.ndarray]:
-    return {name: getattr(basis, name).numpy().astype(np.float32) for name in BASIS_FILES}
-
 
 def restore_state_basis(
     url: str,
@@ -103,7 +53,7 @@ def restore_state_basis(
     if record is None or not basis_problems(url, manifest):
         return False
     basis, _ = fit_state_basis(spec, records, width, runtime)
-    files = _npy_files(BASIS_DIR, _basis_arrays(basis))
+    files = npy_files(BASIS_DIR, basis_arrays(basis))
     differs = [
         rel
         for rel, data in files.items()
@@ -114,39 +64,8 @@ def restore_state_basis(
             f"the refitted state basis of {cfs.redact(url)} differs from the one its shards were encoded "
             f"with ({', '.join(differs)}: another teacher, data or floating-point build?). {BASIS_FIX}"
         )
-    _write_files(url, BASIS_DIR, files)
+    write_files(url, BASIS_DIR, files)
     return True
-
-
-def write_basis(cache_url: str, basis: StateBasis, num_tokens: int) -> dict[str, Any]:
-    """Write the basis files; return the manifest.state_basis record."""
-    arrays = _basis_arrays(basis)
-    files = write_npy_files(cache_url, BASIS_DIR, arrays)
-    return {"rank": basis.rank, "num_tokens": int(num_tokens), "files": files}
-
-
-def basis_problems(cache_url: str, manifest: dict[str, Any]) -> list[str]:
-    """What is wrong with the cache's basis (missing record, missing/short/corrupt file), naming the file,
-    each without its fix (BASIS_FIX); [] when the cache needs no basis or its basis is intact."""
-    codec = manifest["key_inputs"].get("states_codec") or {}
-    if codec.get("rank") is None:
-        return []
-    record = manifest.get("state_basis")
-    if record is None:
-        if not manifest["complete"]:
-            return []  # a build killed before the basis was written: the resume fits it
-        return [f"the cache stores rank-{codec['rank']} coefficients but manifest.json has no state_basis"]
-    return file_problems(cache_url, record["files"], "basis")
-
-
-def read_basis(cache_url: str, manifest: dict[str, Any]) -> StateBasis:
-    """The cache's basis, checked against manifest.state_basis; CacheError naming the file otherwise."""
-    problems = basis_problems(cache_url, manifest)
-    if problems or manifest.get("state_basis") is None:
-        what = "; ".join(problems) or "it stores full states and has no state_basis"
-        raise CacheError(f"teacher cache {cfs.redact(cache_url)}: {what}. {BASIS_FIX}")
-    arrays = {name: torch.from_numpy(read_npy(cache_url, rel)) for name, rel in BASIS_FILES.items()}
-    return StateBasis(arrays["u"], arrays["mean"])
 
 
 def sample_order(num_records: int, seed: int) -> list[int]:
@@ -164,8 +83,6 @@ def fit_state_basis(
         return _fit(spec, list(records), width, runtime)
     import ray
 
-    from pipeline.placement import teacher_actor_options
-
     opts = teacher_actor_options(runtime.num_gpus_per_actor, runtime.num_cpus_per_actor, runtime.resources)
     task = ray.remote(_fit).options(**opts)
     return ray.get(task.remote(spec, list(records), width, runtime))
@@ -176,10 +93,6 @@ def sampled_targets(
 ) -> Iterator[tuple[list[dict[str, Any]], dict[str, torch.Tensor]]]:
     """The teacher's targets over `records` in the seeded sample order (sample_order), batch_size sequences
     per forward: (tokenised examples, seq_id = the record's index in `records`; their teacher_targets)."""
-    from pipeline.cache.teacher import input_device, teacher_targets, tokenize_shard
-    from pipeline.data.collate import pad_batch
-    from pipeline.data.stage import load_tokenizer
-
     tokenizer = load_tokenizer(spec.tokenizer_path)
     device = input_device(stage.adapter.model)
     order = sample_order(len(records), spec.states.seed)
@@ -206,8 +119,6 @@ def actor_threads(runtime: CacheRuntime) -> Iterator[None]:
 
 
 def _fit(spec: CacheSpec, records: list[Any], width: int, runtime: CacheRuntime) -> tuple[StateBasis, int]:
-    from pipeline.cache.teacher import TeacherShardStage
-
     states = spec.states
     assert states.rank is not None
     with actor_threads(runtime):
@@ -230,8 +141,6 @@ def ensure_state_basis(
 ) -> dict[str, Any]:
     """The manifest with its state_basis: fitted and written now (first build, or a build killed before it
     was written), or the stored one, checked (a resume). Called before any shard is computed."""
-    from pipeline.cache.manifest import write_manifest
-
     if not spec.store_expert_states or spec.states.rank is None:
         return manifest
     if manifest.get("state_basis") is not None:

@@ -16,32 +16,12 @@ import math
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-
-@dataclass(frozen=True)
-class KnowledgeAugmentation:
-    repeats: int = 1  # R teacher forwards per sequence
-    sampling_prob: float = 0.0  # p: per token and layer, the chance of sampled instead of top-k routing
-
-    @property
-    def is_plain(self) -> bool:
-        return self.repeats == 1 and self.sampling_prob == 0.0
-
-    def problems(self) -> list[str]:
-        out = []
-        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
-            out.append(f"knowledge_augmentation.repeats={self.repeats!r} must be an integer >= 1")
-        if not 0.0 <= float(self.sampling_prob) <= 1.0:
-            out.append(f"knowledge_augmentation.sampling_prob={self.sampling_prob} must be in [0, 1]")
-        return out
-
-    def key_inputs(self) -> dict[str, Any]:
-        return {"repeats": int(self.repeats), "sampling_prob": float(self.sampling_prob)}
+from pipeline.cache.format.spec import KnowledgeAugmentation
 
 
 def routing_seed(seq_ids: Sequence[int], repeat: int) -> int:

@@ -18,9 +18,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from pipeline import storage as cfs
-from pipeline.cache import schema
-from pipeline.cache.manifest import reopen_manifest
-from pipeline.cache.shard import committed_shards
+from pipeline.cache.format import schema
+from pipeline.cache.format.manifest import reopen_manifest
+from pipeline.cache.format.shard import committed_shards
 from pipeline.errors import CacheError
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ SCHEMA_NAME = "teacher_cache"
 # The newest version this code writes; a cache that uses no expert-state codec is still written as version 1.
 SCHEMA_VERSION = 2
 SCHEMA_VERSIONS = (1, 2)  # every version it reads
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "storage_schemas"
+SCHEMA_DIR = Path(__file__).resolve().parents[3] / "storage_schemas"
 
 MANIFEST = "manifest.json"
 SHARDS_DIR = "shards"

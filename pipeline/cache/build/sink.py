@@ -15,7 +15,7 @@ import ray
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import Datasink, WriteResult
 
-from pipeline.cache.shard import ShardMeta, commit_shard, row_to_shard
+from pipeline.cache.format.shard import ShardMeta, commit_shard, row_to_shard
 
 
 @ray.remote(num_cpus=0)

@@ -1,27 +1,35 @@
-"""Reading schema-2 expert states (pipeline/cache/codecs.py): decode the stored rows, re-aggregate W -> E_S
-in coefficient space when low rank, and put subsampled rows back at their tokens.
+"""Reading schema-2 expert states (pipeline/cache/format/codecs.py): decode the stored rows, re-aggregate
+W -> E_S in coefficient space when low rank, and put subsampled rows back at their tokens.
 
 Per-token output (rows [lo, hi) of a shard, aligned with the other per-token arrays):
   states_space "full":      expert_states        float32 [n, P', E_S, D]
   states_space "subspace":  expert_state_coeffs  float32 [n, P', E_S, q]  (h~ = V c~, V from `group_basis`)
   token fraction < 1:       expert_state_mask    bool    [n]  (rows without states are zero: the MC term
                                                                averages over the masked tokens only)
+`decode_sample` reads the held-out fidelity sample (pipeline/cache/format/side_files.py) the same way.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.cache.codecs import GroupBasis, StateBasis, StatesCodec, aggregate_coefficients, expand_group
-from pipeline.cache.codecs import group_basis as _group_basis
+from pipeline.cache.format.codecs import (
+    GroupBasis,
+    StateBasis,
+    StatesCodec,
+    aggregate_coefficients,
+    expand_group,
+)
+from pipeline.cache.format.codecs import group_basis as _group_basis
+from pipeline.cache.format.side_files import BASIS_FILES, FidelitySample, read_basis
 from pipeline.errors import CacheError
+from pipeline.models.alignment import aggregate_expert_states
 
-StatesSpace = Literal["full", "subspace"]
 STATES_SPACES = ("full", "subspace")
 
 _BASES: dict[tuple[str, str], StateBasis] = {}  # (cache path, u sha256) -> basis: once per process
@@ -30,8 +38,6 @@ _LOCK = threading.Lock()
 
 def cache_basis(path: str, manifest: dict[str, Any]) -> StateBasis:
     """The cache's basis, read and checked once per process."""
-    from pipeline.cache.basis import BASIS_FILES, read_basis
-
     record = manifest.get("state_basis") or {}
     token = (path, str(record.get("files", {}).get(BASIS_FILES["u"], {}).get("sha256")))
     with _LOCK:
@@ -84,8 +90,6 @@ def read_states(
     gates = gates_w if gates_w is None or local is None else gates_w[local]
     if states.rank is None:
         if num_student_experts != width:
-            from pipeline.models.alignment import aggregate_expert_states
-
             assert gates is not None
             decoded = aggregate_expert_states(gates, decoded, num_student_experts)
         name, value = "expert_states", decoded
@@ -104,3 +108,28 @@ def read_states(
     mask = np.zeros(hi - lo, dtype=bool)
     mask[local.numpy()] = True
     return {name: full.numpy(), "expert_state_mask": mask}
+
+
+def decode_sample(
+    cache_url: str, manifest: dict[str, Any], sample: FidelitySample
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the cache's reader makes of the held-out fidelity sample's encoded rows at the cached width:
+    (states float32 [n, P, W, D], zeros where token subsampling dropped them; keep bool [n])."""
+    inputs = manifest["key_inputs"]
+    states = StatesCodec.from_key_inputs(inputs.get("states_codec"), inputs["dtypes"]["expert_states"])
+    width, n, a = int(inputs["width"]), sample.num_tokens, sample.arrays
+    positions = list(range(len(inputs["cached_layers"])))
+    out = read_states(
+        states,
+        lambda name, rows: a[name][rows],
+        lambda: a["expert_state_rows"],
+        0,
+        n,
+        None,
+        width,
+        width,
+        lambda: group_basis_for(cache_url, manifest, positions, width),
+        "full",
+    )
+    keep = out.get("expert_state_mask", np.ones(n, dtype=bool))
+    return torch.from_numpy(out["expert_states"]), torch.from_numpy(keep)
