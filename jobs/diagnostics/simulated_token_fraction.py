@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import yaml
 
-from pipeline.cache.codecs import STATES_SEED, keep_rows
+from pipeline.cache.format.codecs import STATES_SEED, keep_rows
 from pipeline.config import load_config
 from pipeline.distill import task as distill_task
 from pipeline.distill.stage import run_distill

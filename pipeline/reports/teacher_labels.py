@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache.reader import open_cache
+from pipeline.cache.read.reader import open_cache
 from pipeline.errors import CacheError
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cache.reader import open_cache
+from pipeline.cache.read.reader import open_cache
 from pipeline.cache.stage import run_cache, teacher_checkpoint
 from pipeline.cli import main
 from pipeline.models.build import load_causal_lm
