@@ -196,10 +196,23 @@ def cmd_report(args: argparse.Namespace) -> list[Path]:
 def _report_states_fidelity(args: argparse.Namespace) -> list[Path]:
     from pipeline.reports.fidelity import format_fidelity, states_fidelity, write_fidelity
 
-    fidelity = states_fidelity(args.target, args.sequences, args.teacher, args.source)
+    sequences = 16 if args.sequences is None else args.sequences
+    fidelity = states_fidelity(args.target, sequences, args.teacher, args.source)
     print(format_fidelity(fidelity))
     key = fidelity.path.rstrip("/").rsplit("/", 1)[-1]
     return [write_fidelity(fidelity, args.out or Path("reports") / "states-fidelity" / key)]
+
+
+def _report_router_sharpness(args: argparse.Namespace) -> list[Path]:
+    from pipeline.reports.router_sharpness import format_sharpness, router_sharpness, write_sharpness
+
+    if not args.config:
+        raise ConfigError("`moedistill report router-sharpness` needs --config CONFIG (teacher and data)")
+    config = load_cli_config(args)
+    sequences = 256 if args.sequences is None else args.sequences
+    report = router_sharpness(config, sequences, args.teacher)
+    print(format_sharpness(report))
+    return [write_sharpness(report, args.out or Path("reports") / "router-sharpness" / config.name)]
 
 
 def _report_terms(args: argparse.Namespace) -> list[Path]:
@@ -313,6 +326,7 @@ REPORTS: dict[str, Report] = {
         _report_results, "a results CSV, an eval or sweep results directory, or a sweep YAML file"
     ),
     "states-fidelity": Report(_report_states_fidelity, "a teacher cache directory"),
+    "router-sharpness": Report(_report_router_sharpness, "--config CONFIG", needs_target=False),
     "sample-divergence": Report(_report_sample_divergence, "a sweep YAML file whose sweep has finished"),
 }
 
@@ -362,7 +376,11 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "target", nargs="?", help="cache path (storage), run dir (gates, terms), sweep file/dir (results)"
     )
-    p.add_argument("--config", help="project storage from a config alone (storage)")
+    p.add_argument(
+        "--config",
+        help="project storage from a config alone (storage); the teacher and data (router-sharpness)",
+    )
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (router-sharpness)")
     p.add_argument("--tokens", type=float, default=None, help="projected token count (storage)")
     p.add_argument("--usd-per-gb-month", type=float, default=0.023, help="storage price (storage)")
     p.add_argument(
@@ -373,9 +391,16 @@ def _report_args(p: argparse.ArgumentParser) -> None:
         "cached sequences, or over the stored sample; auto = stored if the cache keeps one, else teacher",
     )
     p.add_argument(
-        "--sequences", type=int, default=16, help="cached sequences compared (states-fidelity, teacher)"
+        "--sequences",
+        type=int,
+        default=None,
+        help="cached sequences compared (states-fidelity, teacher: 16) or measured (router-sharpness: 256)",
     )
-    p.add_argument("--teacher", help="teacher checkpoint, default: the cache's (states-fidelity)")
+    p.add_argument(
+        "--teacher",
+        help="teacher checkpoint, default: the cache's (states-fidelity), the config's fine-tuned one "
+        "(router-sharpness)",
+    )
     p.add_argument(
         "--limit", type=int, default=128, help="validation records each model samples (sample-divergence)"
     )

@@ -2,6 +2,7 @@
 
     python jobs/benchmarks/bench_cache.py [--records 256] [--num-actors 1] [--threads 1] [--num-gpus 0]
     python jobs/benchmarks/bench_cache.py --shape qwen3-30b-a3b,olmoe-1b-7b [--trials 3] [--seqs 2]
+        [--sharpness 0.9 | --match-experts 0.9:F]
 
 --shape: a real MoE's width, vocabulary and expert count at truncated depth (jobs/benchmarks/real_shapes.py);
 its default run (2 sequences x 64 tokens, 2 layers, 3 interleaved rounds) fits a 2-core, 24 GiB machine.
@@ -195,6 +196,13 @@ def main() -> None:
     ap.add_argument("--seqs", type=int, default=2, help="--shape: sequences (one micro-batch)")
     ap.add_argument("--seq-len", type=int, default=64, help="--shape: tokens per sequence")
     ap.add_argument("--sharpness", type=float, default=0.9, help="--shape: mean top-k router mass")
+    ap.add_argument(
+        "--match-experts",
+        default=None,
+        metavar="M:F",
+        help="--shape, instead of --sharpness: routers sharpened until the experts carrying M of a token's "
+        "router mass are the fraction F of all experts (F from `moedistill report router-sharpness`)",
+    )
     ap.add_argument("--masses", default="1.0,0.99", help="--shape: states_mass values timed")
     ap.add_argument("--sweep", default="0.9,0.95,0.99,1.0", help="--shape: states_mass values for fidelity")
     ap.add_argument("--logits-k", type=int, default=64, help="--shape: cached top-k logits")

@@ -2,9 +2,13 @@
 
 The teacher is the named model's shape at truncated depth (2 layers by default), random weights, its routers
 scaled so that a stated share of each token's router mass falls on its own top-k experts (`--sharpness`: a
-random router is almost flat, and nothing could be skipped). Its cache aggregates to the student's 4 experts
-(cache.width = 4), the width mass truncation works on. Token ids are random (no tokenizer: the shapes'
-vocabularies are the real ones). Side by side, interleaved over `--trials` rounds (jobs/benchmarks/measure):
+random router is almost flat, and nothing could be skipped), or so that the experts carrying M of a token's
+router mass are on average the fraction F of all experts (`--match-experts M:F`, F as measured on a trained
+router of another expert count by `moedistill report router-sharpness`: the fraction, unlike a top-k mass at
+a fixed k, carries over between expert counts; see pipeline/reports/router_sharpness.py). Its cache
+aggregates to the student's 4 experts (cache.width = 4), the width mass truncation works on. Token ids are
+random (no tokenizer: the shapes' vocabularies are the real ones). Side by side, interleaved over `--trials`
+rounds (jobs/benchmarks/measure):
 
   plain forward            the model's own forward (its top-k experts only)
   forward + all experts    MoEAdapter.forward_with_experts: every expert on every cached token
@@ -40,6 +44,7 @@ from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.models.adapter import MoEAdapter
 from pipeline.models.truncation import mass_selection
 from pipeline.reports.fidelity import pair_fidelity
+from pipeline.reports.router_sharpness import experts_for_mass
 from pipeline.reports.storage import project_from_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,10 +85,34 @@ def topk_mass(logits: torch.Tensor, k: int, scale: float) -> float:
     return float(torch.softmax(logits.float() * scale, -1).topk(k, -1).values.sum(-1).mean())
 
 
+def experts_fraction(logits: torch.Tensor, mass: float, scale: float) -> float:
+    """Mean fraction of the experts a token needs for `mass` of its router mass at logits x scale."""
+    probs = torch.softmax(logits.float() * scale, -1)
+    return float(experts_for_mass(probs, mass).mean()) / probs.shape[-1]
+
+
+def router_target(args: Any, top_k: int) -> tuple[Callable[[torch.Tensor, float], float], float, str]:
+    """(statistic of logits x scale that rises with the scale, its target, a description) from --sharpness
+    or --match-experts M:F (the fraction falls as the router sharpens: its negative rises)."""
+    if args.match_experts:
+        mass, frac = (float(x) for x in args.match_experts.split(":"))
+        text = f"{frac} of the experts carrying {mass} of a token's router mass (--match-experts)"
+        return (lambda logits, scale: -experts_fraction(logits, mass, scale)), -frac, text
+    text = f"a top-{top_k} router mass of {args.sharpness}"
+    return (lambda logits, scale: topk_mass(logits, top_k, scale)), args.sharpness, text
+
+
 @torch.no_grad()
-def sharpen_routers(adapter: MoEAdapter, batch: dict[str, torch.Tensor], target: float) -> list[float]:
-    """Scale each MoE layer's router weight (layer by layer, on the MoE inputs the layers below give) so the
-    mean top-k router mass is `target`; returns the scales. A linear router's logits scale with its weight."""
+def sharpen_routers(
+    adapter: MoEAdapter,
+    batch: dict[str, torch.Tensor],
+    target: float,
+    stat: Callable[[torch.Tensor, float], float] | None = None,
+) -> list[float]:
+    """Scale each MoE layer's router weight (layer by layer, on the MoE inputs the layers below give) so
+    stat(logits, scale) -- default the mean top-k router mass -- is `target`; returns the scales. A linear
+    router's logits scale with its weight; stat must rise with the scale."""
+    stat = stat or (lambda logits, scale: topk_mass(logits, adapter.top_k, scale))
     mask = distill_positions(batch["response_mask"])
     scales = []
     for layer in range(adapter.num_layers):
@@ -91,10 +120,10 @@ def sharpen_routers(adapter: MoEAdapter, batch: dict[str, torch.Tensor], target:
             batch["input_ids"], batch["attention_mask"], [layer], mask, compute_experts=False
         )
         logits = fwd.router_logits[layer]
-        lo, hi = 1e-2, 1e4  # bisection in log space: top-k mass rises with the scale
+        lo, hi = 1e-2, 1e4  # bisection in log space
         for _ in range(60):
             mid = (lo * hi) ** 0.5
-            lo, hi = (mid, hi) if topk_mass(logits, adapter.top_k, mid) < target else (lo, mid)
+            lo, hi = (mid, hi) if stat(logits, mid) < target else (lo, mid)
         adapter.block_view(layer).router_weight.mul_(hi)
         scales.append(hi)
     return scales
@@ -160,7 +189,8 @@ def run_shape(name: str, args: Any) -> None:
     batch = pad_batch(examples, 0)
     mask = distill_positions(batch["response_mask"])
     tokens = int(mask.sum())
-    scales = sharpen_routers(adapter, batch, args.sharpness)
+    stat, target, target_text = router_target(args, adapter.top_k)
+    scales = sharpen_routers(adapter, batch, target, stat)
     layers = tuple(range(adapter.num_layers))
     base_out = TeacherOutputSpec(layers, WIDTH, "topk", args.logits_k, "float16", True, "none", 1)
     outs = {m: dataclasses.replace(base_out, states_mass=m) for m in args.masses}
@@ -203,10 +233,13 @@ def run_shape(name: str, args: Any) -> None:
         f"{adapter.vocab_size}, {adapter.num_layers} layers (truncated depth), random weights; student "
         f"{shape.student} =="
     )
-    after = [f"{topk_mass(r, adapter.top_k, 1.0):.3f}" for r in _router_logits(adapter, batch).values()]
+    logits_after = _router_logits(adapter, batch).values()
+    after = [f"{topk_mass(r, adapter.top_k, 1.0):.3f}" for r in logits_after]
+    frac = [f"{experts_fraction(r, 0.9, 1.0):.3f}" for r in logits_after]
     print(
-        f"routers scaled x{', x'.join(f'{s:.3g}' for s in scales)} to a top-{adapter.top_k} router mass of "
-        f"{args.sharpness} (measured after: {', '.join(after)}); {args.seqs} sequences x {args.seq_len} "
+        f"routers scaled x{', x'.join(f'{s:.3g}' for s in scales)} to {target_text} (measured after: "
+        f"top-{adapter.top_k} mass {', '.join(after)}; fraction of experts for 0.9 of the mass "
+        f"{', '.join(frac)}); {args.seqs} sequences x {args.seq_len} "
         f"tokens = {tokens} distillation tokens; torch threads {torch.get_num_threads()}; experts "
         f"implementation {getattr(config, '_experts_implementation', '?')}"
     )
