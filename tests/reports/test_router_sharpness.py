@@ -105,3 +105,21 @@ def test_report_before_and_after_fine_tuning(tmp_path: Path) -> None:
     assert main(args) == 0
     assert "| before fine-tuning | 0 |" in (out / "router-sharpness.md").read_text()
     assert main(["report", "router-sharpness"]) == 2  # no config: a one-line error
+
+
+def test_bench_times_a_configs_trained_teacher(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bench_cache.py --config: the timing rounds and the m sweep on the config's teacher, its cached layers
+    and width (the same code as --shape: real_shapes.cache_stage_trials, mass_sweep)."""
+    sys.path.insert(0, str(REPO / "jobs" / "benchmarks"))
+    from real_shapes import run_trained
+
+    config = tiny_config(tmp_path, {"cache.width": 2})
+    save_teacher(config, paths_for(config).teacher_final, seed=5)
+    args = SimpleNamespace(seqs=4, trials=1, masses=[1.0, 0.5], sweep=[0.5, 1.0])
+    run_trained(write_config(config, tmp_path / "c.yaml"), args)
+    text = capsys.readouterr().out
+    assert "cached layers [1] at width 2" in text and "cache stage, m = 0.5" in text
+    rows = [line.split() for line in text.splitlines() if line.split()[:1] in (["0.5"], ["1"])]
+    assert [r[0] for r in rows] == ["0.5", "1"]
+    assert float(rows[0][1]) < float(rows[1][1]) <= 4  # fewer experts at m = 0.5 than at 1, of 4
+    assert float(rows[1][3]) == 0 and float(rows[1][4]) == pytest.approx(1.0)  # m = 1: exact states
