@@ -207,13 +207,15 @@ def _report_states_fidelity(args: argparse.Namespace) -> list[Path]:
     # why: each report loads only for its own `report KIND`
     from pipeline.reports.fidelity import format_fidelity, states_fidelity, write_fidelity
 
-    fidelity = states_fidelity(args.target, args.sequences or 16, args.teacher, args.source)
+    sequences = 16 if args.sequences is None else args.sequences
+    fidelity = states_fidelity(args.target, sequences, args.teacher, args.source)
     print(format_fidelity(fidelity))
     key = fidelity.path.rstrip("/").rsplit("/", 1)[-1]
     return [write_fidelity(fidelity, args.out or Path("reports") / "states-fidelity" / key)]
 
 
 def _report_teacher_labels(args: argparse.Namespace) -> list[Path]:
+    # why: each report loads only for its own `report KIND`
     from pipeline.reports.teacher_labels import format_teacher_labels, teacher_labels, write_teacher_labels
 
     report = teacher_labels(args.target, args.sequences)
@@ -221,6 +223,19 @@ def _report_teacher_labels(args: argparse.Namespace) -> list[Path]:
     key = report.cache.rstrip("/").rsplit("/", 1)[-1]
     out = Path(args.out) if args.out else Path("reports") / "teacher-labels" / key
     return [write_teacher_labels(report, out)]
+
+
+def _report_router_sharpness(args: argparse.Namespace) -> list[Path]:
+    # why: each report loads only for its own `report KIND`
+    from pipeline.reports.router_sharpness import format_sharpness, router_sharpness, write_sharpness
+
+    if not args.config:
+        raise ConfigError("`moedistill report router-sharpness` needs --config CONFIG (teacher and data)")
+    config = load_cli_config(args)
+    sequences = 256 if args.sequences is None else args.sequences
+    report = router_sharpness(config, sequences, args.teacher)
+    print(format_sharpness(report))
+    return [write_sharpness(report, args.out or Path("reports") / "router-sharpness" / config.name)]
 
 
 def _report_terms(args: argparse.Namespace) -> list[Path]:
@@ -339,6 +354,7 @@ REPORTS: dict[str, Report] = {
     ),
     "states-fidelity": Report(_report_states_fidelity, "a teacher cache directory"),
     "teacher-labels": Report(_report_teacher_labels, "a teacher cache directory"),
+    "router-sharpness": Report(_report_router_sharpness, "--config CONFIG", needs_target=False),
     "sample-divergence": Report(_report_sample_divergence, "a sweep YAML file whose sweep has finished"),
 }
 
@@ -388,7 +404,11 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "target", nargs="?", help="cache path (storage), run dir (gates, terms), sweep file/dir (results)"
     )
-    p.add_argument("--config", help="project storage from a config alone (storage)")
+    p.add_argument(
+        "--config",
+        help="project storage from a config alone (storage); the teacher and data (router-sharpness)",
+    )
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (router-sharpness)")
     p.add_argument("--tokens", type=float, default=None, help="projected token count (storage)")
     p.add_argument("--usd-per-gb-month", type=float, default=0.023, help="storage price (storage)")
     p.add_argument(
@@ -399,10 +419,17 @@ def _report_args(p: argparse.ArgumentParser) -> None:
         "cached sequences, or over the stored sample; auto = stored if the cache keeps one, else teacher",
     )
     p.add_argument(
-        "--sequences", type=int, help="cached sequences read: states-fidelity (teacher; default 16), "
-        "teacher-labels (default all)"
+        "--sequences",
+        type=int,
+        default=None,
+        help="cached sequences compared (states-fidelity, teacher: 16), measured (router-sharpness: 256) or "
+        "read (teacher-labels: all)",
     )
-    p.add_argument("--teacher", help="teacher checkpoint, default: the cache's (states-fidelity)")
+    p.add_argument(
+        "--teacher",
+        help="teacher checkpoint, default: the cache's (states-fidelity), the config's fine-tuned one "
+        "(router-sharpness)",
+    )
     p.add_argument(
         "--limit", type=int, default=128, help="validation records each model samples (sample-divergence)"
     )

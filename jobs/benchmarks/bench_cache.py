@@ -2,9 +2,13 @@
 
     python jobs/benchmarks/bench_cache.py [--records 256] [--num-actors 1] [--threads 1] [--num-gpus 0]
     python jobs/benchmarks/bench_cache.py --shape qwen3-30b-a3b,olmoe-1b-7b [--trials 3] [--seqs 2]
+        [--sharpness 0.9 | --match-experts 0.9:F]
+    python jobs/benchmarks/bench_cache.py --config jobs/configs/demo-16-experts.yaml --seqs 32 [--trials 3]
 
 --shape: a real MoE's width, vocabulary and expert count at truncated depth (jobs/benchmarks/real_shapes.py);
 its default run (2 sequences x 64 tokens, 2 layers, 3 interleaved rounds) fits a 2-core, 24 GiB machine.
+--config: the same timings and m sweep for a config's fine-tuned teacher (a trained router) on the first
+--seqs of its cache's sequences, its cached layers and cache.width (real_shapes.run_trained).
 Without it:
 
 Builds the demo-sized teacher (jobs/configs/demo.yaml: Qwen3-MoE, hidden 256, 4 layers, 4 experts; demo
@@ -44,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runnable as a pl
 import numpy as np
 import torch
 from measure import PeakMemory, interleaved
-from real_shapes import SHAPES, run_shape
+from real_shapes import SHAPES, run_shape, run_trained
 
 from pipeline.cache import (
     CacheRuntime,
@@ -190,19 +194,31 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="default: a temp dir, removed afterwards")
     ap.add_argument("--trials", type=int, default=3, help="interleaved rounds of the in-process variants")
     ap.add_argument("--shape", default=None, help=f"comma-separated real shapes: {', '.join(SHAPES)}")
+    ap.add_argument("--config", default=None, help="a config whose fine-tuned teacher is timed (see above)")
     ap.add_argument("--layers", type=int, default=2, help="--shape: teacher depth (truncated)")
-    ap.add_argument("--seqs", type=int, default=2, help="--shape: sequences (one micro-batch)")
+    ap.add_argument("--seqs", type=int, default=2, help="--shape, --config: sequences (one micro-batch)")
     ap.add_argument("--seq-len", type=int, default=64, help="--shape: tokens per sequence")
     ap.add_argument("--sharpness", type=float, default=0.9, help="--shape: mean top-k router mass")
-    ap.add_argument("--masses", default="1.0,0.99", help="--shape: states_mass values timed")
-    ap.add_argument("--sweep", default="0.9,0.95,0.99,1.0", help="--shape: states_mass values for fidelity")
+    ap.add_argument(
+        "--match-experts",
+        default=None,
+        metavar="M:F",
+        help="--shape, instead of --sharpness: routers sharpened until the experts carrying M of a token's "
+        "router mass are the fraction F of all experts (F from `moedistill report router-sharpness`)",
+    )
+    ap.add_argument("--masses", default="1.0,0.99", help="--shape, --config: states_mass values timed")
+    ap.add_argument(
+        "--sweep", default="0.9,0.95,0.99,1.0", help="--shape, --config: states_mass values for fidelity"
+    )
     ap.add_argument("--logits-k", type=int, default=64, help="--shape: cached top-k logits")
     args = ap.parse_args()
-    if args.shape:
+    if args.shape or args.config:
         torch.set_num_threads(args.threads)
         args.masses = [float(m) for m in args.masses.split(",")]
         args.sweep = [float(m) for m in args.sweep.split(",")]
-        for name in args.shape.split(","):
+        if args.config:
+            run_trained(args.config, args)
+        for name in args.shape.split(",") if args.shape else []:
             run_shape(name, args)
         return
     logging.basicConfig(level=logging.WARNING)

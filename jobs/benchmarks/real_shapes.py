@@ -2,9 +2,13 @@
 
 The teacher is the named model's shape at truncated depth (2 layers by default), random weights, its routers
 scaled so that a stated share of each token's router mass falls on its own top-k experts (`--sharpness`: a
-random router is almost flat, and nothing could be skipped). Its cache aggregates to the student's 4 experts
-(cache.width = 4), the width mass truncation works on. Token ids are random (no tokenizer: the shapes'
-vocabularies are the real ones). Side by side, interleaved over `--trials` rounds (jobs/benchmarks/measure):
+random router is almost flat, and nothing could be skipped), or so that the experts carrying M of a token's
+router mass are on average the fraction F of all experts (`--match-experts M:F`, F as measured on a trained
+router of another expert count by `moedistill report router-sharpness`: the fraction, unlike a top-k mass at
+a fixed k, carries over between expert counts; see pipeline/reports/router_sharpness.py). Its cache
+aggregates to the student's 4 experts (cache.width = 4), the width mass truncation works on. Token ids are
+random (no tokenizer: the shapes' vocabularies are the real ones). Side by side, interleaved over `--trials`
+rounds (jobs/benchmarks/measure):
 
   plain forward            the model's own forward (its top-k experts only)
   forward + all experts    MoEAdapter.forward_with_experts: every expert on every cached token
@@ -22,7 +26,7 @@ import dataclasses
 import shutil
 import statistics
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,7 @@ from pipeline.data.collate import distill_positions, pad_batch
 from pipeline.models.adapter import MoEAdapter
 from pipeline.models.truncation import mass_selection
 from pipeline.reports.fidelity import pair_fidelity
+from pipeline.reports.router_sharpness import experts_for_mass
 from pipeline.reports.storage_projection import project_from_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,10 +85,34 @@ def topk_mass(logits: torch.Tensor, k: int, scale: float) -> float:
     return float(torch.softmax(logits.float() * scale, -1).topk(k, -1).values.sum(-1).mean())
 
 
+def experts_fraction(logits: torch.Tensor, mass: float, scale: float) -> float:
+    """Mean fraction of the experts a token needs for `mass` of its router mass at logits x scale."""
+    probs = torch.softmax(logits.float() * scale, -1)
+    return float(experts_for_mass(probs, mass).mean()) / probs.shape[-1]
+
+
+def router_target(args: Any, top_k: int) -> tuple[Callable[[torch.Tensor, float], float], float, str]:
+    """(statistic of logits x scale that rises with the scale, its target, a description) from --sharpness
+    or --match-experts M:F (the fraction falls as the router sharpens: its negative rises)."""
+    if args.match_experts:
+        mass, frac = (float(x) for x in args.match_experts.split(":"))
+        text = f"{frac} of the experts carrying {mass} of a token's router mass (--match-experts)"
+        return (lambda logits, scale: -experts_fraction(logits, mass, scale)), -frac, text
+    text = f"a top-{top_k} router mass of {args.sharpness}"
+    return (lambda logits, scale: topk_mass(logits, top_k, scale)), args.sharpness, text
+
+
 @torch.no_grad()
-def sharpen_routers(adapter: MoEAdapter, batch: dict[str, torch.Tensor], target: float) -> list[float]:
-    """Scale each MoE layer's router weight (layer by layer, on the MoE inputs the layers below give) so the
-    mean top-k router mass is `target`; returns the scales. A linear router's logits scale with its weight."""
+def sharpen_routers(
+    adapter: MoEAdapter,
+    batch: dict[str, torch.Tensor],
+    target: float,
+    stat: Callable[[torch.Tensor, float], float] | None = None,
+) -> list[float]:
+    """Scale each MoE layer's router weight (layer by layer, on the MoE inputs the layers below give) so
+    stat(logits, scale) -- default the mean top-k router mass -- is `target`; returns the scales. A linear
+    router's logits scale with its weight; stat must rise with the scale."""
+    stat = stat or (lambda logits, scale: topk_mass(logits, adapter.top_k, scale))
     mask = distill_positions(batch["response_mask"])
     scales = []
     for layer in range(adapter.num_layers):
@@ -91,10 +120,10 @@ def sharpen_routers(adapter: MoEAdapter, batch: dict[str, torch.Tensor], target:
             batch["input_ids"], batch["attention_mask"], [layer], mask, compute_experts=False
         )
         logits = fwd.router_logits[layer]
-        lo, hi = 1e-2, 1e4  # bisection in log space: top-k mass rises with the scale
+        lo, hi = 1e-2, 1e4  # bisection in log space
         for _ in range(60):
             mid = (lo * hi) ** 0.5
-            lo, hi = (mid, hi) if topk_mass(logits, adapter.top_k, mid) < target else (lo, mid)
+            lo, hi = (mid, hi) if stat(logits, mid) < target else (lo, mid)
         adapter.block_view(layer).router_weight.mul_(hi)
         scales.append(hi)
     return scales
@@ -150,28 +179,23 @@ def measured(shard_dir: Path, arrays: dict[str, Any], tokens: int) -> dict[str, 
     return out
 
 
-def run_shape(name: str, args: Any) -> None:
-    shape = SHAPES[name]
-    torch.manual_seed(0)
-    config = shape.teacher(args.layers)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    adapter = MoEAdapter(model)
-    examples = random_examples(args.seqs, args.seq_len, adapter.vocab_size)
-    batch = pad_batch(examples, 0)
+def cache_stage_trials(
+    adapter: MoEAdapter, examples: list[dict[str, Any]], out: TeacherOutputSpec, pad_id: int, args: Any
+) -> tuple[Any, dict[float, Any], Path]:
+    """Interleaved rounds (one warm-up) of the plain forward, the all-expert forward and the cache stage at
+    each of args.masses, on `examples` as one micro-batch; returns (trials, the shard data by m, the work dir
+    holding the written shards: the caller removes it)."""
+    batch = pad_batch(examples, pad_id)
     mask = distill_positions(batch["response_mask"])
-    tokens = int(mask.sum())
-    scales = sharpen_routers(adapter, batch, args.sharpness)
-    layers = tuple(range(adapter.num_layers))
-    base_out = TeacherOutputSpec(layers, WIDTH, "topk", args.logits_k, "float16", True, "none", 1)
-    outs = {m: dataclasses.replace(base_out, states_mass=m) for m in args.masses}
+    outs = {m: dataclasses.replace(out, states_mass=m) for m in args.masses}
     work = Path(tempfile.mkdtemp(prefix="bench-shape-"))
-    meta = ShardMeta(layers, WIDTH, adapter.hidden_size, adapter.vocab_size, "topk", args.logits_k,
-                     "float16", True, False, StatesCodec())  # fmt: skip
+    meta = ShardMeta(out.cached_layers, out.width, adapter.hidden_size, adapter.vocab_size, "topk",
+                     out.logits_k, "float16", True, False, StatesCodec())  # fmt: skip
     written: dict[float, Any] = {}
 
     def cache_stage(m: float) -> Callable[[], None]:
         def run() -> None:
-            data = compute_shard(adapter, examples, 0, len(examples), outs[m], args.seqs, 0)
+            data = compute_shard(adapter, examples, 0, len(examples), outs[m], len(examples), pad_id)
             target = work / f"m{m}"
             shutil.rmtree(target, ignore_errors=True)
             write_shard_files(data, meta, str(target))
@@ -180,13 +204,31 @@ def run_shape(name: str, args: Any) -> None:
         return run
 
     ids, attn = batch["input_ids"], batch["attention_mask"]
+    model = adapter.model
     variants: dict[str, Callable[[], Any]] = {
         "plain forward": lambda: model(input_ids=ids, attention_mask=attn, use_cache=False),
-        "forward + all experts": lambda: adapter.forward_with_experts(ids, attn, layers, mask),
+        "forward + all experts": lambda: adapter.forward_with_experts(ids, attn, out.cached_layers, mask),
         **{f"cache stage, m = {m:g}": cache_stage(m) for m in args.masses},
     }
     with torch.no_grad():
         trials = interleaved(variants, args.trials, warmup=1, memory=True)
+    return trials, written, work
+
+
+def run_shape(name: str, args: Any) -> None:
+    shape = SHAPES[name]
+    torch.manual_seed(0)
+    config = shape.teacher(args.layers)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    adapter = MoEAdapter(model)
+    examples = random_examples(args.seqs, args.seq_len, adapter.vocab_size)
+    batch = pad_batch(examples, 0)
+    tokens = int(distill_positions(batch["response_mask"]).sum())
+    stat, target, target_text = router_target(args, adapter.top_k)
+    scales = sharpen_routers(adapter, batch, target, stat)
+    layers = tuple(range(adapter.num_layers))
+    base_out = TeacherOutputSpec(layers, WIDTH, "topk", args.logits_k, "float16", True, "none", 1)
+    trials, written, work = cache_stage_trials(adapter, examples, base_out, 0, args)
 
     # bytes per token: measured on the m = 1 shard (truncation changes values, never sizes)
     teacher_dir = work / "teacher-config"
@@ -203,31 +245,65 @@ def run_shape(name: str, args: Any) -> None:
         f"{adapter.vocab_size}, {adapter.num_layers} layers (truncated depth), random weights; student "
         f"{shape.student} =="
     )
-    after = [f"{topk_mass(r, adapter.top_k, 1.0):.3f}" for r in _router_logits(adapter, batch).values()]
+    logits_after = _router_logits(adapter, batch, layers).values()
+    after = [f"{topk_mass(r, adapter.top_k, 1.0):.3f}" for r in logits_after]
+    frac = [f"{experts_fraction(r, 0.9, 1.0):.3f}" for r in logits_after]
     print(
-        f"routers scaled x{', x'.join(f'{s:.3g}' for s in scales)} to a top-{adapter.top_k} router mass of "
-        f"{args.sharpness} (measured after: {', '.join(after)}); {args.seqs} sequences x {args.seq_len} "
+        f"routers scaled x{', x'.join(f'{s:.3g}' for s in scales)} to {target_text} (measured after: "
+        f"top-{adapter.top_k} mass {', '.join(after)}; fraction of experts for 0.9 of the mass "
+        f"{', '.join(frac)}); {args.seqs} sequences x {args.seq_len} "
         f"tokens = {tokens} distillation tokens; torch threads {torch.get_num_threads()}; experts "
         f"implementation {getattr(config, '_experts_implementation', '?')}"
     )
-    print_tables(trials, meas, proj, sweep, args.trials, adapter.num_experts, adapter.top_k)
+    print_times(trials, args.trials)
+    print_bytes(meas, proj)
+    print_sweep(sweep, adapter.num_experts, adapter.top_k)
 
 
-def print_tables(
-    trials: Any,
-    meas: dict[str, tuple[float, float]],
-    proj: dict[str, float],
-    sweep: list[dict[str, float]],
-    rounds: int,
-    num_experts: int,
-    top_k: int,
-) -> None:
+def run_trained(config_path: str, args: Any) -> None:
+    """--config C: the config's fine-tuned teacher, untouched (its routers are trained), on the first
+    args.seqs of the sequences its cache is built from as one micro-batch, its cached layers and width."""
+    from pipeline.cache.build.teacher import tokenize_shard
+    from pipeline.cache.stage import cached_layers_for, teacher_checkpoint
+    from pipeline.data.stage import load_tokenizer, prepare_data
+    from pipeline.models.build import load_causal_lm
+
+    config = load_config(config_path)
+    prepared = prepare_data(config)
+    tok = load_tokenizer(prepared.tokenizer_path)
+    examples = tokenize_shard(tok, prepared.splits.train[: args.seqs], 0, config.data.max_length)
+    path = teacher_checkpoint(config)
+    adapter = MoEAdapter(load_causal_lm(path, torch_dtype="float32", setting="teacher"))
+    layers = cached_layers_for(config, adapter.num_layers)
+    width = config.cache.width or adapter.num_experts
+    base_out = TeacherOutputSpec(layers, width, "topk", config.cache.logits_k, "float16", True, "none", 1)
+    pad_id = int(tok.pad_token_id)
+    trials, _, work = cache_stage_trials(adapter, examples, base_out, pad_id, args)
+    shutil.rmtree(work, ignore_errors=True)
+    batch = pad_batch(examples, pad_id)
+    tokens = int(distill_positions(batch["response_mask"]).sum())
+    sweep = mass_sweep(adapter, batch, base_out, args.sweep)
+    print(
+        f"\n== {config.name}: fine-tuned teacher {path}: {adapter.num_experts} experts top-{adapter.top_k}, "
+        f"expert width {adapter.expert_intermediate_size}, hidden {adapter.hidden_size}, "
+        f"{adapter.num_layers} layers, cached layers {list(layers)} at width {width}; {len(examples)} of its "
+        f"cache's sequences = {tokens} distillation tokens (one micro-batch); torch threads "
+        f"{torch.get_num_threads()} =="
+    )
+    print_times(trials, args.trials)
+    print_sweep(sweep, adapter.num_experts, adapter.top_k)
+
+
+def print_times(trials: Any, rounds: int) -> None:
     base = "plain forward"
     print(f"\n{'variant':<26}{'median [min-max] s':>28}{'vs plain forward':>24}{'peak RSS GB':>13}")
     for v in trials.seconds:
         ratio = trials.ratio_text(v, base)
         print(f"{v:<26}{trials.time_text(v):>28}{ratio:>24}{trials.peak_rss[v] / 2**30:>13.1f}")
     print(f"({rounds} interleaved rounds after one warm-up round; ratios paired within a round)")
+
+
+def print_bytes(meas: dict[str, tuple[float, float]], proj: dict[str, float]) -> None:
     print(f"\n{'field':<15}{'measured B/tok':>16}{'projected B/tok':>17}{'diff':>8}{'on disk B/tok':>15}")
     for field in ("logits", "gates", "expert_states", "index"):
         raw, disk = meas[field]
@@ -238,6 +314,9 @@ def print_tables(
         "(measured: stored dtype x shape per token; on disk: the blosc-compressed zarr files, padded to "
         "the 256-token chunk; the index projection assumes max_length sequences half response)"
     )
+
+
+def print_sweep(sweep: list[dict[str, float]], num_experts: int, top_k: int) -> None:
     print(f"\n{'m':>6}{'experts/token-layer':>21}{'kept mass':>11}{'MC-loss rel err':>17}{'grad cos':>10}")
     for row in sweep:
         print(
@@ -248,9 +327,10 @@ def print_tables(
 
 
 @torch.no_grad()
-def _router_logits(adapter: MoEAdapter, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+def _router_logits(
+    adapter: MoEAdapter, batch: dict[str, torch.Tensor], layers: Sequence[int]
+) -> dict[int, torch.Tensor]:
     mask = distill_positions(batch["response_mask"])
-    layers = range(adapter.num_layers)
     fwd = adapter.forward_with_experts(
         batch["input_ids"], batch["attention_mask"], layers, mask, compute_experts=False
     )
@@ -263,7 +343,7 @@ def mass_sweep(
     """Per m: experts computed per (token, layer), router mass kept, worst-pair MC-loss relative error and
     gradient cosine against the exact states of the same forward."""
     exact = teacher_targets(adapter, batch, out)
-    logits = _router_logits(adapter, batch)
+    logits = _router_logits(adapter, batch, out.cached_layers)
     keep = torch.ones(len(exact["gates"]), dtype=torch.bool)
     rows = []
     for m in masses:
