@@ -2,11 +2,13 @@
 
     python jobs/benchmarks/bench_cache.py [--records 256] [--num-actors 1] [--threads 1] [--num-gpus 0]
     python jobs/benchmarks/bench_cache.py --shape qwen3-30b-a3b,olmoe-1b-7b [--trials 3] [--seqs 2]
-        [--sharpness 0.9 | --match-experts 0.9:F]
+        [--sharpness 0.9 | --match-experts 0.9:F] [--no-student]
     python jobs/benchmarks/bench_cache.py --config jobs/configs/demo-16-experts.yaml --seqs 32 [--trials 3]
 
 --shape: a real MoE's width, vocabulary and expert count at truncated depth (jobs/benchmarks/real_shapes.py);
-its default run (2 sequences x 64 tokens, 2 layers, 3 interleaved rounds) fits a 2-core, 24 GiB machine.
+its default run (2 sequences x 64 tokens, 2 layers, 3 interleaved rounds) fits a 2-core, 24 GiB machine;
+then sft / kd / b-distill steps of the real-shaped student on the same batch (real_shape_student.py; skip
+them with --no-student).
 --config: the same timings and m sweep for a config's fine-tuned teacher (a trained router) on the first
 --seqs of its cache's sequences, its cached layers and cache.width (real_shapes.run_trained).
 Without it:
@@ -211,6 +213,7 @@ def main() -> None:
         "--sweep", default="0.9,0.95,0.99,1.0", help="--shape, --config: states_mass values for fidelity"
     )
     ap.add_argument("--logits-k", type=int, default=64, help="--shape: cached top-k logits")
+    ap.add_argument("--no-student", action="store_true", help="--shape: skip the student's steps")
     args = ap.parse_args()
     if args.shape or args.config:
         torch.set_num_threads(args.threads)

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from measure import interleaved
+from real_shape_student import olmoe_small, print_student_steps, qwen3_06b_moe, student_step_trials
 from transformers import AutoModelForCausalLM, OlmoeConfig, PretrainedConfig, Qwen3MoeConfig
 
 from pipeline.cache.build.teacher import KEPT_MASS, TeacherOutputSpec, compute_shard, teacher_targets
@@ -72,11 +73,14 @@ def _olmoe_1b_7b(layers: int) -> PretrainedConfig:
 class Shape:
     teacher: Callable[[int], PretrainedConfig]
     student: str  # what the cache is built for (its E_S = WIDTH)
+    student_config: Callable[[int, int], PretrainedConfig]  # (layers, vocab) -> the student's config
 
 
 SHAPES = {
-    "qwen3-30b-a3b": Shape(_qwen3_30b_a3b, "Qwen3-0.6B-MoE-shaped (hidden 1024, vocab 151,936, 4 experts)"),
-    "olmoe-1b-7b": Shape(_olmoe_1b_7b, "OLMoE-shaped (hidden 1024, vocab 50,304, 4 experts)"),
+    "qwen3-30b-a3b": Shape(
+        _qwen3_30b_a3b, "Qwen3-0.6B-MoE-shaped (hidden 1024, vocab 151,936, 4 experts)", qwen3_06b_moe
+    ),
+    "olmoe-1b-7b": Shape(_olmoe_1b_7b, "OLMoE-shaped (hidden 1024, vocab 50,304, 4 experts)", olmoe_small),
 }
 
 
@@ -238,6 +242,9 @@ def run_shape(name: str, args: Any) -> None:
     meas = measured(work / f"m{exact_m}", written[exact_m].arrays, tokens)
     sweep = mass_sweep(adapter, batch, base_out, args.sweep)
     shutil.rmtree(work, ignore_errors=True)
+    student = (
+        None if args.no_student else student_step_trials(shape.student_config, adapter, batch, base_out, args)
+    )
 
     print(
         f"\n== {name}: teacher {config.model_type} hidden {config.hidden_size}, {adapter.num_experts} "
@@ -258,6 +265,8 @@ def run_shape(name: str, args: Any) -> None:
     print_times(trials, args.trials)
     print_bytes(meas, proj)
     print_sweep(sweep, adapter.num_experts, adapter.top_k)
+    if student:
+        print_student_steps(*student, tokens, args.trials)
 
 
 def run_trained(config_path: str, args: Any) -> None:
