@@ -6,6 +6,7 @@ storage and fidelity reports."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -128,7 +129,8 @@ def test_error_falls_monotonically_with_m(sharp: dict[str, Any]) -> None:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("mass")
-    a = teacher_assets(root, 12, records_seed=3, vocab_size=384, arch=tiny_arch(num_experts=16), model_seed=0)
+    # 20 records: more than the 16 sequences `report states-fidelity` compares by default
+    a = teacher_assets(root, 20, records_seed=3, vocab_size=384, arch=tiny_arch(num_experts=16), model_seed=0)
     spec = teacher_cache_spec(
         a, cached_layers=(1, 3), width=4, logits_k=8, states_dtype="float16", max_length=150
     )
@@ -183,6 +185,18 @@ def test_reports_name_the_truncation_and_its_error(built: dict[str, Any]) -> Non
     report = states_fidelity(built["path"], num_sequences=4)  # no stored sample: the exact teacher reruns
     assert report.source == "teacher" and "top 0.9 of group mass" in report.states
     assert all(0 < p["mc_rel"] < 0.5 and 0.5 < p["grad_cos"] < 1.0 for p in report.pairs)
+
+
+def test_states_fidelity_cli_compares_16_sequences_by_default(
+    built: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.cli import main
+
+    out = tmp_path / "fidelity"
+    assert main(["report", "states-fidelity", built["path"], "--out", str(out)]) == 0  # no --sequences
+    printed = capsys.readouterr().out
+    assert "16 sequences (" in printed and "top 0.9 of group mass" in printed
+    assert "16 sequences (" in (out / "states-fidelity.md").read_text()
 
 
 def test_config_hash_is_unchanged_at_one_and_m_is_validated() -> None:
