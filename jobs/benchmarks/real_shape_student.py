@@ -54,26 +54,28 @@ def olmoe_small(layers: int, vocab: int) -> PretrainedConfig:
     )  # fmt: skip
 
 
-def student_step_trials(
-    make_config: Callable[[int, int], PretrainedConfig],
-    adapter: Any,
-    batch: dict[str, torch.Tensor],
-    out: TeacherOutputSpec,
-    args: Any,
-) -> tuple[Any, PretrainedConfig, float]:
-    """(interleaved trials of sft / kd / b-distill steps, the student's config, its parameters in
-    millions) on `batch` with the teacher's exact targets (states_mass 1)."""
-    mask = distill_positions(batch["response_mask"])
+def teacher_batch(adapter: Any, batch: dict[str, torch.Tensor], out: TeacherOutputSpec) -> dict[str, Any]:
+    """`batch` with the teacher's exact targets (states_mass 1) in the fields the cache reader gives."""
     with torch.no_grad():
         targets = teacher_targets(adapter, batch, out)
         idx, logp, tail = topk_sparsify(targets.pop("logits"), out.logits_k)
-    full = dict(batch, logit_indices=idx, logit_values=logp, logit_tail_logmass=tail, **targets)
+    return dict(batch, logit_indices=idx, logit_values=logp, logit_tail_logmass=tail, **targets)
 
+
+def student_step_trials(
+    make_config: Callable[[int, int], PretrainedConfig],
+    teacher: dict[str, int],
+    full: dict[str, Any],
+    args: Any,
+) -> tuple[Any, PretrainedConfig, float]:
+    """(interleaved trials of sft / kd / b-distill steps, the student's config, its parameters in
+    millions) on the batch `full` (teacher_batch); teacher: its num_layers, vocab_size, hidden_size."""
+    mask = distill_positions(full["response_mask"])
     torch.manual_seed(0)
-    config = make_config(adapter.num_layers, adapter.vocab_size)
+    config = make_config(teacher["num_layers"], teacher["vocab_size"])
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    pairs = layer_pairs(adapter.num_layers, config.num_hidden_layers)
-    student = DistillStudent(model, [s for s, _ in pairs], adapter.hidden_size)
+    pairs = layer_pairs(teacher["num_layers"], config.num_hidden_layers)
+    student = DistillStudent(model, [s for s, _ in pairs], teacher["hidden_size"])
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
     weights, generator = DistillConfig(), torch.Generator().manual_seed(0)
 
@@ -81,7 +83,7 @@ def student_step_trials(
         spec = get_method(method)
 
         def run() -> None:
-            fwd = student(batch["input_ids"], batch["attention_mask"], mask, with_experts=with_experts)
+            fwd = student(full["input_ids"], full["attention_mask"], mask, with_experts=with_experts)
             loss, _ = distill_objective(spec, weights, fwd, full, mask, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -108,4 +110,7 @@ def print_student_steps(
             f"{name:<12}{trials.time_text(name):>28}{trials.ratio_text(name, 'sft'):>22}"
             f"{tokens / trials.median(name):>10.0f}{trials.peak_rss[name] / 2**30:>13.1f}"
         )
-    print(f"({rounds} interleaved rounds after one warm-up round; peak RSS includes the teacher in memory)")
+    print(
+        f"({rounds} interleaved rounds after one warm-up round; the teacher freed first: peak RSS is the "
+        "student's, its optimizer's and the targets')"
+    )

@@ -23,6 +23,7 @@ against exact states (pipeline.reports.fidelity.pair_fidelity).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import shutil
 import statistics
 import tempfile
@@ -33,7 +34,13 @@ from typing import Any
 
 import torch
 from measure import interleaved
-from real_shape_student import olmoe_small, print_student_steps, qwen3_06b_moe, student_step_trials
+from real_shape_student import (
+    olmoe_small,
+    print_student_steps,
+    qwen3_06b_moe,
+    student_step_trials,
+    teacher_batch,
+)
 from transformers import AutoModelForCausalLM, OlmoeConfig, PretrainedConfig, Qwen3MoeConfig
 
 from pipeline.cache.build.teacher import KEPT_MASS, TeacherOutputSpec, compute_shard, teacher_targets
@@ -242,9 +249,6 @@ def run_shape(name: str, args: Any) -> None:
     meas = measured(work / f"m{exact_m}", written[exact_m].arrays, tokens)
     sweep = mass_sweep(adapter, batch, base_out, args.sweep)
     shutil.rmtree(work, ignore_errors=True)
-    student = (
-        None if args.no_student else student_step_trials(shape.student_config, adapter, batch, base_out, args)
-    )
 
     print(
         f"\n== {name}: teacher {config.model_type} hidden {config.hidden_size}, {adapter.num_experts} "
@@ -265,8 +269,14 @@ def run_shape(name: str, args: Any) -> None:
     print_times(trials, args.trials)
     print_bytes(meas, proj)
     print_sweep(sweep, adapter.num_experts, adapter.top_k)
-    if student:
-        print_student_steps(*student, tokens, args.trials)
+    if not args.no_student:  # the teacher's targets, then the teacher freed: it and the student never share
+        full = teacher_batch(adapter, batch, base_out)  # memory, as in the pipeline
+        dims = {"num_layers": adapter.num_layers, "vocab_size": adapter.vocab_size,
+                "hidden_size": adapter.hidden_size}  # fmt: skip
+        del model, adapter
+        gc.collect()
+        trials = student_step_trials(shape.student_config, dims, full, args)
+        print_student_steps(*trials, tokens, args.trials)
 
 
 def run_trained(config_path: str, args: Any) -> None:
