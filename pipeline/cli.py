@@ -398,9 +398,7 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "kind", choices=list(REPORTS)
-    )
+    p.add_argument("kind", choices=list(REPORTS))
     p.add_argument(
         "target", nargs="?", help="cache path (storage), run dir (gates, terms), sweep file/dir (results)"
     )

@@ -27,7 +27,6 @@ from pipeline.training.runner import fit
 pytestmark = pytest.mark.usefixtures("private_ray_cluster")
 
 
-
 def actors_of(class_fragment: str) -> list[dict[str, Any]]:
     """Every actor of this cluster (alive or dead) whose class name contains `class_fragment`, with the
     resources it asked for and the resources the raylet granted it. Ray Data names its actor pool's class

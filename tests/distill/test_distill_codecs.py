@@ -233,6 +233,8 @@ def test_subsampled_mc_term_equals_the_full_caches_on_the_same_tokens(assets: di
                 task.distill.k,
                 task.distill.alpha,
                 generator=generator,
-            ).mean().detach()
+            )
+            .mean()
+            .detach()
         )
     assert metrics["loss_mc"] == pytest.approx(want, rel=1e-6)

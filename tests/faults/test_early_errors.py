@@ -70,7 +70,11 @@ def test_the_unknown_method_error_lists_every_runnable_method(capsys: pytest.Cap
 def test_url_credentials_never_reach_the_console(tmp_path: Path) -> None:  # probe 5
     """botocore quotes the bucket as 'KEY:SECRET@bucket' (no scheme): the credentials given on the command
     line are redacted wherever they reappear, and the storage error is one short message, not a traceback."""
-    env = {**os.environ, "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    env = {
+        **os.environ,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+    }
     url = "s3://AKIAEXAMPLE:secretvalue@bucket/x"
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "cache", "ls", url], env=env, capture_output=True, text=True,

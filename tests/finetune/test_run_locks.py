@@ -28,9 +28,7 @@ BUSY = r"another run is writing the {what} .*pid \d+.*Fix: wait"
 def test_a_held_teacher_or_dense_student_lock_stops_a_second_run_before_any_work(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = tiny_config(
-        tmp_path, {**IN_PROCESS, "student.init": "upcycle", "student_pretrain.max_steps": 2}
-    )
+    config = tiny_config(tmp_path, {**IN_PROCESS, "student.init": "upcycle", "student_pretrain.max_steps": 2})
     monkeypatch.setenv(WAIT_ENV, "0")  # the second command gives up at once instead of waiting
     teacher_dir = Path(config.output_dir) / "teacher"
     busy = BUSY.format(what="teacher fine-tune")

@@ -37,6 +37,7 @@ from pipeline.placement import teacher_actor_options
 
 log = logging.getLogger(__name__)
 
+
 def restore_state_basis(
     url: str,
     manifest: dict[str, Any],

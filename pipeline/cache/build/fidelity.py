@@ -30,6 +30,7 @@ from pipeline.placement import teacher_actor_options
 
 log = logging.getLogger(__name__)
 
+
 def compute_fidelity_sample(
     spec: CacheSpec, heldout: Sequence[Any], width: int, runtime: CacheRuntime, cache_url: str
 ) -> dict[str, np.ndarray]:
