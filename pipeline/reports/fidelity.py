@@ -30,6 +30,7 @@ from pipeline.data.collate import pad_batch
 from pipeline.distill.losses import mc_exploration_loss
 from pipeline.errors import CacheError, ConfigError
 from pipeline.placement import teacher_placement
+from pipeline.reports.markdown import write_markdown
 from pipeline.reports.storage import describe_states
 
 log = logging.getLogger(__name__)
@@ -209,8 +210,4 @@ def format_fidelity(report: FidelityReport, level: int = 1) -> str:
 
 
 def write_fidelity(report: FidelityReport, out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    md = out / "states-fidelity.md"
-    md.write_text(format_fidelity(report) + "\n")
-    return md
+    return write_markdown(format_fidelity(report), out_dir, "states-fidelity.md")

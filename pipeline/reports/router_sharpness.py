@@ -37,6 +37,7 @@ from pipeline.data.stage import load_tokenizer, prepare_data
 from pipeline.models.build import load_causal_lm
 from pipeline.models.stage import materialize_model
 from pipeline.models.truncation import mass_selection
+from pipeline.reports.markdown import write_markdown
 
 MASSES = (0.9, 0.95, 0.99)
 TOP_KS = (8,)  # beside the model's own top-k: the top-k of the real MoEs this demo stands in for
@@ -179,8 +180,4 @@ def format_sharpness(report: RouterSharpness) -> str:
 
 
 def write_sharpness(report: RouterSharpness, out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    md = out / "router-sharpness.md"
-    md.write_text(format_sharpness(report) + "\n")
-    return md
+    return write_markdown(format_sharpness(report), out_dir, "router-sharpness.md")
