@@ -25,7 +25,6 @@ from measure import interleaved
 from transformers import AutoModelForCausalLM, OlmoeConfig, PretrainedConfig, Qwen3MoeConfig
 
 from pipeline.cache.build.sparsify import topk_sparsify
-from pipeline.cache.build.teacher import TeacherOutputSpec, teacher_targets
 from pipeline.config import DistillConfig
 from pipeline.data.collate import distill_positions
 from pipeline.distill.methods import get_method
@@ -54,12 +53,14 @@ def olmoe_small(layers: int, vocab: int) -> PretrainedConfig:
     )  # fmt: skip
 
 
-def teacher_batch(adapter: Any, batch: dict[str, torch.Tensor], out: TeacherOutputSpec) -> dict[str, Any]:
-    """`batch` with the teacher's exact targets (states_mass 1) in the fields the cache reader gives."""
-    with torch.no_grad():
-        targets = teacher_targets(adapter, batch, out)
-        idx, logp, tail = topk_sparsify(targets.pop("logits"), out.logits_k)
-    return dict(batch, logit_indices=idx, logit_values=logp, logit_tail_logmass=tail, **targets)
+def teacher_batch(
+    batch: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], logits_k: int
+) -> dict[str, Any]:
+    """`batch` with the teacher's targets (teacher_targets at states_mass 1) in the fields the cache reader
+    gives: the logits top-k sparsified as the cache stage stores them."""
+    idx, logp, tail = topk_sparsify(targets["logits"], logits_k)
+    rest = {k: v for k, v in targets.items() if k != "logits"}
+    return dict(batch, logit_indices=idx, logit_values=logp, logit_tail_logmass=tail, **rest)
 
 
 def student_step_trials(

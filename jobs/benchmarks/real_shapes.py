@@ -247,7 +247,8 @@ def run_shape(name: str, args: Any) -> None:
     proj = projected(name, teacher_dir, args.seq_len, args.logits_k)
     exact_m = max(args.masses)
     meas = measured(work / f"m{exact_m}", written[exact_m].arrays, tokens)
-    sweep = mass_sweep(adapter, batch, base_out, args.sweep)
+    exact = teacher_targets(adapter, batch, base_out)  # the m sweep's reference and the student's targets
+    sweep = mass_sweep(adapter, batch, base_out, args.sweep, exact)
     shutil.rmtree(work, ignore_errors=True)
 
     print(
@@ -269,8 +270,8 @@ def run_shape(name: str, args: Any) -> None:
     print_times(trials, args.trials)
     print_bytes(meas, proj)
     print_sweep(sweep, adapter.num_experts, adapter.top_k)
-    if not args.no_student:  # the teacher's targets, then the teacher freed: it and the student never share
-        full = teacher_batch(adapter, batch, base_out)  # memory, as in the pipeline
+    if not args.no_student:  # the teacher freed first: it and the student never share memory, as in the
+        full = teacher_batch(batch, exact, base_out.logits_k)  # pipeline
         dims = {"num_layers": adapter.num_layers, "vocab_size": adapter.vocab_size,
                 "hidden_size": adapter.hidden_size}  # fmt: skip
         del model, adapter
@@ -301,7 +302,7 @@ def run_trained(config_path: str, args: Any) -> None:
     shutil.rmtree(work, ignore_errors=True)
     batch = pad_batch(examples, pad_id)
     tokens = int(distill_positions(batch["response_mask"]).sum())
-    sweep = mass_sweep(adapter, batch, base_out, args.sweep)
+    sweep = mass_sweep(adapter, batch, base_out, args.sweep, teacher_targets(adapter, batch, base_out))
     print(
         f"\n== {config.name}: fine-tuned teacher {path}: {adapter.num_experts} experts top-{adapter.top_k}, "
         f"expert width {adapter.expert_intermediate_size}, hidden {adapter.hidden_size}, "
@@ -357,11 +358,14 @@ def _router_logits(
 
 
 def mass_sweep(
-    adapter: MoEAdapter, batch: dict[str, torch.Tensor], out: TeacherOutputSpec, masses: list[float]
+    adapter: MoEAdapter,
+    batch: dict[str, torch.Tensor],
+    out: TeacherOutputSpec,
+    masses: list[float],
+    exact: dict[str, torch.Tensor],
 ) -> list[dict[str, float]]:
     """Per m: experts computed per (token, layer), router mass kept, worst-pair MC-loss relative error and
-    gradient cosine against the exact states of the same forward."""
-    exact = teacher_targets(adapter, batch, out)
+    gradient cosine against `exact` (teacher_targets of the same batch at states_mass 1)."""
     logits = _router_logits(adapter, batch, out.cached_layers)
     keep = torch.ones(len(exact["gates"]), dtype=torch.bool)
     rows = []
